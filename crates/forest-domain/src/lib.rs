@@ -1,0 +1,29 @@
+//! Forest's pure carbon domain: the rules that turn low-carbon behaviour into grams of "green
+//! energy", the per-user projection, and [`RuleSet::apply`], the fold from events to state.
+//!
+//! This crate does no I/O and reads no clock: no tokio, rdkafka or RocksDB. That is what lets
+//! the processor replay a Kafka log after a crash and arrive at exactly the same projections,
+//! and what lets tests compare the real pipeline against a plain in-memory fold.
+//!
+//! Guarantees of [`RuleSet::apply`]:
+//! - deterministic: the same events in the same order from the same state give the same state
+//!   and outcomes;
+//! - a rejected event leaves the state unchanged, and every rejection is a typed [`Rejection`];
+//! - no cap in the rules file is ever exceeded;
+//! - conservation: `lifetime_g == balance_g + spent_g`;
+//! - an event id is credited at most once per user (see [`UserState`] for the bound);
+//! - a tree's id is `<user_id>/<seq>`, so a replay re-emits the same tree ids.
+
+mod behaviour;
+mod event;
+mod rejection;
+mod rules;
+mod state;
+
+pub use behaviour::{Behaviour, Unit};
+pub use event::{Action, Event, MAX_ID_BYTES, MAX_SOURCE_BYTES, MAX_TEXT_BYTES};
+pub use rejection::{Malformed, Rejection};
+pub use rules::{
+    Cap, CapLimit, CapPeriod, DEFAULT_RULES_TOML, Earn, Rule, RuleSet, RulesError, Species,
+};
+pub use state::{Bucket, Counter, Credit, Limit, Outcome, UserState, tree_id};

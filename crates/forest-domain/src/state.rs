@@ -1,0 +1,693 @@
+//! The per-user projection and the fold that updates it.
+
+use crate::event::{Action, Event};
+use crate::rejection::{Malformed, Rejection};
+use crate::rules::{Cap, CapLimit, CapPeriod, RuleSet};
+use crate::Behaviour;
+use chrono::{Datelike, Offset, TimeZone};
+use chrono_tz::Tz;
+use forest_proto::v1::TreeMatured;
+use rustc_hash::FxHashSet;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+const DAY_MS: i64 = 86_400_000;
+/// Below this many remembered ids a linear scan beats hashing; above it an index is built.
+const INDEX_THRESHOLD: usize = 32;
+
+/// A calendar bucket in the user's timezone. Days count from 0001-01-01 (chrono's CE days);
+/// months are `year * 12 + month0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Bucket {
+    Day(i32),
+    Month(i32),
+}
+
+/// Credited events and grams of one behaviour in one bucket: what the caps need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counter {
+    pub behaviour: Behaviour,
+    pub bucket: Bucket,
+    pub events: u32,
+    pub grams: u64,
+}
+
+/// Cached values derived from other fields: never serialised, never compared.
+#[derive(Debug, Clone, Default)]
+struct Derived<T>(T);
+impl<T> PartialEq for Derived<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl<T> Eq for Derived<T> {}
+
+/// The UTC span of the local day last looked up, so most events skip the timezone lookup.
+#[derive(Debug, Clone, Copy, Default)]
+struct DayCache {
+    tz: Option<Tz>,
+    start_ms: i64,
+    end_ms: i64,
+    day: i32,
+    month: i32,
+}
+
+/// The projection of one user: what Forest stores per user.
+///
+/// Dedupe: the ids (xxh3-64 hashes) of accepted events are remembered while their event time
+/// is within the grace window behind the user's newest event, and at most
+/// `RuleSet::dedupe_max_ids` of them. An event older than the window is rejected as too late,
+/// so it can never be credited twice either. When the count bound forces an id out early, the
+/// user's `dedupe_floor_ms` rises to that id's event time and events at or before the floor are
+/// rejected as too late too: the bound costs late acceptance for very busy users, never a
+/// double credit. The one remaining risk is two distinct ids of one user with equal 64-bit
+/// hashes inside the window (about 1 in 10^13 for 1,024 ids); the second would be taken for a
+/// duplicate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserState {
+    pub user_id: String,
+    /// Grams available towards the next tree.
+    pub balance_g: u64,
+    /// All grams ever credited.
+    pub lifetime_g: u64,
+    /// Grams spent on matured trees. Invariant: `lifetime_g == balance_g + spent_g`.
+    pub spent_g: u64,
+    pub trees_matured: u64,
+    /// Chosen species id; `None` means the rules' default species.
+    pub species: Option<String>,
+    /// `None` means the rules' timezone.
+    pub timezone: Option<Tz>,
+    /// Newest accepted event time: the watermark the grace window hangs from.
+    pub newest_event_ms: Option<i64>,
+    /// Events at or before this time are rejected (see the type's docs).
+    pub dedupe_floor_ms: Option<i64>,
+    pub counters: Vec<Counter>,
+    /// (event time, id hash) of accepted events, oldest accepted first.
+    pub recent_ids: VecDeque<(i64, u64)>,
+    #[serde(skip)]
+    index: Derived<Option<FxHashSet<u64>>>,
+    #[serde(skip)]
+    day_cache: Derived<DayCache>,
+}
+
+/// What limited a credit below its raw grams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// Quantity under the rule's minimum: accepted, 0 g.
+    BelowMinimum,
+    Cap(Cap),
+}
+
+/// The explanation every credit carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credit<'r> {
+    pub behaviour: Behaviour,
+    pub rules_version: &'r str,
+    pub rule_id: &'r str,
+    /// Grams the rule gives before caps.
+    pub raw_g: u64,
+    /// Grams actually added to the balance.
+    pub credited_g: u64,
+    pub limited_by: Option<Limit>,
+}
+
+/// The result of applying one accepted event.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Outcome<'r> {
+    /// `Some` for credit events (even when 0 g), `None` for commands.
+    pub credit: Option<Credit<'r>>,
+    /// Trees this event completed, usually none.
+    pub trees: Vec<TreeMatured>,
+}
+
+impl UserState {
+    pub fn new(user_id: impl Into<String>) -> Self {
+        Self { user_id: user_id.into(), ..Self::default() }
+    }
+
+    /// The species the next tree will be, and grams still needed for it.
+    pub fn progress<'r>(&self, rules: &'r RuleSet) -> (&'r crate::Species, u64) {
+        let sp = self.current_species(rules);
+        (sp, sp.cost_g.saturating_sub(self.balance_g))
+    }
+
+    fn current_species<'r>(&self, rules: &'r RuleSet) -> &'r crate::Species {
+        // A species dropped from a later catalogue falls back to the default.
+        self.species.as_deref().and_then(|id| rules.species(id)).unwrap_or(rules.default_species())
+    }
+
+    fn counter(&self, behaviour: Behaviour, bucket: Bucket) -> Option<&Counter> {
+        self.counters.iter().find(|c| c.behaviour == behaviour && c.bucket == bucket)
+    }
+
+    fn seen(&mut self, hash: u64) -> bool {
+        if self.recent_ids.len() <= INDEX_THRESHOLD {
+            return self.recent_ids.iter().any(|&(_, h)| h == hash);
+        }
+        let ids = &self.recent_ids;
+        self.index.0.get_or_insert_with(|| ids.iter().map(|&(_, h)| h).collect()).contains(&hash)
+    }
+
+    fn remember(&mut self, at_ms: i64, hash: u64, max_ids: usize) {
+        self.recent_ids.push_back((at_ms, hash));
+        if let Some(ix) = self.index.0.as_mut() {
+            ix.insert(hash);
+        }
+        while self.recent_ids.len() > max_ids {
+            if let Some((t, h)) = self.recent_ids.pop_front() {
+                self.dedupe_floor_ms = Some(self.dedupe_floor_ms.map_or(t, |f| f.max(t)));
+                if let Some(ix) = self.index.0.as_mut() {
+                    ix.remove(&h);
+                }
+            }
+        }
+    }
+
+    /// Forget ids the grace window no longer needs: a re-delivery of them is too late anyway.
+    fn prune_ids(&mut self, horizon_ms: i64) {
+        while let Some(&(t, h)) = self.recent_ids.front() {
+            if t >= horizon_ms {
+                break;
+            }
+            self.recent_ids.pop_front();
+            if let Some(ix) = self.index.0.as_mut() {
+                ix.remove(&h);
+            }
+        }
+    }
+
+    /// Forget counters of buckets that end before the horizon: no acceptable event falls in them.
+    fn prune_counters(&mut self, horizon_ms: i64, tz: Tz) {
+        if let Some((day, month)) = self.buckets(tz, horizon_ms) {
+            self.counters.retain(|c| match c.bucket {
+                Bucket::Day(d) => d >= day,
+                Bucket::Month(m) => m >= month,
+            });
+        }
+    }
+
+    /// Local (day, month) of `ms` in `tz`, `None` if it cannot be placed on a calendar.
+    fn buckets(&mut self, tz: Tz, ms: i64) -> Option<(i32, i32)> {
+        let c = &self.day_cache.0;
+        if c.tz == Some(tz) && ms >= c.start_ms && ms < c.end_ms {
+            return Some((c.day, c.month));
+        }
+        let offset_at = |t: i64| -> Option<i64> {
+            let utc = chrono::DateTime::from_timestamp_millis(t)?.naive_utc();
+            Some(i64::from(tz.offset_from_utc_datetime(&utc).fix().local_minus_utc()) * 1000)
+        };
+        let offset = offset_at(ms)?;
+        let local_ms = ms.checked_add(offset)?;
+        let date = chrono::DateTime::from_timestamp_millis(local_ms)?.date_naive();
+        let day = date.num_days_from_ce();
+        let month = date.year() * 12 + date.month0() as i32;
+        // Cache the day only if the UTC offset is the same all day (no DST switch inside it).
+        let start_ms = local_ms - local_ms.rem_euclid(DAY_MS) - offset;
+        let end_ms = start_ms + DAY_MS;
+        if offset_at(start_ms) == Some(offset) && offset_at(end_ms - 1) == Some(offset) {
+            self.day_cache.0 = DayCache { tz: Some(tz), start_ms, end_ms, day, month };
+        }
+        Some((day, month))
+    }
+}
+
+impl RuleSet {
+    /// Folds one event into a user's projection.
+    ///
+    /// Deterministic: it reads no clock and does no I/O; "now" is the event's
+    /// `received_at_ms` (the Kafka record time). On `Err` the state is unchanged.
+    pub fn apply<'r>(
+        &'r self,
+        state: &mut UserState,
+        event: &Event,
+    ) -> Result<Outcome<'r>, Rejection> {
+        if !state.user_id.is_empty() && state.user_id != event.user_id {
+            return Err(Malformed::WrongUser {
+                state: state.user_id.clone(),
+                event: event.user_id.clone(),
+            }
+            .into());
+        }
+        let t = event.occurred_at_ms;
+        let rule = match &event.action {
+            Action::Credit { behaviour, .. } => match self.rule(*behaviour) {
+                Some(r) => Some(r),
+                None => {
+                    return Err(Rejection::UnknownBehaviour(format!(
+                        "{behaviour} has no rule in rules version {}",
+                        self.version
+                    )));
+                }
+            },
+            _ => None,
+        };
+        if let (Action::Credit { behaviour, quantity }, Some(rule)) = (&event.action, rule) {
+            if *quantity > rule.max_quantity {
+                return Err(Rejection::AbsurdValue {
+                    behaviour: *behaviour,
+                    value: *quantity,
+                    max: rule.max_quantity,
+                });
+            }
+        }
+        if t > event.received_at_ms.saturating_add(self.max_future_skew_ms) {
+            return Err(Rejection::TooEarly {
+                occurred_at_ms: t,
+                received_at_ms: event.received_at_ms,
+            });
+        }
+        if let Some(horizon) = self.horizon(state) {
+            if t < horizon {
+                return Err(Rejection::TooLate { occurred_at_ms: t, horizon_ms: horizon });
+            }
+        }
+        let hash = xxhash_rust::xxh3::xxh3_64(event.event_id.as_bytes());
+        if state.seen(hash) {
+            return Err(Rejection::Duplicate);
+        }
+        let tz = state.timezone.unwrap_or(self.timezone);
+        let Some((day, month)) = state.buckets(tz, t) else {
+            return Err(Malformed::TimeOutOfRange(t).into());
+        };
+
+        // The species check is the last validation; from here on the event is accepted.
+        if let Action::ChooseSpecies { species_id } = &event.action {
+            if self.species(species_id).is_none() {
+                return Err(Rejection::UnknownSpecies(species_id.clone()));
+            }
+        }
+        if state.user_id.is_empty() {
+            state.user_id.clone_from(&event.user_id);
+        }
+        let mut outcome = Outcome::default();
+        let mut opened = false;
+        match (&event.action, rule) {
+            (Action::Credit { behaviour, quantity }, Some(rule)) => {
+                let raw = rule.raw_grams(*quantity);
+                let mut credited = raw;
+                let mut limited_by = (raw == 0).then_some(Limit::BelowMinimum);
+                for cap in &rule.caps {
+                    let bucket = match cap.period {
+                        CapPeriod::Day => Bucket::Day(day),
+                        CapPeriod::Month => Bucket::Month(month),
+                    };
+                    let (events, grams) =
+                        state.counter(*behaviour, bucket).map_or((0, 0), |c| (c.events, c.grams));
+                    let room = match cap.limit {
+                        CapLimit::Events(n) if events >= n => 0,
+                        CapLimit::Events(_) => credited,
+                        CapLimit::Grams(g) => g.saturating_sub(grams),
+                    };
+                    if room < credited {
+                        credited = room;
+                        limited_by = Some(Limit::Cap(*cap));
+                    }
+                }
+                if credited > 0 {
+                    for cap in &rule.caps {
+                        let bucket = match cap.period {
+                            CapPeriod::Day => Bucket::Day(day),
+                            CapPeriod::Month => Bucket::Month(month),
+                        };
+                        match state
+                            .counters
+                            .iter_mut()
+                            .find(|c| c.behaviour == *behaviour && c.bucket == bucket)
+                        {
+                            Some(c) => {
+                                c.events += 1;
+                                c.grams += credited;
+                            }
+                            None => {
+                                opened = true;
+                                state.counters.push(Counter {
+                                    behaviour: *behaviour,
+                                    bucket,
+                                    events: 1,
+                                    grams: credited,
+                                });
+                            }
+                        }
+                    }
+                    state.balance_g += credited;
+                    state.lifetime_g += credited;
+                }
+                outcome.credit = Some(Credit {
+                    behaviour: *behaviour,
+                    rules_version: &self.version,
+                    rule_id: &rule.id,
+                    raw_g: raw,
+                    credited_g: credited,
+                    limited_by,
+                });
+            }
+            (Action::ChooseSpecies { species_id }, _) => state.species = Some(species_id.clone()),
+            (Action::SetTimezone { timezone }, _) => state.timezone = Some(*timezone),
+            (Action::Credit { .. }, None) => unreachable!("rule looked up above"),
+        }
+
+        state.newest_event_ms = Some(state.newest_event_ms.map_or(t, |n| n.max(t)));
+        state.remember(t, hash, self.dedupe_max_ids);
+        if let Some(h) = self.horizon(state) {
+            state.prune_ids(h);
+            // Counters change bucket at most once a day per behaviour: prune only then.
+            if opened {
+                state.prune_counters(h, tz);
+            }
+        }
+
+        if state.balance_g >= self.min_species_cost {
+            let species = state.current_species(self);
+            while state.balance_g >= species.cost_g {
+                state.balance_g -= species.cost_g;
+                state.spent_g += species.cost_g;
+                state.trees_matured += 1;
+                outcome.trees.push(TreeMatured {
+                    tree_id: tree_id(&state.user_id, state.trees_matured),
+                    user_id: state.user_id.clone(),
+                    tree_seq: state.trees_matured,
+                    species_id: species.id.clone(),
+                    energy_spent_g: species.cost_g,
+                    matured_at_ms: t,
+                    rules_version: self.version.clone(),
+                    trigger_event_id: event.event_id.clone(),
+                });
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// The earliest event time this user can still accept, if any event was accepted yet.
+    fn horizon(&self, state: &UserState) -> Option<i64> {
+        let window = state.newest_event_ms.map(|n| n.saturating_sub(self.grace_window_ms));
+        match (window, state.dedupe_floor_ms) {
+            (Some(w), Some(f)) => Some(w.max(f.saturating_add(1))),
+            (w, f) => w.or(f.map(|f| f.saturating_add(1))),
+        }
+    }
+}
+
+/// The deterministic id of a user's `seq`-th tree. The sequence is the last `/`-separated
+/// part, so the id is unambiguous even for user ids containing `/`.
+pub fn tree_id(user_id: &str, seq: u64) -> String {
+    format!("{user_id}/{seq}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // 2026-11-25 12:00 Asia/Shanghai = 04:00 UTC.
+    const NOON: i64 = 1_764_043_200_000;
+    const H: i64 = 3_600_000;
+
+    fn ev(id: &str, t: i64, action: Action) -> Event {
+        Event {
+            event_id: id.into(),
+            user_id: "u".into(),
+            occurred_at_ms: t,
+            received_at_ms: t,
+            action,
+        }
+    }
+
+    fn credit(id: &str, t: i64, behaviour: Behaviour, quantity: i64) -> Event {
+        ev(id, t, Action::Credit { behaviour, quantity })
+    }
+
+    /// Applies `n` events of one behaviour at `t`; returns the grams each one credited.
+    fn run(r: &RuleSet, s: &mut UserState, b: Behaviour, q: i64, n: usize, t: i64) -> Vec<u64> {
+        (0..n)
+            .map(|i| {
+                let o = r.apply(s, &credit(&format!("{b}-{t}-{i}"), t + i as i64, b, q)).unwrap();
+                o.credit.unwrap().credited_g
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_per_event_rule_credits_its_grams() {
+        let r = RuleSet::default();
+        let expect = [
+            (Behaviour::BusRide, 80),
+            (Behaviour::SubwayRide, 52),
+            (Behaviour::OfflinePayment, 5),
+            (Behaviour::UtilityBill, 262),
+            (Behaviour::MovieTicket, 180),
+            (Behaviour::TrainTicket, 136),
+            (Behaviour::HospitalAppointment, 277),
+            (Behaviour::EInvoice, 5),
+            (Behaviour::TrafficFine, 72),
+            (Behaviour::EtcToll, 38),
+            (Behaviour::EReceipt, 5),
+            (Behaviour::ReusableCup, 50),
+            (Behaviour::EStatement, 10),
+        ];
+        for (b, g) in expect {
+            let mut s = UserState::new("u");
+            let o = r.apply(&mut s, &credit("e", NOON, b, 10_000)).unwrap();
+            let c = o.credit.unwrap();
+            assert_eq!((c.raw_g, c.credited_g), (g, g), "{b}");
+            assert_eq!(c.rule_id, r.rule(b).unwrap().id, "{b}");
+            assert_eq!(c.rules_version, "2026.11-1");
+            assert_eq!(s.balance_g, g);
+        }
+    }
+
+    #[test]
+    fn count_caps_per_day_and_month() {
+        let r = RuleSet::default();
+        for (b, per, cap) in [
+            (Behaviour::OfflinePayment, 0, 10),
+            (Behaviour::SubwayRide, 0, 5),
+            (Behaviour::BusRide, 0, 10),
+            (Behaviour::EInvoice, 0, 5),
+            (Behaviour::EtcToll, 0, 10),
+            (Behaviour::EReceipt, 0, 5),
+            (Behaviour::ReusableCup, 0, 3),
+            (Behaviour::UtilityBill, 1, 10),
+            (Behaviour::MovieTicket, 1, 10),
+            (Behaviour::TrainTicket, 1, 10),
+            (Behaviour::HospitalAppointment, 1, 5),
+            (Behaviour::TrafficFine, 1, 5),
+        ] {
+            let mut s = UserState::new("u");
+            let got = run(&r, &mut s, b, 500, cap + 3, NOON);
+            let g = r.rule(b).unwrap().raw_grams(500);
+            let mut want = vec![g; cap];
+            want.extend([0, 0, 0]);
+            assert_eq!(got, want, "{b}");
+            // The next day (daily caps) or next month (monthly caps) earns again.
+            let later = if per == 0 { NOON + 24 * H } else { NOON + 7 * 24 * H };
+            let got = run(&r, &mut s, b, 500, 1, later);
+            assert_eq!(got, vec![g], "{b} in the next period");
+        }
+    }
+
+    #[test]
+    fn e_statement_has_a_day_and_a_month_cap() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        // 2 a day, 5 a month: days 1-3 give 2, 2, 1.
+        let d = |i: i64| NOON + i * 24 * H - 20 * 24 * H; // early in the month
+        let mut got = vec![];
+        for day in 0..3 {
+            got.extend(run(&r, &mut s, Behaviour::EStatement, 1, 3, d(day)));
+        }
+        assert_eq!(got, [10, 10, 0, 10, 10, 0, 10, 0, 0]);
+    }
+
+    #[test]
+    fn walking_gram_cap_credits_the_part_that_fits() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        let o = r.apply(&mut s, &credit("a", NOON, Behaviour::Walking, 10_000)).unwrap();
+        assert_eq!(o.credit.unwrap().credited_g, 200);
+        let o = r.apply(&mut s, &credit("b", NOON + 1, Behaviour::Walking, 10_000)).unwrap();
+        let c = o.credit.unwrap();
+        assert_eq!((c.raw_g, c.credited_g), (200, 96));
+        assert!(matches!(c.limited_by, Some(Limit::Cap(Cap { period: CapPeriod::Day, .. }))));
+        let o = r.apply(&mut s, &credit("c", NOON + 2, Behaviour::Walking, 10_000)).unwrap();
+        assert_eq!(o.credit.unwrap().credited_g, 0);
+        assert_eq!(s.balance_g, 296);
+    }
+
+    #[test]
+    fn bike_is_per_metre_with_a_daily_cap() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        assert_eq!(run(&r, &mut s, Behaviour::BikeRide, 3_250, 1, NOON), [65]);
+        assert_eq!(run(&r, &mut s, Behaviour::BikeRide, 10_000, 1, NOON + H), [135]);
+    }
+
+    #[test]
+    fn days_are_counted_in_shanghai_time() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        // 23:30 and 00:30 Shanghai are on different local days though within one UTC day.
+        let before_midnight = NOON + 11 * H + 30 * 60_000;
+        run(&r, &mut s, Behaviour::SubwayRide, 0, 5, before_midnight);
+        assert_eq!(run(&r, &mut s, Behaviour::SubwayRide, 0, 1, before_midnight + 100), [0]);
+        assert_eq!(run(&r, &mut s, Behaviour::SubwayRide, 0, 1, before_midnight + H), [52]);
+    }
+
+    #[test]
+    fn the_users_timezone_moves_the_day_boundary() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        let tz = ev("tz", NOON, Action::SetTimezone { timezone: chrono_tz::Europe::London });
+        r.apply(&mut s, &tz).unwrap();
+        // 23:30 Shanghai = 15:30 London (same London day as NOON Shanghai = 04:00 London).
+        let t = NOON + 11 * H + 30 * 60_000;
+        run(&r, &mut s, Behaviour::SubwayRide, 0, 5, NOON);
+        assert_eq!(run(&r, &mut s, Behaviour::SubwayRide, 0, 1, t), [0]);
+    }
+
+    #[test]
+    fn below_minimum_is_accepted_at_zero() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        let o = r.apply(&mut s, &credit("a", NOON, Behaviour::OfflinePayment, 50)).unwrap();
+        let c = o.credit.unwrap();
+        assert_eq!((c.credited_g, c.limited_by), (0, Some(Limit::BelowMinimum)));
+        // It is remembered: a re-delivery is a duplicate, not a second zero credit.
+        let again = r.apply(&mut s, &credit("a", NOON, Behaviour::OfflinePayment, 50));
+        assert_eq!(again.unwrap_err(), Rejection::Duplicate);
+    }
+
+    #[test]
+    fn absurd_values_are_rejected_without_change() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        let e = credit("a", NOON, Behaviour::Walking, 100_001);
+        let before = s.clone();
+        assert!(matches!(r.apply(&mut s, &e), Err(Rejection::AbsurdValue { max: 100_000, .. })));
+        assert_eq!(s, before);
+        let e = credit("b", NOON, Behaviour::BikeRide, 100_001);
+        assert_eq!(r.apply(&mut s, &e).unwrap_err().code(), "absurd_value");
+    }
+
+    #[test]
+    fn too_early_and_too_late() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        let mut e = credit("a", NOON, Behaviour::BusRide, 0);
+        e.received_at_ms = NOON - 11 * 60_000;
+        assert_eq!(r.apply(&mut s, &e).unwrap_err().code(), "too_early");
+        e.received_at_ms = NOON - 9 * 60_000;
+        r.apply(&mut s, &e).unwrap();
+        // 72 h behind the newest event is still fine; one ms more is too late.
+        r.apply(&mut s, &credit("b", NOON - 72 * H, Behaviour::BusRide, 0)).unwrap();
+        let late = r.apply(&mut s, &credit("c", NOON - 72 * H - 1, Behaviour::BusRide, 0));
+        assert_eq!(late.unwrap_err(), Rejection::TooLate {
+            occurred_at_ms: NOON - 72 * H - 1,
+            horizon_ms: NOON - 72 * H
+        });
+    }
+
+    #[test]
+    fn duplicates_are_not_credited_twice() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        r.apply(&mut s, &credit("a", NOON, Behaviour::BusRide, 0)).unwrap();
+        let snapshot = s.clone();
+        assert_eq!(r.apply(&mut s, &credit("a", NOON, Behaviour::BusRide, 0)), Err(Rejection::Duplicate));
+        assert_eq!(s, snapshot);
+    }
+
+    #[test]
+    fn dedupe_bound_raises_the_floor_instead_of_forgetting() {
+        let mut r = RuleSet::default();
+        r.dedupe_max_ids = 40; // above the index threshold, so the hash index is exercised
+        let mut s = UserState::new("u");
+        for i in 0..50 {
+            r.apply(&mut s, &credit(&format!("e{i}"), NOON + i, Behaviour::OfflinePayment, 10)).unwrap();
+        }
+        assert_eq!(s.recent_ids.len(), 40);
+        assert_eq!(s.dedupe_floor_ms, Some(NOON + 9));
+        // e5 was forgotten, but its re-delivery is too late, not a second credit.
+        let again = r.apply(&mut s, &credit("e5", NOON + 5, Behaviour::OfflinePayment, 10));
+        assert_eq!(again.unwrap_err().code(), "too_late");
+        // e45 is still remembered.
+        let again = r.apply(&mut s, &credit("e45", NOON + 45, Behaviour::OfflinePayment, 10));
+        assert_eq!(again.unwrap_err(), Rejection::Duplicate);
+    }
+
+    #[test]
+    fn ids_and_counters_are_pruned_as_time_moves_on() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        for d in 0..10 {
+            run(&r, &mut s, Behaviour::BusRide, 0, 3, NOON + d * 24 * H);
+        }
+        // 72 h window: ids from the last 3 days + the current one at most.
+        assert!(s.recent_ids.len() <= 12, "{}", s.recent_ids.len());
+        assert!(s.counters.len() <= 4, "{:?}", s.counters);
+    }
+
+    #[test]
+    fn a_tree_matures_with_a_deterministic_id() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        let mut trees = vec![];
+        // 10 bus rides a day (the cap) = 800 g a day: 60 days make two saxauls.
+        for i in 0..600 {
+            let t = NOON + (i / 10) * 24 * H + i % 10;
+            let o = r.apply(&mut s, &credit(&format!("b{i}"), t, Behaviour::BusRide, 0)).unwrap();
+            trees.extend(o.trees);
+        }
+        assert_eq!(s.lifetime_g, 48_000);
+        assert_eq!(s.lifetime_g, s.balance_g + s.spent_g);
+        let ids: Vec<_> = trees.iter().map(|t| t.tree_id.as_str()).collect();
+        assert_eq!(ids.len() as u64, s.trees_matured);
+        assert_eq!(ids, ["u/1", "u/2"]);
+        assert_eq!(s.balance_g, 48_000 - 2 * 17_900);
+        assert!(trees.iter().all(|t| t.species_id == "saxaul" && t.energy_spent_g == 17_900));
+    }
+
+    #[test]
+    fn choosing_a_species_matures_at_once_if_the_balance_covers_it() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        s.balance_g = 20_000;
+        s.lifetime_g = 20_000;
+        let o = r
+            .apply(&mut s, &ev("c", NOON, Action::ChooseSpecies { species_id: "red_willow".into() }))
+            .unwrap();
+        assert!(o.trees.is_empty(), "22,400 g needed");
+        let o = r
+            .apply(&mut s, &ev("d", NOON + 1, Action::ChooseSpecies { species_id: "saxaul".into() }))
+            .unwrap();
+        assert_eq!(o.trees.len(), 1);
+        assert_eq!(s.balance_g, 2_100);
+        let bad = ev("e", NOON + 2, Action::ChooseSpecies { species_id: "oak".into() });
+        assert_eq!(r.apply(&mut s, &bad).unwrap_err(), Rejection::UnknownSpecies("oak".into()));
+    }
+
+    #[test]
+    fn time_beyond_the_calendar_is_malformed_not_a_panic() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        let mut e = credit("x", i64::MAX, Behaviour::BusRide, 0);
+        e.received_at_ms = i64::MAX;
+        assert_eq!(r.apply(&mut s, &e).unwrap_err(), Malformed::TimeOutOfRange(i64::MAX).into());
+    }
+
+    #[test]
+    fn state_round_trips_through_serde_with_its_index_rebuilt() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        run(&r, &mut s, Behaviour::OfflinePayment, 500, 40, NOON);
+        let json = serde_json_like(&s);
+        let mut back: UserState = json;
+        assert_eq!(back, s);
+        let dup = credit("offline_payment-1764043200000-3", NOON + 3, Behaviour::OfflinePayment, 500);
+        assert_eq!(r.apply(&mut back, &dup).unwrap_err(), Rejection::Duplicate);
+    }
+
+    /// A serde round trip through TOML, to test `#[serde(skip)]` of the derived fields.
+    fn serde_json_like(s: &UserState) -> UserState {
+        let text = toml::to_string(s).unwrap();
+        toml::from_str(&text).unwrap()
+    }
+}
