@@ -16,6 +16,14 @@ pub const MAX_SOURCE_BYTES: usize = 64;
 /// Longest informational string (merchant id, line name, species id), in bytes.
 pub const MAX_TEXT_BYTES: usize = 128;
 
+/// Which input message type a record holds: one per input topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InputKind {
+    Payment,
+    Mobility,
+    Command,
+}
+
 /// One validated input event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -73,6 +81,16 @@ fn non_negative(behaviour: Behaviour, value: i64) -> Result<i64, Rejection> {
 }
 
 impl Event {
+    /// Decodes a record value of the given kind and validates it against the contract.
+    pub fn decode(kind: InputKind, value: &[u8], received_at_ms: i64) -> Result<Self, Rejection> {
+        use prost::Message;
+        match kind {
+            InputKind::Payment => Self::from_payment(pb::PaymentEvent::decode(value)?, received_at_ms),
+            InputKind::Mobility => Self::from_mobility(pb::MobilityEvent::decode(value)?, received_at_ms),
+            InputKind::Command => Self::from_command(pb::UserCommand::decode(value)?, received_at_ms),
+        }
+    }
+
     fn new(h: Header, received_at_ms: i64, action: Action) -> Self {
         Self {
             event_id: h.event_id,

@@ -21,7 +21,7 @@ mod rules;
 mod state;
 
 pub use behaviour::{Behaviour, Unit};
-pub use event::{Action, Event, MAX_ID_BYTES, MAX_SOURCE_BYTES, MAX_TEXT_BYTES};
+pub use event::{Action, Event, InputKind, MAX_ID_BYTES, MAX_SOURCE_BYTES, MAX_TEXT_BYTES};
 pub use rejection::{Malformed, Rejection};
 pub use rules::{
     Cap, CapLimit, CapPeriod, DEFAULT_RULES_TOML, Earn, Rule, RuleSet, RulesError, Species,

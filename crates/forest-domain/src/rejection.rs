@@ -36,6 +36,8 @@ pub enum Malformed {
 /// changes the projection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
+    #[error("undecodable record: {0}")]
+    Undecodable(#[from] prost::DecodeError),
     #[error("malformed event: {0}")]
     Malformed(Malformed),
     #[error("unknown behaviour: {0}")]
@@ -58,7 +60,8 @@ pub enum Rejection {
 
 impl Rejection {
     /// Every code [`Rejection::code`] can return, for pre-registering metric series.
-    pub const CODES: [&'static str; 8] = [
+    pub const CODES: [&'static str; 9] = [
+        "undecodable",
         "malformed",
         "unknown_behaviour",
         "negative_amount",
@@ -72,6 +75,7 @@ impl Rejection {
     /// Stable, bounded code: a dead-letter header value and a metric label.
     pub fn code(&self) -> &'static str {
         match self {
+            Self::Undecodable(_) => "undecodable",
             Self::Malformed(_) => "malformed",
             Self::UnknownBehaviour(_) => "unknown_behaviour",
             Self::NegativeAmount { .. } => "negative_amount",
@@ -97,6 +101,9 @@ mod tests {
     #[test]
     fn codes_list_is_complete_and_unique() {
         let samples = [
+            Rejection::Undecodable(
+                <forest_proto::v1::Envelope as prost::Message>::decode(&[0xff][..]).unwrap_err(),
+            ),
             Rejection::Malformed(Malformed::MissingEnvelope),
             Rejection::UnknownBehaviour("x".into()),
             Rejection::NegativeAmount { behaviour: Behaviour::Walking, value: -1 },

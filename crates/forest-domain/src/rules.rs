@@ -32,7 +32,7 @@ impl RulesError {
 }
 
 /// Cap period: a calendar day or month in the user's timezone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CapPeriod {
     Day,

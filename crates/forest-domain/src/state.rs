@@ -242,6 +242,9 @@ impl RuleSet {
             _ => None,
         };
         if let (Action::Credit { behaviour, quantity }, Some(rule)) = (&event.action, rule) {
+            if *quantity < 0 {
+                return Err(Rejection::NegativeAmount { behaviour: *behaviour, value: *quantity });
+            }
             if *quantity > rule.max_quantity {
                 return Err(Rejection::AbsurdValue {
                     behaviour: *behaviour,
