@@ -4,8 +4,8 @@
 //! turned into an [`Event`]. The conversion takes the protobuf by value and moves its strings,
 //! so it does not copy them.
 
-use crate::rejection::{Malformed, Rejection};
 use crate::Behaviour;
+use crate::rejection::{Malformed, Rejection};
 use chrono_tz::Tz;
 use forest_proto::v1 as pb;
 
@@ -41,9 +41,16 @@ pub struct Event {
 pub enum Action {
     /// A behaviour to credit. `quantity` is in the behaviour's [`crate::behaviour::Unit`]:
     /// steps, metres or minor units of money. Checked `>= 0` at validation.
-    Credit { behaviour: Behaviour, quantity: i64 },
-    ChooseSpecies { species_id: String },
-    SetTimezone { timezone: Tz },
+    Credit {
+        behaviour: Behaviour,
+        quantity: i64,
+    },
+    ChooseSpecies {
+        species_id: String,
+    },
+    SetTimezone {
+        timezone: Tz,
+    },
 }
 
 fn check_text(field: &'static str, s: &str, max: usize, required: bool) -> Result<(), Malformed> {
@@ -51,7 +58,11 @@ fn check_text(field: &'static str, s: &str, max: usize, required: bool) -> Resul
         return Err(Malformed::Empty { field });
     }
     if s.len() > max {
-        return Err(Malformed::TooLong { field, len: s.len(), max });
+        return Err(Malformed::TooLong {
+            field,
+            len: s.len(),
+            max,
+        });
     }
     Ok(())
 }
@@ -73,11 +84,19 @@ fn envelope(env: Option<pb::Envelope>) -> Result<Header, Malformed> {
     if env.schema_version != forest_proto::SCHEMA_VERSION {
         return Err(Malformed::SchemaVersion(env.schema_version));
     }
-    Ok(Header { event_id: env.event_id, user_id: env.user_id, occurred_at_ms: env.occurred_at_ms })
+    Ok(Header {
+        event_id: env.event_id,
+        user_id: env.user_id,
+        occurred_at_ms: env.occurred_at_ms,
+    })
 }
 
 fn non_negative(behaviour: Behaviour, value: i64) -> Result<i64, Rejection> {
-    if value < 0 { Err(Rejection::NegativeAmount { behaviour, value }) } else { Ok(value) }
+    if value < 0 {
+        Err(Rejection::NegativeAmount { behaviour, value })
+    } else {
+        Ok(value)
+    }
 }
 
 impl Event {
@@ -85,9 +104,15 @@ impl Event {
     pub fn decode(kind: InputKind, value: &[u8], received_at_ms: i64) -> Result<Self, Rejection> {
         use prost::Message;
         match kind {
-            InputKind::Payment => Self::from_payment(pb::PaymentEvent::decode(value)?, received_at_ms),
-            InputKind::Mobility => Self::from_mobility(pb::MobilityEvent::decode(value)?, received_at_ms),
-            InputKind::Command => Self::from_command(pb::UserCommand::decode(value)?, received_at_ms),
+            InputKind::Payment => {
+                Self::from_payment(pb::PaymentEvent::decode(value)?, received_at_ms)
+            }
+            InputKind::Mobility => {
+                Self::from_mobility(pb::MobilityEvent::decode(value)?, received_at_ms)
+            }
+            InputKind::Command => {
+                Self::from_command(pb::UserCommand::decode(value)?, received_at_ms)
+            }
         }
     }
 
@@ -117,7 +142,10 @@ impl Event {
             Ok(K::ReusableCup) => Behaviour::ReusableCup,
             Ok(K::EStatement) => Behaviour::EStatement,
             Ok(K::Unspecified) | Err(_) => {
-                return Err(Rejection::UnknownBehaviour(format!("payment kind {}", p.kind)));
+                return Err(Rejection::UnknownBehaviour(format!(
+                    "payment kind {}",
+                    p.kind
+                )));
             }
         };
         check_text("merchant_id", &p.merchant_id, MAX_TEXT_BYTES, false)?;
@@ -127,7 +155,14 @@ impl Event {
             return Err(Malformed::Currency(money.currency).into());
         }
         let quantity = non_negative(behaviour, money.amount_minor)?;
-        Ok(Self::new(h, received_at_ms, Action::Credit { behaviour, quantity }))
+        Ok(Self::new(
+            h,
+            received_at_ms,
+            Action::Credit {
+                behaviour,
+                quantity,
+            },
+        ))
     }
 
     pub fn from_mobility(m: pb::MobilityEvent, received_at_ms: i64) -> Result<Self, Rejection> {
@@ -153,7 +188,14 @@ impl Event {
             Some(Activity::BikeRide(r)) => (Behaviour::BikeRide, r.distance_m),
         };
         let quantity = non_negative(behaviour, quantity)?;
-        Ok(Self::new(h, received_at_ms, Action::Credit { behaviour, quantity }))
+        Ok(Self::new(
+            h,
+            received_at_ms,
+            Action::Credit {
+                behaviour,
+                quantity,
+            },
+        ))
     }
 
     pub fn from_command(c: pb::UserCommand, received_at_ms: i64) -> Result<Self, Rejection> {
@@ -163,7 +205,9 @@ impl Event {
             None => return Err(Malformed::MissingVariant("command").into()),
             Some(Command::ChooseSpecies(s)) => {
                 check_text("species_id", &s.species_id, MAX_TEXT_BYTES, false)?;
-                Action::ChooseSpecies { species_id: s.species_id }
+                Action::ChooseSpecies {
+                    species_id: s.species_id,
+                }
             }
             Some(Command::SetTimezone(t)) => match t.iana_name.parse::<Tz>() {
                 Ok(timezone) => Action::SetTimezone { timezone },
@@ -192,7 +236,10 @@ mod tests {
         pb::PaymentEvent {
             envelope: env(),
             kind: kind as i32,
-            amount: Some(pb::Money { amount_minor: amount, currency: currency.into() }),
+            amount: Some(pb::Money {
+                amount_minor: amount,
+                currency: currency.into(),
+            }),
             merchant_id: String::new(),
         }
     }
@@ -200,15 +247,27 @@ mod tests {
     #[test]
     fn valid_payment_becomes_a_credit() {
         let e = Event::from_payment(payment(pb::PaymentKind::UtilityBill, 500, "CNY"), 7).unwrap();
-        assert_eq!(e.action, Action::Credit { behaviour: Behaviour::UtilityBill, quantity: 500 });
+        assert_eq!(
+            e.action,
+            Action::Credit {
+                behaviour: Behaviour::UtilityBill,
+                quantity: 500
+            }
+        );
         assert_eq!((e.user_id.as_str(), e.received_at_ms), ("u1", 7));
     }
 
     #[test]
     fn payment_rejections_are_typed() {
         let r = |p| Event::from_payment(p, 0).unwrap_err();
-        assert_eq!(r(payment(pb::PaymentKind::OfflinePayment, -1, "CNY")).code(), "negative_amount");
-        assert_eq!(r(payment(pb::PaymentKind::Unspecified, 1, "CNY")).code(), "unknown_behaviour");
+        assert_eq!(
+            r(payment(pb::PaymentKind::OfflinePayment, -1, "CNY")).code(),
+            "negative_amount"
+        );
+        assert_eq!(
+            r(payment(pb::PaymentKind::Unspecified, 1, "CNY")).code(),
+            "unknown_behaviour"
+        );
         let mut p = payment(pb::PaymentKind::OfflinePayment, 1, "CNY");
         p.kind = 99;
         assert_eq!(r(p).code(), "unknown_behaviour");
@@ -228,17 +287,37 @@ mod tests {
             f(p.envelope.as_mut().unwrap());
             Event::from_payment(p, 0).unwrap_err()
         };
-        assert_eq!(mk(&|e| e.event_id.clear()), Malformed::Empty { field: "event_id" }.into());
-        assert_eq!(mk(&|e| e.user_id.clear()), Malformed::Empty { field: "user_id" }.into());
-        assert_eq!(mk(&|e| e.schema_version = 2), Malformed::SchemaVersion(2).into());
-        assert_eq!(mk(&|e| e.occurred_at_ms = i64::MIN), Malformed::NonPositiveTime(i64::MIN).into());
+        assert_eq!(
+            mk(&|e| e.event_id.clear()),
+            Malformed::Empty { field: "event_id" }.into()
+        );
+        assert_eq!(
+            mk(&|e| e.user_id.clear()),
+            Malformed::Empty { field: "user_id" }.into()
+        );
+        assert_eq!(
+            mk(&|e| e.schema_version = 2),
+            Malformed::SchemaVersion(2).into()
+        );
+        assert_eq!(
+            mk(&|e| e.occurred_at_ms = i64::MIN),
+            Malformed::NonPositiveTime(i64::MIN).into()
+        );
         assert_eq!(
             mk(&|e| e.user_id = "x".repeat(129)),
-            Malformed::TooLong { field: "user_id", len: 129, max: 128 }.into()
+            Malformed::TooLong {
+                field: "user_id",
+                len: 129,
+                max: 128
+            }
+            .into()
         );
         let mut p = payment(pb::PaymentKind::OfflinePayment, 100, "CNY");
         p.envelope = None;
-        assert_eq!(Event::from_payment(p, 0).unwrap_err(), Malformed::MissingEnvelope.into());
+        assert_eq!(
+            Event::from_payment(p, 0).unwrap_err(),
+            Malformed::MissingEnvelope.into()
+        );
     }
 
     #[test]
@@ -249,25 +328,52 @@ mod tests {
             activity: Some(Activity::Walking(pb::Walking { steps, period })),
         };
         let ok = Event::from_mobility(walk(3000, 1), 0).unwrap();
-        assert_eq!(ok.action, Action::Credit { behaviour: Behaviour::Walking, quantity: 3000 });
-        assert_eq!(Event::from_mobility(walk(3000, 0), 0).unwrap_err(), Malformed::WalkingPeriod(0).into());
-        assert_eq!(Event::from_mobility(walk(-5, 2), 0).unwrap_err().code(), "negative_amount");
-        let none = pb::MobilityEvent { envelope: env(), activity: None };
-        assert_eq!(Event::from_mobility(none, 0).unwrap_err(), Malformed::MissingVariant("activity").into());
+        assert_eq!(
+            ok.action,
+            Action::Credit {
+                behaviour: Behaviour::Walking,
+                quantity: 3000
+            }
+        );
+        assert_eq!(
+            Event::from_mobility(walk(3000, 0), 0).unwrap_err(),
+            Malformed::WalkingPeriod(0).into()
+        );
+        assert_eq!(
+            Event::from_mobility(walk(-5, 2), 0).unwrap_err().code(),
+            "negative_amount"
+        );
+        let none = pb::MobilityEvent {
+            envelope: env(),
+            activity: None,
+        };
+        assert_eq!(
+            Event::from_mobility(none, 0).unwrap_err(),
+            Malformed::MissingVariant("activity").into()
+        );
 
         use pb::user_command::Command;
         let tz = pb::UserCommand {
             envelope: env(),
-            command: Some(Command::SetTimezone(pb::SetTimezone { iana_name: "Europe/Paris".into() })),
+            command: Some(Command::SetTimezone(pb::SetTimezone {
+                iana_name: "Europe/Paris".into(),
+            })),
         };
         assert_eq!(
             Event::from_command(tz, 0).unwrap().action,
-            Action::SetTimezone { timezone: chrono_tz::Europe::Paris }
+            Action::SetTimezone {
+                timezone: chrono_tz::Europe::Paris
+            }
         );
         let bad = pb::UserCommand {
             envelope: env(),
-            command: Some(Command::SetTimezone(pb::SetTimezone { iana_name: "Nowhere".into() })),
+            command: Some(Command::SetTimezone(pb::SetTimezone {
+                iana_name: "Nowhere".into(),
+            })),
         };
-        assert_eq!(Event::from_command(bad, 0).unwrap_err(), Malformed::Timezone("Nowhere".into()).into());
+        assert_eq!(
+            Event::from_command(bad, 0).unwrap_err(),
+            Malformed::Timezone("Nowhere".into()).into()
+        );
     }
 }

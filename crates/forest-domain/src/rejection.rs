@@ -11,7 +11,11 @@ pub enum Malformed {
     #[error("envelope.{field} is empty")]
     Empty { field: &'static str },
     #[error("{field} is {len} bytes, more than the {max} allowed")]
-    TooLong { field: &'static str, len: usize, max: usize },
+    TooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("envelope.occurred_at_ms must be > 0, got {0}")]
     NonPositiveTime(i64),
     #[error("envelope.schema_version {0} is not supported (this build reads version 1)")]
@@ -45,13 +49,23 @@ pub enum Rejection {
     #[error("negative amount {value} for {behaviour}")]
     NegativeAmount { behaviour: Behaviour, value: i64 },
     #[error("absurd value {value} for {behaviour}: the rule's maximum is {max}")]
-    AbsurdValue { behaviour: Behaviour, value: i64, max: i64 },
+    AbsurdValue {
+        behaviour: Behaviour,
+        value: i64,
+        max: i64,
+    },
     #[error("too late: occurred at {occurred_at_ms} ms, before the user's horizon {horizon_ms} ms")]
-    TooLate { occurred_at_ms: i64, horizon_ms: i64 },
+    TooLate {
+        occurred_at_ms: i64,
+        horizon_ms: i64,
+    },
     #[error(
         "too early: occurred at {occurred_at_ms} ms, more than the allowed skew after the record time {received_at_ms} ms"
     )]
-    TooEarly { occurred_at_ms: i64, received_at_ms: i64 },
+    TooEarly {
+        occurred_at_ms: i64,
+        received_at_ms: i64,
+    },
     #[error("duplicate event id (already applied for this user)")]
     Duplicate,
     #[error("unknown species {0:?}")]
@@ -106,10 +120,23 @@ mod tests {
             ),
             Rejection::Malformed(Malformed::MissingEnvelope),
             Rejection::UnknownBehaviour("x".into()),
-            Rejection::NegativeAmount { behaviour: Behaviour::Walking, value: -1 },
-            Rejection::AbsurdValue { behaviour: Behaviour::Walking, value: 2, max: 1 },
-            Rejection::TooLate { occurred_at_ms: 1, horizon_ms: 2 },
-            Rejection::TooEarly { occurred_at_ms: 2, received_at_ms: 1 },
+            Rejection::NegativeAmount {
+                behaviour: Behaviour::Walking,
+                value: -1,
+            },
+            Rejection::AbsurdValue {
+                behaviour: Behaviour::Walking,
+                value: 2,
+                max: 1,
+            },
+            Rejection::TooLate {
+                occurred_at_ms: 1,
+                horizon_ms: 2,
+            },
+            Rejection::TooEarly {
+                occurred_at_ms: 2,
+                received_at_ms: 1,
+            },
             Rejection::Duplicate,
             Rejection::UnknownSpecies("oak".into()),
         ];

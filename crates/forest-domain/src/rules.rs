@@ -17,7 +17,10 @@ pub const DEFAULT_RULES_TOML: &str = include_str!("../rules/default.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
     #[error("cannot read rules file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("rules file is not valid TOML for Forest's schema: {0}")]
     Parse(#[from] toml::de::Error),
     #[error("rules file: {0}")]
@@ -32,7 +35,9 @@ impl RulesError {
 }
 
 /// Cap period: a calendar day or month in the user's timezone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum CapPeriod {
     Day,
@@ -153,8 +158,10 @@ impl Default for RuleSet {
 
 impl RuleSet {
     pub fn from_path(path: &Path) -> Result<Self, RulesError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| RulesError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| RulesError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::from_toml(&text)
     }
 
@@ -186,7 +193,11 @@ impl RuleSet {
             if species.iter().any(|x: &Species| x.id == s.id) {
                 return invalid(format!("species {:?} is listed twice", s.id));
             }
-            species.push(Species { id: s.id, name: s.name, cost_g: s.cost_g });
+            species.push(Species {
+                id: s.id,
+                name: s.name,
+                cost_g: s.cost_g,
+            });
         }
         let Some(default_species) = species.iter().position(|s| s.id == file.default_species)
         else {
@@ -236,7 +247,10 @@ impl RuleSet {
                         ));
                     }
                 };
-                caps.push(Cap { period: c.period, limit });
+                caps.push(Cap {
+                    period: c.period,
+                    limit,
+                });
             }
             let slot = &mut rules[r.behaviour.index()];
             if slot.is_some() {
@@ -344,26 +358,52 @@ mod tests {
     fn bad_files_say_what_to_fix() {
         let msg = |r: Result<RuleSet, RulesError>| r.unwrap_err().to_string();
         assert!(msg(replace("Asia/Shanghai", "Mars/Base")).contains("Mars/Base"));
-        assert!(msg(replace("default_species = \"saxaul\"", "default_species = \"oak\""))
-            .contains("oak"));
-        assert!(msg(replace("grams = 80", "grams = 80\nmilligrams_per_unit = 3"))
-            .contains("exactly one"));
-        assert!(msg(replace("behaviour = \"bus_ride\"", "behaviour = \"walking\""))
-            .contains("more than one rule"));
-        assert!(msg(replace("behaviour = \"bus_ride\"", "behaviour = \"teleport\""))
-            .contains("teleport"));
+        assert!(
+            msg(replace(
+                "default_species = \"saxaul\"",
+                "default_species = \"oak\""
+            ))
+            .contains("oak")
+        );
+        assert!(
+            msg(replace("grams = 80", "grams = 80\nmilligrams_per_unit = 3"))
+                .contains("exactly one")
+        );
+        assert!(
+            msg(replace(
+                "behaviour = \"bus_ride\"",
+                "behaviour = \"walking\""
+            ))
+            .contains("more than one rule")
+        );
+        assert!(
+            msg(replace(
+                "behaviour = \"bus_ride\"",
+                "behaviour = \"teleport\""
+            ))
+            .contains("teleport")
+        );
         assert!(msg(replace("cost_g = 17900", "cost_g = 0")).contains("cost_g"));
-        assert!(msg(replace("version = \"2026.11-1\"", "version = \"2026.11-1\"\ncolour = 1"))
-            .contains("colour"));
+        assert!(
+            msg(replace(
+                "version = \"2026.11-1\"",
+                "version = \"2026.11-1\"\ncolour = 1"
+            ))
+            .contains("colour")
+        );
     }
 
     #[test]
     fn a_missing_rule_is_allowed_and_reported_as_none() {
-        let text = DEFAULT_RULES_TOML.replace("behaviour = \"e_statement\"", "behaviour = \"e_receipt\"");
+        let text =
+            DEFAULT_RULES_TOML.replace("behaviour = \"e_statement\"", "behaviour = \"e_receipt\"");
         // Two rules for e_receipt is an error...
         assert!(RuleSet::from_toml(&text).is_err());
         // ...but dropping one leaves that behaviour without a rule.
-        let cut = DEFAULT_RULES_TOML.split("[[rules]]\nid = \"e_statement.v1\"").next().unwrap();
+        let cut = DEFAULT_RULES_TOML
+            .split("[[rules]]\nid = \"e_statement.v1\"")
+            .next()
+            .unwrap();
         let r = RuleSet::from_toml(cut).unwrap();
         assert!(r.rule(Behaviour::EStatement).is_none());
     }

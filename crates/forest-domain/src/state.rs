@@ -1,9 +1,9 @@
 //! The per-user projection and the fold that updates it.
 
+use crate::Behaviour;
 use crate::event::{Action, Event};
 use crate::rejection::{Malformed, Rejection};
 use crate::rules::{Cap, CapLimit, CapPeriod, RuleSet};
-use crate::Behaviour;
 use chrono::{Datelike, Offset, TimeZone};
 use chrono_tz::Tz;
 use forest_proto::v1::TreeMatured;
@@ -122,7 +122,10 @@ pub struct Outcome<'r> {
 
 impl UserState {
     pub fn new(user_id: impl Into<String>) -> Self {
-        Self { user_id: user_id.into(), ..Self::default() }
+        Self {
+            user_id: user_id.into(),
+            ..Self::default()
+        }
     }
 
     /// The species the next tree will be, and grams still needed for it.
@@ -133,11 +136,16 @@ impl UserState {
 
     fn current_species<'r>(&self, rules: &'r RuleSet) -> &'r crate::Species {
         // A species dropped from a later catalogue falls back to the default.
-        self.species.as_deref().and_then(|id| rules.species(id)).unwrap_or(rules.default_species())
+        self.species
+            .as_deref()
+            .and_then(|id| rules.species(id))
+            .unwrap_or(rules.default_species())
     }
 
     fn counter(&self, behaviour: Behaviour, bucket: Bucket) -> Option<&Counter> {
-        self.counters.iter().find(|c| c.behaviour == behaviour && c.bucket == bucket)
+        self.counters
+            .iter()
+            .find(|c| c.behaviour == behaviour && c.bucket == bucket)
     }
 
     fn seen(&mut self, hash: u64) -> bool {
@@ -145,7 +153,10 @@ impl UserState {
             return self.recent_ids.iter().any(|&(_, h)| h == hash);
         }
         let ids = &self.recent_ids;
-        self.index.0.get_or_insert_with(|| ids.iter().map(|&(_, h)| h).collect()).contains(&hash)
+        self.index
+            .0
+            .get_or_insert_with(|| ids.iter().map(|&(_, h)| h).collect())
+            .contains(&hash)
     }
 
     fn remember(&mut self, at_ms: i64, hash: u64, max_ids: usize) {
@@ -205,7 +216,13 @@ impl UserState {
         let start_ms = local_ms - local_ms.rem_euclid(DAY_MS) - offset;
         let end_ms = start_ms + DAY_MS;
         if offset_at(start_ms) == Some(offset) && offset_at(end_ms - 1) == Some(offset) {
-            self.day_cache.0 = DayCache { tz: Some(tz), start_ms, end_ms, day, month };
+            self.day_cache.0 = DayCache {
+                tz: Some(tz),
+                start_ms,
+                end_ms,
+                day,
+                month,
+            };
         }
         Some((day, month))
     }
@@ -241,9 +258,19 @@ impl RuleSet {
             },
             _ => None,
         };
-        if let (Action::Credit { behaviour, quantity }, Some(rule)) = (&event.action, rule) {
+        if let (
+            Action::Credit {
+                behaviour,
+                quantity,
+            },
+            Some(rule),
+        ) = (&event.action, rule)
+        {
             if *quantity < 0 {
-                return Err(Rejection::NegativeAmount { behaviour: *behaviour, value: *quantity });
+                return Err(Rejection::NegativeAmount {
+                    behaviour: *behaviour,
+                    value: *quantity,
+                });
             }
             if *quantity > rule.max_quantity {
                 return Err(Rejection::AbsurdValue {
@@ -261,7 +288,10 @@ impl RuleSet {
         }
         if let Some(horizon) = self.horizon(state) {
             if t < horizon {
-                return Err(Rejection::TooLate { occurred_at_ms: t, horizon_ms: horizon });
+                return Err(Rejection::TooLate {
+                    occurred_at_ms: t,
+                    horizon_ms: horizon,
+                });
             }
         }
         let hash = xxhash_rust::xxh3::xxh3_64(event.event_id.as_bytes());
@@ -285,7 +315,13 @@ impl RuleSet {
         let mut outcome = Outcome::default();
         let mut opened = false;
         match (&event.action, rule) {
-            (Action::Credit { behaviour, quantity }, Some(rule)) => {
+            (
+                Action::Credit {
+                    behaviour,
+                    quantity,
+                },
+                Some(rule),
+            ) => {
                 let raw = rule.raw_grams(*quantity);
                 let mut credited = raw;
                 let mut limited_by = (raw == 0).then_some(Limit::BelowMinimum);
@@ -294,8 +330,9 @@ impl RuleSet {
                         CapPeriod::Day => Bucket::Day(day),
                         CapPeriod::Month => Bucket::Month(month),
                     };
-                    let (events, grams) =
-                        state.counter(*behaviour, bucket).map_or((0, 0), |c| (c.events, c.grams));
+                    let (events, grams) = state
+                        .counter(*behaviour, bucket)
+                        .map_or((0, 0), |c| (c.events, c.grams));
                     let room = match cap.limit {
                         CapLimit::Events(n) if events >= n => 0,
                         CapLimit::Events(_) => credited,
@@ -382,7 +419,9 @@ impl RuleSet {
 
     /// The earliest event time this user can still accept, if any event was accepted yet.
     fn horizon(&self, state: &UserState) -> Option<i64> {
-        let window = state.newest_event_ms.map(|n| n.saturating_sub(self.grace_window_ms));
+        let window = state
+            .newest_event_ms
+            .map(|n| n.saturating_sub(self.grace_window_ms));
         match (window, state.dedupe_floor_ms) {
             (Some(w), Some(f)) => Some(w.max(f.saturating_add(1))),
             (w, f) => w.or(f.map(|f| f.saturating_add(1))),
@@ -415,14 +454,23 @@ mod tests {
     }
 
     fn credit(id: &str, t: i64, behaviour: Behaviour, quantity: i64) -> Event {
-        ev(id, t, Action::Credit { behaviour, quantity })
+        ev(
+            id,
+            t,
+            Action::Credit {
+                behaviour,
+                quantity,
+            },
+        )
     }
 
     /// Applies `n` events of one behaviour at `t`; returns the grams each one credited.
     fn run(r: &RuleSet, s: &mut UserState, b: Behaviour, q: i64, n: usize, t: i64) -> Vec<u64> {
         (0..n)
             .map(|i| {
-                let o = r.apply(s, &credit(&format!("{b}-{t}-{i}"), t + i as i64, b, q)).unwrap();
+                let o = r
+                    .apply(s, &credit(&format!("{b}-{t}-{i}"), t + i as i64, b, q))
+                    .unwrap();
                 o.credit.unwrap().credited_g
             })
             .collect()
@@ -481,7 +529,11 @@ mod tests {
             want.extend([0, 0, 0]);
             assert_eq!(got, want, "{b}");
             // The next day (daily caps) or next month (monthly caps) earns again.
-            let later = if per == 0 { NOON + 24 * H } else { NOON + 7 * 24 * H };
+            let later = if per == 0 {
+                NOON + 24 * H
+            } else {
+                NOON + 7 * 24 * H
+            };
             let got = run(&r, &mut s, b, 500, 1, later);
             assert_eq!(got, vec![g], "{b} in the next period");
         }
@@ -504,13 +556,25 @@ mod tests {
     fn walking_gram_cap_credits_the_part_that_fits() {
         let r = RuleSet::default();
         let mut s = UserState::new("u");
-        let o = r.apply(&mut s, &credit("a", NOON, Behaviour::Walking, 10_000)).unwrap();
+        let o = r
+            .apply(&mut s, &credit("a", NOON, Behaviour::Walking, 10_000))
+            .unwrap();
         assert_eq!(o.credit.unwrap().credited_g, 200);
-        let o = r.apply(&mut s, &credit("b", NOON + 1, Behaviour::Walking, 10_000)).unwrap();
+        let o = r
+            .apply(&mut s, &credit("b", NOON + 1, Behaviour::Walking, 10_000))
+            .unwrap();
         let c = o.credit.unwrap();
         assert_eq!((c.raw_g, c.credited_g), (200, 96));
-        assert!(matches!(c.limited_by, Some(Limit::Cap(Cap { period: CapPeriod::Day, .. }))));
-        let o = r.apply(&mut s, &credit("c", NOON + 2, Behaviour::Walking, 10_000)).unwrap();
+        assert!(matches!(
+            c.limited_by,
+            Some(Limit::Cap(Cap {
+                period: CapPeriod::Day,
+                ..
+            }))
+        ));
+        let o = r
+            .apply(&mut s, &credit("c", NOON + 2, Behaviour::Walking, 10_000))
+            .unwrap();
         assert_eq!(o.credit.unwrap().credited_g, 0);
         assert_eq!(s.balance_g, 296);
     }
@@ -520,7 +584,10 @@ mod tests {
         let r = RuleSet::default();
         let mut s = UserState::new("u");
         assert_eq!(run(&r, &mut s, Behaviour::BikeRide, 3_250, 1, NOON), [65]);
-        assert_eq!(run(&r, &mut s, Behaviour::BikeRide, 10_000, 1, NOON + H), [135]);
+        assert_eq!(
+            run(&r, &mut s, Behaviour::BikeRide, 10_000, 1, NOON + H),
+            [135]
+        );
     }
 
     #[test]
@@ -530,15 +597,34 @@ mod tests {
         // 23:30 and 00:30 Shanghai are on different local days though within one UTC day.
         let before_midnight = NOON + 11 * H + 30 * 60_000;
         run(&r, &mut s, Behaviour::SubwayRide, 0, 5, before_midnight);
-        assert_eq!(run(&r, &mut s, Behaviour::SubwayRide, 0, 1, before_midnight + 100), [0]);
-        assert_eq!(run(&r, &mut s, Behaviour::SubwayRide, 0, 1, before_midnight + H), [52]);
+        assert_eq!(
+            run(
+                &r,
+                &mut s,
+                Behaviour::SubwayRide,
+                0,
+                1,
+                before_midnight + 100
+            ),
+            [0]
+        );
+        assert_eq!(
+            run(&r, &mut s, Behaviour::SubwayRide, 0, 1, before_midnight + H),
+            [52]
+        );
     }
 
     #[test]
     fn the_users_timezone_moves_the_day_boundary() {
         let r = RuleSet::default();
         let mut s = UserState::new("u");
-        let tz = ev("tz", NOON, Action::SetTimezone { timezone: chrono_tz::Europe::London });
+        let tz = ev(
+            "tz",
+            NOON,
+            Action::SetTimezone {
+                timezone: chrono_tz::Europe::London,
+            },
+        );
         r.apply(&mut s, &tz).unwrap();
         // 23:30 Shanghai = 15:30 London (same London day as NOON Shanghai = 04:00 London).
         let t = NOON + 11 * H + 30 * 60_000;
@@ -550,7 +636,9 @@ mod tests {
     fn below_minimum_is_accepted_at_zero() {
         let r = RuleSet::default();
         let mut s = UserState::new("u");
-        let o = r.apply(&mut s, &credit("a", NOON, Behaviour::OfflinePayment, 50)).unwrap();
+        let o = r
+            .apply(&mut s, &credit("a", NOON, Behaviour::OfflinePayment, 50))
+            .unwrap();
         let c = o.credit.unwrap();
         assert_eq!((c.credited_g, c.limited_by), (0, Some(Limit::BelowMinimum)));
         // It is remembered: a re-delivery is a duplicate, not a second zero credit.
@@ -564,7 +652,10 @@ mod tests {
         let mut s = UserState::new("u");
         let e = credit("a", NOON, Behaviour::Walking, 100_001);
         let before = s.clone();
-        assert!(matches!(r.apply(&mut s, &e), Err(Rejection::AbsurdValue { max: 100_000, .. })));
+        assert!(matches!(
+            r.apply(&mut s, &e),
+            Err(Rejection::AbsurdValue { max: 100_000, .. })
+        ));
         assert_eq!(s, before);
         let e = credit("b", NOON, Behaviour::BikeRide, 100_001);
         assert_eq!(r.apply(&mut s, &e).unwrap_err().code(), "absurd_value");
@@ -580,21 +671,32 @@ mod tests {
         e.received_at_ms = NOON - 9 * 60_000;
         r.apply(&mut s, &e).unwrap();
         // 72 h behind the newest event is still fine; one ms more is too late.
-        r.apply(&mut s, &credit("b", NOON - 72 * H, Behaviour::BusRide, 0)).unwrap();
-        let late = r.apply(&mut s, &credit("c", NOON - 72 * H - 1, Behaviour::BusRide, 0));
-        assert_eq!(late.unwrap_err(), Rejection::TooLate {
-            occurred_at_ms: NOON - 72 * H - 1,
-            horizon_ms: NOON - 72 * H
-        });
+        r.apply(&mut s, &credit("b", NOON - 72 * H, Behaviour::BusRide, 0))
+            .unwrap();
+        let late = r.apply(
+            &mut s,
+            &credit("c", NOON - 72 * H - 1, Behaviour::BusRide, 0),
+        );
+        assert_eq!(
+            late.unwrap_err(),
+            Rejection::TooLate {
+                occurred_at_ms: NOON - 72 * H - 1,
+                horizon_ms: NOON - 72 * H
+            }
+        );
     }
 
     #[test]
     fn duplicates_are_not_credited_twice() {
         let r = RuleSet::default();
         let mut s = UserState::new("u");
-        r.apply(&mut s, &credit("a", NOON, Behaviour::BusRide, 0)).unwrap();
+        r.apply(&mut s, &credit("a", NOON, Behaviour::BusRide, 0))
+            .unwrap();
         let snapshot = s.clone();
-        assert_eq!(r.apply(&mut s, &credit("a", NOON, Behaviour::BusRide, 0)), Err(Rejection::Duplicate));
+        assert_eq!(
+            r.apply(&mut s, &credit("a", NOON, Behaviour::BusRide, 0)),
+            Err(Rejection::Duplicate)
+        );
         assert_eq!(s, snapshot);
     }
 
@@ -604,15 +706,25 @@ mod tests {
         r.dedupe_max_ids = 40; // above the index threshold, so the hash index is exercised
         let mut s = UserState::new("u");
         for i in 0..50 {
-            r.apply(&mut s, &credit(&format!("e{i}"), NOON + i, Behaviour::OfflinePayment, 10)).unwrap();
+            r.apply(
+                &mut s,
+                &credit(&format!("e{i}"), NOON + i, Behaviour::OfflinePayment, 10),
+            )
+            .unwrap();
         }
         assert_eq!(s.recent_ids.len(), 40);
         assert_eq!(s.dedupe_floor_ms, Some(NOON + 9));
         // e5 was forgotten, but its re-delivery is too late, not a second credit.
-        let again = r.apply(&mut s, &credit("e5", NOON + 5, Behaviour::OfflinePayment, 10));
+        let again = r.apply(
+            &mut s,
+            &credit("e5", NOON + 5, Behaviour::OfflinePayment, 10),
+        );
         assert_eq!(again.unwrap_err().code(), "too_late");
         // e45 is still remembered.
-        let again = r.apply(&mut s, &credit("e45", NOON + 45, Behaviour::OfflinePayment, 10));
+        let again = r.apply(
+            &mut s,
+            &credit("e45", NOON + 45, Behaviour::OfflinePayment, 10),
+        );
         assert_eq!(again.unwrap_err(), Rejection::Duplicate);
     }
 
@@ -636,7 +748,9 @@ mod tests {
         // 10 bus rides a day (the cap) = 800 g a day: 60 days make two saxauls.
         for i in 0..600 {
             let t = NOON + (i / 10) * 24 * H + i % 10;
-            let o = r.apply(&mut s, &credit(&format!("b{i}"), t, Behaviour::BusRide, 0)).unwrap();
+            let o = r
+                .apply(&mut s, &credit(&format!("b{i}"), t, Behaviour::BusRide, 0))
+                .unwrap();
             trees.extend(o.trees);
         }
         assert_eq!(s.lifetime_g, 48_000);
@@ -645,7 +759,11 @@ mod tests {
         assert_eq!(ids.len() as u64, s.trees_matured);
         assert_eq!(ids, ["u/1", "u/2"]);
         assert_eq!(s.balance_g, 48_000 - 2 * 17_900);
-        assert!(trees.iter().all(|t| t.species_id == "saxaul" && t.energy_spent_g == 17_900));
+        assert!(
+            trees
+                .iter()
+                .all(|t| t.species_id == "saxaul" && t.energy_spent_g == 17_900)
+        );
     }
 
     #[test]
@@ -655,16 +773,43 @@ mod tests {
         s.balance_g = 20_000;
         s.lifetime_g = 20_000;
         let o = r
-            .apply(&mut s, &ev("c", NOON, Action::ChooseSpecies { species_id: "red_willow".into() }))
+            .apply(
+                &mut s,
+                &ev(
+                    "c",
+                    NOON,
+                    Action::ChooseSpecies {
+                        species_id: "red_willow".into(),
+                    },
+                ),
+            )
             .unwrap();
         assert!(o.trees.is_empty(), "22,400 g needed");
         let o = r
-            .apply(&mut s, &ev("d", NOON + 1, Action::ChooseSpecies { species_id: "saxaul".into() }))
+            .apply(
+                &mut s,
+                &ev(
+                    "d",
+                    NOON + 1,
+                    Action::ChooseSpecies {
+                        species_id: "saxaul".into(),
+                    },
+                ),
+            )
             .unwrap();
         assert_eq!(o.trees.len(), 1);
         assert_eq!(s.balance_g, 2_100);
-        let bad = ev("e", NOON + 2, Action::ChooseSpecies { species_id: "oak".into() });
-        assert_eq!(r.apply(&mut s, &bad).unwrap_err(), Rejection::UnknownSpecies("oak".into()));
+        let bad = ev(
+            "e",
+            NOON + 2,
+            Action::ChooseSpecies {
+                species_id: "oak".into(),
+            },
+        );
+        assert_eq!(
+            r.apply(&mut s, &bad).unwrap_err(),
+            Rejection::UnknownSpecies("oak".into())
+        );
     }
 
     #[test]
@@ -673,7 +818,10 @@ mod tests {
         let mut s = UserState::new("u");
         let mut e = credit("x", i64::MAX, Behaviour::BusRide, 0);
         e.received_at_ms = i64::MAX;
-        assert_eq!(r.apply(&mut s, &e).unwrap_err(), Malformed::TimeOutOfRange(i64::MAX).into());
+        assert_eq!(
+            r.apply(&mut s, &e).unwrap_err(),
+            Malformed::TimeOutOfRange(i64::MAX).into()
+        );
     }
 
     #[test]
@@ -684,7 +832,12 @@ mod tests {
         let json = serde_json_like(&s);
         let mut back: UserState = json;
         assert_eq!(back, s);
-        let dup = credit("offline_payment-1764043200000-3", NOON + 3, Behaviour::OfflinePayment, 500);
+        let dup = credit(
+            "offline_payment-1764043200000-3",
+            NOON + 3,
+            Behaviour::OfflinePayment,
+            500,
+        );
         assert_eq!(r.apply(&mut back, &dup).unwrap_err(), Rejection::Duplicate);
     }
 

@@ -34,8 +34,12 @@ fn quantity(b: Behaviour) -> BoxedStrategy<i64> {
 }
 
 fn credit_action() -> impl Strategy<Value = Action> {
-    proptest::sample::select(Behaviour::ALL.to_vec())
-        .prop_flat_map(|b| quantity(b).prop_map(move |q| Action::Credit { behaviour: b, quantity: q }))
+    proptest::sample::select(Behaviour::ALL.to_vec()).prop_flat_map(|b| {
+        quantity(b).prop_map(move |q| Action::Credit {
+            behaviour: b,
+            quantity: q,
+        })
+    })
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -47,7 +51,11 @@ fn action() -> impl Strategy<Value = Action> {
 }
 
 /// Events of one user over `span_ms`, in arbitrary (not sorted) time order, with distinct ids.
-fn events(span_ms: i64, actions: impl Strategy<Value = Action>, max: usize) -> impl Strategy<Value = Vec<Event>> {
+fn events(
+    span_ms: i64,
+    actions: impl Strategy<Value = Action>,
+    max: usize,
+) -> impl Strategy<Value = Vec<Event>> {
     proptest::collection::vec((0..span_ms, 0..20 * 60_000i64, actions), 1..max).prop_map(|v| {
         v.into_iter()
             .enumerate()
@@ -63,13 +71,22 @@ fn events(span_ms: i64, actions: impl Strategy<Value = Action>, max: usize) -> i
     })
 }
 
-fn fold(r: &RuleSet, evs: &[Event]) -> (UserState, Vec<Result<(Option<u64>, Vec<String>), Rejection>>) {
+fn fold(
+    r: &RuleSet,
+    evs: &[Event],
+) -> (
+    UserState,
+    Vec<Result<(Option<u64>, Vec<String>), Rejection>>,
+) {
     let mut s = UserState::new("u");
     let outs = evs
         .iter()
         .map(|e| {
             r.apply(&mut s, e).map(|o| {
-                (o.credit.map(|c| c.credited_g), o.trees.into_iter().map(|t| t.tree_id).collect())
+                (
+                    o.credit.map(|c| c.credited_g),
+                    o.trees.into_iter().map(|t| t.tree_id).collect(),
+                )
             })
         })
         .collect();

@@ -25,11 +25,18 @@ fn check<M: Message + Default + PartialEq + std::fmt::Debug>(name: &str, msg: M)
     if std::env::var_os("FOREST_BLESS").is_some() {
         std::fs::write(&path, format!("{encoded}\n")).expect("write golden file");
     }
-    let golden = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}; run with FOREST_BLESS=1 to create it", path.display()));
+    let golden = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; run with FOREST_BLESS=1 to create it",
+            path.display()
+        )
+    });
     assert_eq!(encoded, golden.trim(), "wire format of {name} changed");
     let bytes = hex::decode(golden.trim()).expect("golden file is hex");
-    assert_eq!(M::decode(bytes.as_slice()).expect("golden bytes decode"), msg);
+    assert_eq!(
+        M::decode(bytes.as_slice()).expect("golden bytes decode"),
+        msg
+    );
 }
 
 #[test]
@@ -39,7 +46,10 @@ fn payment_event() {
         PaymentEvent {
             envelope: envelope("pay-1"),
             kind: PaymentKind::UtilityBill as i32,
-            amount: Some(Money { amount_minor: 12_345, currency: "CNY".into() }),
+            amount: Some(Money {
+                amount_minor: 12_345,
+                currency: "CNY".into(),
+            }),
             merchant_id: "state-grid".into(),
         },
     );
@@ -65,7 +75,9 @@ fn mobility_bike_ride() {
         "mobility_bike_ride",
         MobilityEvent {
             envelope: envelope("bike-1"),
-            activity: Some(mobility_event::Activity::BikeRide(BikeRide { distance_m: 3_250 })),
+            activity: Some(mobility_event::Activity::BikeRide(BikeRide {
+                distance_m: 3_250,
+            })),
         },
     );
 }

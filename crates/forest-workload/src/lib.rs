@@ -180,7 +180,10 @@ impl Generator {
                 pb::PaymentEvent {
                     envelope: env.clone(),
                     kind: kind as i32,
-                    amount: Some(pb::Money { amount_minor, currency: "CNY".into() }),
+                    amount: Some(pb::Money {
+                        amount_minor,
+                        currency: "CNY".into(),
+                    }),
                     merchant_id: String::new(),
                 }
                 .encode_to_vec(),
@@ -189,7 +192,14 @@ impl Generator {
         use pb::PaymentKind as P;
         use pb::mobility_event::Activity as A;
         let mobility = |activity| {
-            (Topic::Mobility, pb::MobilityEvent { envelope: env.clone(), activity: Some(activity) }.encode_to_vec())
+            (
+                Topic::Mobility,
+                pb::MobilityEvent {
+                    envelope: env.clone(),
+                    activity: Some(activity),
+                }
+                .encode_to_vec(),
+            )
         };
         let rng = &mut self.rng;
         let (topic, value) = match which {
@@ -208,24 +218,40 @@ impl Generator {
                 steps: rng.random_range(500..25_000),
                 period: if rng.random_bool(0.7) { 1 } else { 2 },
             })),
-            Mix::BusRide => mobility(A::BusRide(pb::BusRide { line: String::new(), distance_m: rng.random_range(0..15_000) })),
-            Mix::SubwayRide => mobility(A::SubwayRide(pb::SubwayRide { line: String::new(), distance_m: rng.random_range(0..30_000) })),
-            Mix::BikeRide => mobility(A::BikeRide(pb::BikeRide { distance_m: rng.random_range(300..8_000) })),
+            Mix::BusRide => mobility(A::BusRide(pb::BusRide {
+                line: String::new(),
+                distance_m: rng.random_range(0..15_000),
+            })),
+            Mix::SubwayRide => mobility(A::SubwayRide(pb::SubwayRide {
+                line: String::new(),
+                distance_m: rng.random_range(0..30_000),
+            })),
+            Mix::BikeRide => mobility(A::BikeRide(pb::BikeRide {
+                distance_m: rng.random_range(300..8_000),
+            })),
             Mix::ChooseSpecies => {
                 let species = ["saxaul", "red_willow", "sand_willow"][rng.random_range(0..3)];
                 (
                     Topic::Command,
                     pb::UserCommand {
                         envelope: env,
-                        command: Some(pb::user_command::Command::ChooseSpecies(pb::ChooseSpecies {
-                            species_id: species.into(),
-                        })),
+                        command: Some(pb::user_command::Command::ChooseSpecies(
+                            pb::ChooseSpecies {
+                                species_id: species.into(),
+                            },
+                        )),
                     }
                     .encode_to_vec(),
                 )
             }
         };
-        Record { topic, key: user, value, timestamp_ms, kind }
+        Record {
+            topic,
+            key: user,
+            value,
+            timestamp_ms,
+            kind,
+        }
     }
 
     fn malformed(&mut self, now: i64) -> Record {
@@ -233,7 +259,9 @@ impl Generator {
         let mut topic = Topic::Payment;
         let value = match self.rng.random_range(0..6) {
             // Random bytes after a tag that cannot start any of our messages (field 0).
-            0 => std::iter::once(0u8).chain((0..self.rng.random_range(1..64)).map(|_| self.rng.random())).collect(),
+            0 => std::iter::once(0u8)
+                .chain((0..self.rng.random_range(1..64)).map(|_| self.rng.random()))
+                .collect(),
             // A valid record cut short, inside its envelope.
             1 => {
                 let r = self.good(now, now, Kind::Good);
@@ -244,9 +272,15 @@ impl Generator {
             }
             // Valid protobuf, broken contract: empty user id.
             2 => pb::PaymentEvent {
-                envelope: Some(pb::Envelope { user_id: String::new(), ..self.envelope(&user, now).unwrap_or_default() }),
+                envelope: Some(pb::Envelope {
+                    user_id: String::new(),
+                    ..self.envelope(&user, now).unwrap_or_default()
+                }),
                 kind: pb::PaymentKind::OfflinePayment as i32,
-                amount: Some(pb::Money { amount_minor: 100, currency: "CNY".into() }),
+                amount: Some(pb::Money {
+                    amount_minor: 100,
+                    currency: "CNY".into(),
+                }),
                 merchant_id: String::new(),
             }
             .encode_to_vec(),
@@ -254,26 +288,44 @@ impl Generator {
             3 => pb::PaymentEvent {
                 envelope: self.envelope(&user, now),
                 kind: pb::PaymentKind::UtilityBill as i32,
-                amount: Some(pb::Money { amount_minor: -500, currency: "CNY".into() }),
+                amount: Some(pb::Money {
+                    amount_minor: -500,
+                    currency: "CNY".into(),
+                }),
                 merchant_id: String::new(),
             }
             .encode_to_vec(),
             // Absurd step count.
-            4 => { topic = Topic::Mobility; pb::MobilityEvent {
-                envelope: self.envelope(&user, now),
-                activity: Some(pb::mobility_event::Activity::Walking(pb::Walking { steps: 5_000_000, period: 1 })),
+            4 => {
+                topic = Topic::Mobility;
+                pb::MobilityEvent {
+                    envelope: self.envelope(&user, now),
+                    activity: Some(pb::mobility_event::Activity::Walking(pb::Walking {
+                        steps: 5_000_000,
+                        period: 1,
+                    })),
+                }
+                .encode_to_vec()
             }
-            .encode_to_vec() }
             // Unknown behaviour value.
             _ => pb::PaymentEvent {
                 envelope: self.envelope(&user, now),
                 kind: 77,
-                amount: Some(pb::Money { amount_minor: 100, currency: "CNY".into() }),
+                amount: Some(pb::Money {
+                    amount_minor: 100,
+                    currency: "CNY".into(),
+                }),
                 merchant_id: String::new(),
             }
             .encode_to_vec(),
         };
-        Record { topic, key: user, value, timestamp_ms: now, kind: Kind::Malformed }
+        Record {
+            topic,
+            key: user,
+            value,
+            timestamp_ms: now,
+            kind: Kind::Malformed,
+        }
     }
 }
 
@@ -289,7 +341,10 @@ impl Iterator for Generator {
         let c = &self.cfg;
         let rec = if roll < c.duplicate_rate && !self.recent.is_empty() {
             let i = self.rng.random_range(0..self.recent.len());
-            Record { kind: Kind::Duplicate, ..self.recent[i].clone() }
+            Record {
+                kind: Kind::Duplicate,
+                ..self.recent[i].clone()
+            }
         } else if roll < c.duplicate_rate + c.late_rate {
             let back = self.rng.random_range(73 * 3_600_000..5 * 86_400_000);
             self.good(now - back, now, Kind::Late)
@@ -321,14 +376,28 @@ mod tests {
     use super::*;
 
     fn cfg(seed: u64) -> WorkloadConfig {
-        WorkloadConfig { seed, events: 20_000, users: 500, duplicate_rate: 0.05, late_rate: 0.02, malformed_rate: 0.02, ..Default::default() }
+        WorkloadConfig {
+            seed,
+            events: 20_000,
+            users: 500,
+            duplicate_rate: 0.05,
+            late_rate: 0.02,
+            malformed_rate: 0.02,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn same_seed_same_records() {
-        let a: Vec<_> = Generator::new(cfg(7)).map(|r| (r.key, r.value, r.timestamp_ms)).collect();
-        let b: Vec<_> = Generator::new(cfg(7)).map(|r| (r.key, r.value, r.timestamp_ms)).collect();
-        let c: Vec<_> = Generator::new(cfg(8)).map(|r| (r.key, r.value, r.timestamp_ms)).collect();
+        let a: Vec<_> = Generator::new(cfg(7))
+            .map(|r| (r.key, r.value, r.timestamp_ms))
+            .collect();
+        let b: Vec<_> = Generator::new(cfg(7))
+            .map(|r| (r.key, r.value, r.timestamp_ms))
+            .collect();
+        let c: Vec<_> = Generator::new(cfg(8))
+            .map(|r| (r.key, r.value, r.timestamp_ms))
+            .collect();
         assert_eq!(a.len(), 20_000);
         assert_eq!(a, b);
         assert_ne!(a, c);
@@ -356,7 +425,10 @@ mod tests {
         let behaviours: std::collections::HashSet<_> = recs
             .iter()
             .filter_map(|r| r.to_event().ok())
-            .filter_map(|e| match e.action { forest_domain::Action::Credit { behaviour, .. } => Some(behaviour), _ => None })
+            .filter_map(|e| match e.action {
+                forest_domain::Action::Credit { behaviour, .. } => Some(behaviour),
+                _ => None,
+            })
             .collect();
         assert_eq!(behaviours.len(), forest_domain::Behaviour::COUNT);
     }
