@@ -2,6 +2,7 @@
 //! hands over to the subcommand's `run`.
 
 mod demo;
+mod processor;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Run the whole pipeline on a generated workload and check its invariants.
     Demo(demo::DemoArgs),
+    /// Run the processor against a Kafka cluster until SIGTERM or Ctrl-C.
+    Processor(processor::ProcessorArgs),
     /// Validate a rules file and print its rules.
     Rules,
 }
@@ -43,6 +46,7 @@ fn main() -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Demo(args) => demo::run(args, &rules),
+        Command::Processor(args) => processor::run(args, rules),
         Command::Rules => {
             println!(
                 "rules version {} (timezone {})",

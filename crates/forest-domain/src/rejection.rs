@@ -32,6 +32,10 @@ pub enum Malformed {
     TimeOutOfRange(i64),
     #[error("timezone {0:?} is not a known IANA name")]
     Timezone(String),
+    #[error("the record key {key:?} is not the envelope's user_id {user_id:?}")]
+    KeyMismatch { key: String, user_id: String },
+    #[error("the Kafka record has no timestamp")]
+    NoRecordTimestamp,
     #[error("the event is for user {event:?} but was applied to the projection of {state:?}")]
     WrongUser { state: String, event: String },
 }

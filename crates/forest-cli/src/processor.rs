@@ -1,0 +1,101 @@
+//! `forest processor`: the processor against a real cluster.
+
+use anyhow::{Context, bail};
+use forest_domain::RuleSet;
+use forest_processor::{ProcessorConfig, ProcessorStats, Shutdown, Topics};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(clap::Args)]
+pub struct ProcessorArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "FOREST_BROKERS")]
+    brokers: String,
+    /// Consumer group id; instances with the same id split the partitions.
+    #[arg(long, env = "FOREST_GROUP", default_value = "forest-processor")]
+    group: String,
+    /// RocksDB directory of this instance.
+    #[arg(long, env = "FOREST_STORE", default_value = "forest-data/processor")]
+    store: PathBuf,
+    /// Prefix for every topic name (e.g. an environment name).
+    #[arg(long, env = "FOREST_TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
+    /// Records per committed batch.
+    #[arg(long, env = "FOREST_BATCH_SIZE", default_value_t = 5_000)]
+    batch_size: usize,
+    /// Users kept in the in-memory write-back cache.
+    #[arg(long, env = "FOREST_CACHE_USERS", default_value_t = 1_000_000)]
+    cache_users: usize,
+    /// RocksDB block cache, MiB.
+    #[arg(long, env = "FOREST_BLOCK_CACHE_MB", default_value_t = 256)]
+    block_cache_mb: usize,
+    /// librdkafka setting passed through, repeatable: --kafka-config key=value.
+    #[arg(long = "kafka-config", value_parser = parse_kv)]
+    kafka_config: Vec<(String, String)>,
+}
+
+pub fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!(
+            "expected key=value (a librdkafka setting), got {s:?}"
+        )),
+    }
+}
+
+/// Sets the returned flag on SIGTERM or Ctrl-C.
+pub fn shutdown_on_signal() -> anyhow::Result<Shutdown> {
+    let flag: Shutdown = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("signal runtime")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                #[cfg(unix)]
+                {
+                    let mut term = match tokio::signal::unix::signal(
+                        tokio::signal::unix::SignalKind::terminate(),
+                    ) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot listen for SIGTERM");
+                            let _ = tokio::signal::ctrl_c().await;
+                            return;
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                #[cfg(not(unix))]
+                let _ = tokio::signal::ctrl_c().await;
+            });
+            tracing::info!("shutdown requested: finishing the batch and committing");
+            f.store(true, Ordering::Relaxed);
+        })?;
+    Ok(flag)
+}
+
+pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let mut cfg = ProcessorConfig::new(args.brokers, args.store);
+    cfg.group_id = args.group;
+    cfg.topics = Topics::prefixed(&args.topic_prefix);
+    cfg.batch_max_records = args.batch_size;
+    cfg.cache_users = args.cache_users;
+    cfg.store.block_cache_bytes = args.block_cache_mb << 20;
+    cfg.kafka = args.kafka_config;
+    cfg.rules = Arc::new(rules);
+    forest_processor::metrics::describe();
+    let shutdown = shutdown_on_signal()?;
+    forest_processor::run(cfg, shutdown, Arc::new(ProcessorStats::default()))
+        .context("processor failed")
+}

@@ -1,0 +1,371 @@
+//! The processor's state machine, independent of how records arrive: buffer, merge, fold,
+//! commit, flush. The runtime drives it from the consumer loop and the rebalance callback.
+
+use crate::merge::{Merger, Rec};
+use crate::metrics as m;
+use crate::{CrashPoint, ProcessorConfig, ProcessorError, ProcessorStats};
+use forest_domain::{Event, InputKind, Malformed, Rejection, RuleSet};
+use forest_kafka::headers;
+use forest_store::{OutboxEntry, ProjectionCache, Store};
+use prost::Message as _;
+use rdkafka::ClientContext;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rustc_hash::FxHashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Collects delivery reports: which outbox entries Kafka acknowledged.
+#[derive(Default)]
+pub struct DeliveryCtx {
+    acked: Mutex<Vec<u64>>,
+    failed: Mutex<Vec<(u64, KafkaError)>>,
+}
+
+impl ClientContext for DeliveryCtx {}
+
+impl ProducerContext for DeliveryCtx {
+    type DeliveryOpaque = Box<u64>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: Box<u64>) {
+        match result {
+            Ok(_) => lock(&self.acked).push(*seq),
+            Err((e, _)) => lock(&self.failed).push((*seq, e.clone())),
+        }
+    }
+}
+
+/// A poisoned lock only means another thread panicked mid-push; the Vec is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct Core {
+    rules: Arc<RuleSet>,
+    pub store: Store,
+    cache: ProjectionCache,
+    pub merger: Merger,
+    /// Input topic names and kinds, by topic index.
+    pub inputs: Vec<(String, InputKind)>,
+    trees_topic: String,
+    dlq_topic: String,
+    /// Next offsets of partitions applied since the last commit.
+    offsets: FxHashMap<(u8, i32), i64>,
+    /// Next offsets of every assigned partition as of the last commit (for Kafka commits).
+    pub committed: FxHashMap<(u8, i32), i64>,
+    pending: Vec<OutboxEntry>,
+    pub batch_records: usize,
+    pub batch_started: Option<Instant>,
+    producer: ThreadedProducer<DeliveryCtx>,
+    stats: Arc<ProcessorStats>,
+    crash_at: Option<CrashPoint>,
+    applied_in_run: u64,
+    batches_in_run: u64,
+}
+
+impl Core {
+    pub fn new(
+        cfg: &ProcessorConfig,
+        store: Store,
+        producer: ThreadedProducer<DeliveryCtx>,
+        stats: Arc<ProcessorStats>,
+    ) -> Self {
+        let t = &cfg.topics;
+        let inputs = vec![
+            (t.payments.clone(), InputKind::Payment),
+            (t.mobility.clone(), InputKind::Mobility),
+            (t.commands.clone(), InputKind::Command),
+        ];
+        Self {
+            rules: cfg.rules.clone(),
+            store,
+            cache: ProjectionCache::new(cfg.cache_users),
+            merger: Merger::new(inputs.len()),
+            inputs,
+            trees_topic: t.trees.clone(),
+            dlq_topic: t.dlq.clone(),
+            offsets: FxHashMap::default(),
+            committed: FxHashMap::default(),
+            pending: Vec::new(),
+            batch_records: 0,
+            batch_started: None,
+            producer,
+            stats,
+            crash_at: cfg.crash_at,
+            applied_in_run: 0,
+            batches_in_run: 0,
+        }
+    }
+
+    pub fn topic_index(&self, name: &str) -> Option<u8> {
+        self.inputs
+            .iter()
+            .position(|(n, _)| n == name)
+            .map(|i| i as u8)
+    }
+
+    /// Buffers a consumed record for the merge.
+    pub fn push(&mut self, rec: Rec) {
+        metrics::counter!(m::EVENTS_CONSUMED, "topic" => kind_label(self.inputs[rec.topic as usize].1)).increment(1);
+        self.stats.consumed.fetch_add(1, Ordering::Relaxed);
+        self.merger.push(rec);
+    }
+
+    /// Applies every record the merge releases.
+    pub fn drain(
+        &mut self,
+        caught_up: impl FnMut(u8, i32, i64) -> bool,
+        max_idle: Duration,
+        max_buffered: usize,
+    ) -> Result<(), ProcessorError> {
+        let mut ready = Vec::new();
+        self.merger
+            .drain(caught_up, max_idle, max_buffered, |r| ready.push(r));
+        metrics::gauge!(m::MERGE_BUFFERED).set(self.merger.buffered() as f64);
+        for rec in ready {
+            self.process(rec)?;
+        }
+        Ok(())
+    }
+
+    fn process(&mut self, rec: Rec) -> Result<(), ProcessorError> {
+        if self.batch_started.is_none() {
+            self.batch_started = Some(Instant::now());
+        }
+        let (topic_name, kind) = &self.inputs[rec.topic as usize];
+        let decoded = match rec.timestamp {
+            None => Err(Rejection::Malformed(Malformed::NoRecordTimestamp)),
+            Some(ts) => Event::decode(*kind, rec.value.as_deref().unwrap_or_default(), ts),
+        }
+        .and_then(|e| {
+            if rec.key.as_deref() == Some(e.user_id.as_bytes()) {
+                Ok(e)
+            } else {
+                Err(Rejection::Malformed(Malformed::KeyMismatch {
+                    key: String::from_utf8_lossy(rec.key.as_deref().unwrap_or_default())
+                        .into_owned(),
+                    user_id: e.user_id.clone(),
+                }))
+            }
+        });
+        let rules = &self.rules;
+        let result = match decoded {
+            Ok(event) => self
+                .cache
+                .update(&self.store, &event.user_id, |s| rules.apply(s, &event))?,
+            Err(r) => Err(r),
+        };
+        match result {
+            Ok(outcome) => {
+                self.stats.applied.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::EVENTS_APPLIED).increment(1);
+                if let Some(c) = &outcome.credit {
+                    if c.credited_g > 0 {
+                        metrics::counter!(m::GRAMS_CREDITED, "behaviour" => c.behaviour.as_str())
+                            .increment(c.credited_g);
+                    }
+                }
+                for tree in outcome.trees {
+                    self.stats.trees.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::TREES_MATURED, "species" => species_label(&tree.species_id)).increment(1);
+                    self.pending.push(OutboxEntry {
+                        topic: self.trees_topic.clone(),
+                        key: tree.user_id.as_bytes().to_vec(),
+                        value: tree.encode_to_vec(),
+                        headers: vec![],
+                    });
+                }
+            }
+            Err(r) => {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::EVENTS_REJECTED, "reason" => r.code()).increment(1);
+                if r == Rejection::Duplicate {
+                    self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::EVENTS_DEDUPLICATED).increment(1);
+                } else {
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::DLQ_RECORDS, "reason" => r.code()).increment(1);
+                    self.pending.push(OutboxEntry {
+                        topic: self.dlq_topic.clone(),
+                        key: rec.key.clone().unwrap_or_default(),
+                        value: rec.value.clone().unwrap_or_default(),
+                        headers: vec![
+                            (headers::REASON.into(), r.code().as_bytes().to_vec()),
+                            (headers::ERROR.into(), r.to_string().into_bytes()),
+                            (headers::SOURCE_TOPIC.into(), topic_name.as_bytes().to_vec()),
+                            (
+                                headers::SOURCE_PARTITION.into(),
+                                rec.partition.to_string().into_bytes(),
+                            ),
+                            (
+                                headers::SOURCE_OFFSET.into(),
+                                rec.offset.to_string().into_bytes(),
+                            ),
+                        ],
+                    });
+                }
+            }
+        }
+        self.offsets
+            .insert((rec.topic, rec.partition), rec.offset + 1);
+        self.batch_records += 1;
+        self.applied_in_run += 1;
+        if self.crash_at == Some(CrashPoint::AfterApplied(self.applied_in_run)) {
+            return Err(ProcessorError::InjectedCrash(CrashPoint::AfterApplied(
+                self.applied_in_run,
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the batch (projections + offsets + outbox) atomically, then delivers the outbox.
+    /// Returns true if anything was committed.
+    pub fn commit(&mut self) -> Result<bool, ProcessorError> {
+        if self.offsets.is_empty() && self.pending.is_empty() {
+            return Ok(false);
+        }
+        let started = Instant::now();
+        let inputs = &self.inputs;
+        let offsets: Vec<(&str, i32, i64)> = self
+            .offsets
+            .iter()
+            .map(|(&(t, p), &o)| (inputs[t as usize].0.as_str(), p, o))
+            .collect();
+        let writes_before = self.store.stats.writes.load(Ordering::Relaxed);
+        let seqs = match self.cache.commit(&self.store, offsets, &self.pending) {
+            Ok(s) => s,
+            Err(e) => {
+                // Nothing moved: the events will be replayed from the stored offsets.
+                self.cache.discard_dirty();
+                return Err(e.into());
+            }
+        };
+        let writes = self.store.stats.writes.load(Ordering::Relaxed) - writes_before;
+        self.stats.store_writes.fetch_add(writes, Ordering::Relaxed);
+        metrics::counter!(m::STORE_WRITES).increment(writes);
+        {
+            let mut shown = lock(&self.stats.committed_offsets);
+            for (&(t, p), &o) in &self.offsets {
+                shown.insert((self.inputs[t as usize].0.clone(), p), o);
+            }
+        }
+        self.committed.extend(self.offsets.drain());
+        self.stats
+            .committed_records
+            .fetch_add(self.batch_records as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!(m::BATCH_SIZE).record(self.batch_records as f64);
+        self.batch_records = 0;
+        self.batch_started = None;
+        self.batches_in_run += 1;
+        let entries: Vec<(u64, OutboxEntry)> = seqs.zip(self.pending.drain(..)).collect();
+        if self.crash_at == Some(CrashPoint::AfterStoreWrite(self.batches_in_run)) {
+            return Err(ProcessorError::InjectedCrash(CrashPoint::AfterStoreWrite(
+                self.batches_in_run,
+            )));
+        }
+        self.deliver(entries)?;
+        metrics::histogram!(m::BATCH_DURATION).record(started.elapsed().as_secs_f64());
+        Ok(true)
+    }
+
+    /// Delivers whatever a previous run left in the outbox. Called before consuming.
+    pub fn deliver_leftovers(&mut self) -> Result<(), ProcessorError> {
+        loop {
+            let entries = self.store.outbox(10_000)?;
+            if entries.is_empty() {
+                return Ok(());
+            }
+            tracing::info!(
+                entries = entries.len(),
+                "delivering outputs left in the outbox by a previous run"
+            );
+            self.deliver(entries)?;
+        }
+    }
+
+    /// Produces outbox entries and deletes the acknowledged ones. Blocks until every entry is
+    /// acknowledged or failed: this is the processor's backpressure.
+    fn deliver(&mut self, entries: Vec<(u64, OutboxEntry)>) -> Result<(), ProcessorError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        metrics::gauge!(m::OUTBOX_DEPTH).set(entries.len() as f64);
+        for (seq, e) in &entries {
+            let mut hdrs = OwnedHeaders::new_with_capacity(e.headers.len());
+            for (k, v) in &e.headers {
+                hdrs = hdrs.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            let mut record = BaseRecord::with_opaque_to(&e.topic, Box::new(*seq))
+                .key(&e.key)
+                .payload(&e.value)
+                .headers(hdrs);
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((
+                        KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                        r,
+                    )) => {
+                        record = r;
+                        // Let librdkafka drain its queue, then retry.
+                        let _ = self.producer.flush(Duration::from_millis(100));
+                    }
+                    Err((source, _)) => {
+                        return Err(ProcessorError::Kafka {
+                            op: "produce",
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        // Idempotent producer: librdkafka retries internally; flush waits for every report.
+        self.producer
+            .flush(Duration::from_secs(120))
+            .map_err(|source| ProcessorError::Kafka {
+                op: "flush outbox",
+                source,
+            })?;
+        let ctx = self.producer.context();
+        let acked: Vec<u64> = std::mem::take(&mut *lock(&ctx.acked));
+        let failed: Vec<(u64, KafkaError)> = std::mem::take(&mut *lock(&ctx.failed));
+        self.stats
+            .outputs_delivered
+            .fetch_add(acked.len() as u64, Ordering::Relaxed);
+        self.store.remove_outbox(acked)?;
+        metrics::gauge!(m::OUTBOX_DEPTH).set(failed.len() as f64);
+        if let Some((_, first)) = failed.first() {
+            return Err(ProcessorError::Delivery {
+                failed: failed.len(),
+                first: first.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn kind_label(k: InputKind) -> &'static str {
+    match k {
+        InputKind::Payment => "payments",
+        InputKind::Mobility => "mobility",
+        InputKind::Command => "commands",
+    }
+}
+
+/// Species ids come from the rules file, a bounded set; anything else is folded into "other".
+fn species_label(id: &str) -> &'static str {
+    match id {
+        "saxaul" => "saxaul",
+        "red_willow" => "red_willow",
+        "sand_willow" => "sand_willow",
+        "mongolian_pine" => "mongolian_pine",
+        "populus_euphratica" => "populus_euphratica",
+        _ => "other",
+    }
+}

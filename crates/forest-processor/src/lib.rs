@@ -1,0 +1,197 @@
+//! Forest's processor: consumes the input topics in a consumer group, folds each event into the
+//! user's projection with the pure domain, keeps projections in RocksDB, and emits TreeMatured
+//! (and dead letters) through a transactional outbox.
+//!
+//! Guarantees (effectively once):
+//! - Projections, each partition's next offset, and the outputs a batch produced are written in
+//!   one RocksDB batch. On start and on every assignment the consumer seeks to the offsets in
+//!   RocksDB, not Kafka's committed offsets, so after any crash the store and the input position
+//!   agree and no event is lost or counted twice. (Kafka's committed offsets are still updated
+//!   after each durable batch, for lag tools.)
+//! - Outputs are produced from the outbox by an idempotent producer and deleted only once Kafka
+//!   acknowledged them: never lost, possibly re-sent after a crash, always with the same
+//!   deterministic ids (`tree_id`; the source coordinates of a dead letter) for downstream
+//!   dedupe.
+//! - A record that cannot be decoded or is rejected goes to the dead-letter topic with the
+//!   reason in its headers, is counted, and the partition moves on. Duplicates are counted,
+//!   not dead-lettered: a producer retry is not bad input.
+//! - The input topics are merged per partition number in a deterministic order (see
+//!   [`merge`]), so a replay folds one user's events in the same order.
+//! - Backpressure: a batch is committed and its outputs acknowledged before the next batch is
+//!   read, so a slow store or output topic slows consumption instead of growing memory.
+
+mod core;
+pub mod merge;
+pub mod metrics;
+mod runtime;
+
+pub use runtime::run;
+
+use forest_domain::RuleSet;
+use forest_store::{StoreConfig, StoreError};
+use rdkafka::error::KafkaError;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Names of the topics the processor reads and writes.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub payments: String,
+    pub mobility: String,
+    pub commands: String,
+    pub trees: String,
+    pub dlq: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        use forest_proto::topics as t;
+        Self {
+            payments: t::PAYMENTS.into(),
+            mobility: t::MOBILITY.into(),
+            commands: t::COMMANDS.into(),
+            trees: t::TREES.into(),
+            dlq: t::DLQ.into(),
+        }
+    }
+}
+
+impl Topics {
+    /// Every topic name with a prefix, e.g. for tests that each need their own topics.
+    pub fn prefixed(prefix: &str) -> Self {
+        let d = Self::default();
+        let p = |s: String| format!("{prefix}{s}");
+        Self {
+            payments: p(d.payments),
+            mobility: p(d.mobility),
+            commands: p(d.commands),
+            trees: p(d.trees),
+            dlq: p(d.dlq),
+        }
+    }
+}
+
+/// Where the processor stops abruptly, without committing, to test recovery. Never set in
+/// production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// After this many records were applied in memory, before their batch is written.
+    AfterApplied(u64),
+    /// Right after the N-th batch (1-based) is written to the store, before its outbox is sent.
+    AfterStoreWrite(u64),
+}
+
+#[derive(Debug, Clone)]
+pub struct ProcessorConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Topics,
+    pub store_path: PathBuf,
+    pub store: StoreConfig,
+    /// Commit a batch after this many records...
+    pub batch_max_records: usize,
+    /// ...or when this long has passed since the batch's first record.
+    pub batch_max_wait: Duration,
+    /// Projections kept in memory between batches.
+    pub cache_users: usize,
+    /// Bound on records waiting in the co-partition merge.
+    pub max_buffered: usize,
+    /// How long an empty lane that is behind its high watermark (a slow or failing fetch) may
+    /// hold back its partition's other lanes. Long by default: giving up early applies records
+    /// out of the canonical order. (Known limit: a lane whose last records are transaction
+    /// markers looks "behind" and holds the others for this long; inputs from transactional
+    /// producers arrive with the transactions issue.)
+    pub max_idle: Duration,
+    /// librdkafka settings passed through (`--kafka-config key=value`); they win over ours.
+    pub kafka: Vec<(String, String)>,
+    pub rules: Arc<RuleSet>,
+    pub crash_at: Option<CrashPoint>,
+}
+
+impl ProcessorConfig {
+    pub fn new(brokers: impl Into<String>, store_path: impl Into<PathBuf>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            group_id: "forest-processor".into(),
+            topics: Topics::default(),
+            store_path: store_path.into(),
+            store: StoreConfig::default(),
+            batch_max_records: 5_000,
+            batch_max_wait: Duration::from_millis(20),
+            cache_users: 1_000_000,
+            max_buffered: 200_000,
+            max_idle: Duration::from_secs(30),
+            kafka: Vec::new(),
+            rules: Arc::new(RuleSet::default()),
+            crash_at: None,
+        }
+    }
+}
+
+/// A processor run that failed. Each variant says whether a restart can help.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessorError {
+    #[error("invalid processor configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("kafka {op} failed: {source}")]
+    Kafka {
+        op: &'static str,
+        source: KafkaError,
+    },
+    #[error(
+        "{failed} outputs were not acknowledged by Kafka (first error: {first}); they stay in the outbox"
+    )]
+    Delivery { failed: usize, first: KafkaError },
+    #[error("injected crash at {0:?}")]
+    InjectedCrash(CrashPoint),
+}
+
+impl ProcessorError {
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Self::Config(_) => false,
+            Self::Store(e) => e.is_retriable(),
+            Self::Kafka { .. } | Self::Delivery { .. } | Self::InjectedCrash(_) => true,
+        }
+    }
+}
+
+/// Live counters, for tests and progress displays (metrics go to the `metrics` recorder too).
+#[derive(Debug, Default)]
+pub struct ProcessorStats {
+    pub consumed: AtomicU64,
+    pub applied: AtomicU64,
+    pub rejected: AtomicU64,
+    pub deduplicated: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub trees: AtomicU64,
+    pub batches: AtomicU64,
+    pub outputs_delivered: AtomicU64,
+    pub store_writes: AtomicU64,
+    /// Input records applied or rejected and durably committed.
+    pub committed_records: AtomicU64,
+    pub rebalances: AtomicU64,
+    /// Next offset per (topic, partition) as last committed to the store by this instance.
+    pub committed_offsets: std::sync::Mutex<std::collections::BTreeMap<(String, i32), i64>>,
+}
+
+impl ProcessorStats {
+    pub fn get(v: &AtomicU64) -> u64 {
+        v.load(Ordering::Relaxed)
+    }
+
+    pub fn committed_offsets(&self) -> std::collections::BTreeMap<(String, i32), i64> {
+        self.committed_offsets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Set to stop the processor gracefully: it finishes and commits its batch, flushes the outbox
+/// and commits Kafka offsets, then returns.
+pub type Shutdown = Arc<AtomicBool>;

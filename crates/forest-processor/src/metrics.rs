@@ -1,0 +1,80 @@
+//! Every metric the processor emits, described in one place. Names follow
+//! `forest_<noun>_<unit>[_total]`; labels are bounded (topic index names, rejection codes,
+//! behaviours, species), never a user id.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+pub const EVENTS_CONSUMED: &str = "forest_events_consumed_total";
+pub const EVENTS_APPLIED: &str = "forest_events_applied_total";
+pub const EVENTS_REJECTED: &str = "forest_events_rejected_total";
+pub const EVENTS_DEDUPLICATED: &str = "forest_events_deduplicated_total";
+pub const DLQ_RECORDS: &str = "forest_dlq_records_total";
+pub const GRAMS_CREDITED: &str = "forest_energy_credited_grams_total";
+pub const TREES_MATURED: &str = "forest_trees_matured_total";
+pub const OUTBOX_DEPTH: &str = "forest_outbox_depth_entries";
+pub const BATCH_SIZE: &str = "forest_batch_size_events";
+pub const BATCH_DURATION: &str = "forest_batch_duration_seconds";
+pub const STORE_WRITES: &str = "forest_store_writes_total";
+pub const REBALANCES: &str = "forest_rebalances_total";
+pub const MERGE_BUFFERED: &str = "forest_merge_buffered_records";
+
+/// Registers descriptions with the installed recorder (call once at start-up).
+pub fn describe() {
+    describe_counter!(
+        EVENTS_CONSUMED,
+        Unit::Count,
+        "Input records read from Kafka, by topic kind."
+    );
+    describe_counter!(
+        EVENTS_APPLIED,
+        Unit::Count,
+        "Input events accepted by the fold."
+    );
+    describe_counter!(
+        EVENTS_REJECTED,
+        Unit::Count,
+        "Input records rejected, by reason code (duplicates included)."
+    );
+    describe_counter!(
+        EVENTS_DEDUPLICATED,
+        Unit::Count,
+        "Input events dropped as already-applied duplicates."
+    );
+    describe_counter!(
+        DLQ_RECORDS,
+        Unit::Count,
+        "Records written to the dead-letter topic, by reason code."
+    );
+    describe_counter!(
+        GRAMS_CREDITED,
+        Unit::Count,
+        "Grams of green energy credited, by behaviour."
+    );
+    describe_counter!(TREES_MATURED, Unit::Count, "Trees matured, by species.");
+    describe_gauge!(
+        OUTBOX_DEPTH,
+        Unit::Count,
+        "Outputs written to the store and not yet acknowledged by Kafka."
+    );
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Events per committed batch.");
+    describe_histogram!(
+        BATCH_DURATION,
+        Unit::Seconds,
+        "Time to commit a batch: store write, outbox flush."
+    );
+    describe_counter!(
+        STORE_WRITES,
+        Unit::Count,
+        "Keys written to RocksDB (puts and deletes)."
+    );
+    describe_counter!(
+        REBALANCES,
+        Unit::Count,
+        "Consumer-group rebalances, by kind (assign, revoke)."
+    );
+    describe_gauge!(
+        MERGE_BUFFERED,
+        Unit::Count,
+        "Records consumed and waiting in the co-partition merge."
+    );
+}

@@ -1,0 +1,345 @@
+//! The consumer loop and the rebalance callbacks around [`Core`].
+
+use crate::core::{Core, DeliveryCtx};
+use crate::merge::Rec;
+use crate::metrics as m;
+use crate::{ProcessorConfig, ProcessorError, ProcessorStats, Shutdown};
+use forest_kafka::client_config;
+use forest_store::Store;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::Message;
+use rdkafka::producer::ThreadedProducer;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::ffi::CString;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+struct Ctx {
+    core: Arc<Mutex<Core>>,
+    /// Set when the run must stop without committing anything more: an injected crash, or an
+    /// error after which the in-memory state may not match the store.
+    fatal: Mutex<Option<ProcessorError>>,
+    stats: Arc<ProcessorStats>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Ctx {
+    fn fail(&self, e: ProcessorError) {
+        lock(&self.fatal).get_or_insert(e);
+    }
+    fn failed(&self) -> bool {
+        lock(&self.fatal).is_some()
+    }
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    /// Replaces rdkafka's default so that (a) on revoke the in-flight batch is written and its
+    /// outputs delivered before the partitions go, and (b) on assign each partition starts at
+    /// the offset stored in RocksDB, or at the log's beginning if this store never processed it
+    /// (its users' state must then be rebuilt from the log).
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        self.stats.rebalances.fetch_add(1, Ordering::Relaxed);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
+                let mut core = lock(&self.core);
+                let mut starts = Vec::new();
+                for el in tpl.elements() {
+                    let Some(idx) = core.topic_index(el.topic()) else {
+                        continue;
+                    };
+                    match core.store.offset(el.topic(), el.partition()) {
+                        Ok(stored) => {
+                            starts.push((el.topic().to_string(), idx, el.partition(), stored))
+                        }
+                        Err(e) => {
+                            self.fail(e.into());
+                            return;
+                        }
+                    }
+                }
+                for (topic, idx, partition, stored) in starts {
+                    let offset = stored.map_or(Offset::Beginning, Offset::Offset);
+                    if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
+                        self.fail(ProcessorError::Kafka {
+                            op: "set start offset",
+                            source: e,
+                        });
+                        return;
+                    }
+                    core.merger.assign(idx, partition, stored.unwrap_or(0));
+                    if let Some(o) = stored {
+                        core.committed.insert((idx, partition), o);
+                        lock(&self.stats.committed_offsets).insert((topic.clone(), partition), o);
+                    }
+                    tracing::info!(topic, partition, start = ?offset, "partition assigned");
+                }
+                drop(core);
+                if let Err(e) = consumer.assign(tpl) {
+                    self.fail(ProcessorError::Kafka {
+                        op: "assign",
+                        source: e,
+                    });
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                metrics::counter!(m::REBALANCES, "kind" => "revoke").increment(1);
+                if !self.failed() {
+                    let mut core = lock(&self.core);
+                    match core.commit() {
+                        Ok(_) => commit_kafka(consumer, &core, CommitMode::Sync),
+                        Err(e) => self.fail(e),
+                    }
+                    core.merger.clear();
+                    core.committed.clear();
+                    tracing::info!(
+                        partitions = tpl.count(),
+                        "partitions revoked after committing"
+                    );
+                }
+                if let Err(e) = consumer.unassign() {
+                    tracing::warn!(error = %e, "unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            // Kafka's committed offsets are informational (lag tools); the store is the truth.
+            tracing::debug!(error = %e, "kafka offset commit failed");
+        }
+    }
+}
+
+/// Commits the store's offsets to Kafka too, so lag tools see progress.
+fn commit_kafka(consumer: &BaseConsumer<Ctx>, core: &Core, mode: CommitMode) {
+    if core.committed.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::with_capacity(core.committed.len());
+    for (&(t, p), &o) in &core.committed {
+        let _ = tpl.add_partition_offset(&core.inputs[t as usize].0, p, Offset::Offset(o));
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        tracing::debug!(error = %e, "kafka offset commit failed");
+    }
+}
+
+/// librdkafka's cached high watermark of a partition (from the last fetch response); no
+/// broker round trip.
+fn cached_high_watermark(
+    consumer: &BaseConsumer<Ctx>,
+    topic: &CString,
+    partition: i32,
+) -> Option<i64> {
+    let (mut low, mut high) = (0i64, 0i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; the topic is NUL-terminated;
+    // librdkafka only writes the two out-parameters.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+}
+
+fn validate(cfg: &ProcessorConfig) -> Result<(), ProcessorError> {
+    let bad = |m: &str| Err(ProcessorError::Config(m.to_string()));
+    let t = &cfg.topics;
+    let names = [&t.payments, &t.mobility, &t.commands, &t.trees, &t.dlq];
+    if names.iter().any(|n| n.is_empty()) {
+        return bad("topic names must not be empty");
+    }
+    for (i, a) in names.iter().enumerate() {
+        if names[i + 1..].contains(a) {
+            return bad(&format!(
+                "topic {a:?} is configured for two roles; each topic needs its own name"
+            ));
+        }
+    }
+    if cfg.batch_max_records == 0 {
+        return bad("batch size must be at least 1");
+    }
+    if cfg.cache_users == 0 {
+        return bad("the projection cache must hold at least 1 user");
+    }
+    if cfg.group_id.is_empty() {
+        return bad("the consumer group id must not be empty");
+    }
+    Ok(())
+}
+
+/// Runs the processor until `shutdown` is set (then commits and returns `Ok`) or a fatal error.
+pub fn run(
+    cfg: ProcessorConfig,
+    shutdown: Shutdown,
+    stats: Arc<ProcessorStats>,
+) -> Result<(), ProcessorError> {
+    validate(&cfg)?;
+    let store = Store::open(&cfg.store_path, &cfg.store)?;
+    let producer: ThreadedProducer<DeliveryCtx> = client_config(&cfg.brokers, &[])
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "1000000")
+        .extend_from(&cfg.kafka)
+        .create_with_context(DeliveryCtx::default())
+        .map_err(|source| ProcessorError::Kafka {
+            op: "create producer",
+            source,
+        })?;
+
+    let mut core = Core::new(&cfg, store, producer, stats.clone());
+    core.deliver_leftovers()?;
+    let topics: Vec<String> = core.inputs.iter().map(|(n, _)| n.clone()).collect();
+    let ctopics: Vec<CString> = topics
+        .iter()
+        .map(|t| {
+            CString::new(t.as_str())
+                .map_err(|_| ProcessorError::Config(format!("topic {t:?} contains NUL")))
+        })
+        .collect::<Result<_, _>>()?;
+    let core = Arc::new(Mutex::new(core));
+    let ctx = Ctx {
+        core: core.clone(),
+        fatal: Mutex::new(None),
+        stats: stats.clone(),
+    };
+
+    let consumer: BaseConsumer<Ctx> = client_config(&cfg.brokers, &[])
+        .set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Range assigns partition N of every input topic to the same member: the co-partition
+        // merge needs all of a user's topics in one place.
+        .set("partition.assignment.strategy", "range")
+        .set("fetch.wait.max.ms", "10")
+        .set("queued.min.messages", "100000")
+        .set("max.partition.fetch.bytes", "10485760")
+        .extend_from(&cfg.kafka)
+        .create_with_context(ctx)
+        .map_err(|source| ProcessorError::Kafka {
+            op: "create consumer",
+            source,
+        })?;
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topic_refs)
+        .map_err(|source| ProcessorError::Kafka {
+            op: "subscribe",
+            source,
+        })?;
+    tracing::info!(group = %cfg.group_id, topics = ?topics, store = %cfg.store_path.display(), "processor started");
+
+    let result = consume_loop(&cfg, &consumer, &core, &ctopics, &shutdown);
+    if let Err(e) = &result {
+        // Stop the close-time revoke from committing anything after a failure.
+        consumer
+            .context()
+            .fail(ProcessorError::Config(format!("stopped: {e}")));
+        tracing::error!(error = %e, "processor stopped");
+        return result;
+    }
+    // Graceful: the close below revokes the partitions, which commits and flushes.
+    let mut c = lock(&core);
+    c.commit()?;
+    commit_kafka(&consumer, &c, CommitMode::Sync);
+    drop(c);
+    consumer.unsubscribe();
+    tracing::info!("processor stopped gracefully");
+    Ok(())
+}
+
+fn consume_loop(
+    cfg: &ProcessorConfig,
+    consumer: &BaseConsumer<Ctx>,
+    core: &Arc<Mutex<Core>>,
+    ctopics: &[CString],
+    shutdown: &Shutdown,
+) -> Result<(), ProcessorError> {
+    let ctx = consumer.context();
+    while !shutdown.load(Ordering::Relaxed) {
+        if let Some(e) = lock(&ctx.fatal).take() {
+            return Err(e);
+        }
+        let mut timeout = Duration::from_millis(50);
+        for _ in 0..cfg.batch_max_records {
+            // The rebalance callback runs inside poll; the core lock is not held here.
+            match consumer.poll(timeout) {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    break;
+                }
+                Some(Ok(msg)) => {
+                    let mut c = lock(core);
+                    let Some(topic) = c.topic_index(msg.topic()) else {
+                        continue;
+                    };
+                    c.push(Rec {
+                        topic,
+                        partition: msg.partition(),
+                        offset: msg.offset(),
+                        timestamp: msg.timestamp().to_millis(),
+                        key: msg.key().map(<[u8]>::to_vec),
+                        value: msg.payload().map(<[u8]>::to_vec),
+                    });
+                }
+            }
+            timeout = Duration::ZERO;
+        }
+        let mut c = lock(core);
+        c.drain(
+            |t, p, pos| {
+                cached_high_watermark(consumer, &ctopics[t as usize], p).is_some_and(|h| pos >= h)
+            },
+            cfg.max_idle,
+            cfg.max_buffered,
+        )?;
+        let due = c.batch_records >= cfg.batch_max_records
+            || c.batch_started
+                .is_some_and(|s| s.elapsed() >= cfg.batch_max_wait);
+        if due && c.commit()? {
+            commit_kafka(consumer, &c, CommitMode::Async);
+        }
+    }
+    Ok(())
+}
+
+/// `ClientConfig::extend` by reference.
+trait ExtendFrom {
+    fn extend_from(&mut self, kv: &[(String, String)]) -> &mut Self;
+}
+
+impl ExtendFrom for rdkafka::ClientConfig {
+    fn extend_from(&mut self, kv: &[(String, String)]) -> &mut Self {
+        for (k, v) in kv {
+            self.set(k, v);
+        }
+        self
+    }
+}

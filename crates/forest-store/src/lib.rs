@@ -1,0 +1,22 @@
+//! Forest's RocksDB store: per-user projections, each input partition's next offset, and the
+//! outbox of outputs not yet delivered to Kafka.
+//!
+//! Guarantees:
+//! - [`Store::commit`] writes projections, partition offsets and new outbox entries in ONE
+//!   `WriteBatch` with the write-ahead log on: after a crash the store holds all of a batch or
+//!   none of it, so the stored offsets always describe exactly the events the stored
+//!   projections reflect. That is what makes a replay from the stored offsets exact.
+//! - Outbox entries get increasing sequence numbers and stay until [`Store::remove_outbox`]
+//!   deletes them after Kafka acknowledged them: an output is never lost, and may be delivered
+//!   more than once (downstream dedupes by its deterministic id).
+//! - Memory is bounded by [`StoreConfig`]: one block cache shared by all column families (index
+//!   and filter blocks included), and a write-buffer budget charged to the same cache.
+//!
+//! [`ProjectionCache`] sits in front as a write-back cache of hot users, so a batch writes each
+//! touched user once however many of its events it held.
+
+mod cache;
+mod store;
+
+pub use cache::ProjectionCache;
+pub use store::{OutboxEntry, Store, StoreConfig, StoreError, StoreStats};

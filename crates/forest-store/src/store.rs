@@ -1,0 +1,475 @@
+//! The RocksDB layer. Column families and their keys:
+//! - `projections`: UTF-8 user id -> postcard-encoded `UserState`;
+//! - `offsets`: `<topic>\0<partition as 4-byte big-endian>` -> next offset (8-byte big-endian);
+//! - `outbox`: sequence number (8-byte big-endian, so iteration is in order) -> `OutboxEntry`;
+//! - `kv`: other services' state (fulfilment orders, capacity, backlog), opaque bytes;
+//! - `meta`: format version.
+
+use forest_domain::UserState;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options,
+    WriteBatch, WriteBufferManager, WriteOptions,
+};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const CF_PROJECTIONS: &str = "projections";
+const CF_OFFSETS: &str = "offsets";
+const CF_OUTBOX: &str = "outbox";
+const CF_META: &str = "meta";
+const CF_KV: &str = "kv";
+const FORMAT_KEY: &[u8] = b"format";
+/// Bump when the on-disk encoding changes; a store of another format is refused at open.
+const FORMAT: &[u8] = b"forest-store-v1";
+
+/// A store operation that failed. Each variant says whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
+    #[error(
+        "{path} holds a store of format {found:?}, this build reads {expected:?}: point --store at a new directory or rebuild"
+    )]
+    Format {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("reading the store failed: {0}")]
+    Read(rocksdb::Error),
+    #[error("writing a batch to the store failed: {0}")]
+    Write(rocksdb::Error),
+    #[error("stored value under {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+impl StoreError {
+    /// `Write` and `Read` may succeed later (disk space freed, transient I/O); the others need
+    /// an operator.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, Self::Read(_) | Self::Write(_))
+    }
+}
+
+/// Memory and durability settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Block cache shared by every column family, index and filter blocks included.
+    pub block_cache_bytes: usize,
+    /// Total memtable budget, charged against the block cache so the two together stay bounded.
+    pub write_buffer_bytes: usize,
+    /// fsync the WAL on every batch. Off by default: the WAL survives a process crash without
+    /// it (it is in the OS page cache); turn it on to survive power loss too, at a latency cost.
+    pub sync_writes: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            block_cache_bytes: 256 << 20,
+            write_buffer_bytes: 128 << 20,
+            sync_writes: false,
+        }
+    }
+}
+
+/// An output waiting to be produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub topic: String,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Counters for metrics and benchmarks.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Write batches committed.
+    pub batches: AtomicU64,
+    /// Key writes (puts and deletes) inside those batches.
+    pub writes: AtomicU64,
+}
+
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+    write_opts: WriteOptions,
+    next_seq: AtomicU64,
+    pub stats: StoreStats,
+    // Keep the cache alive as long as the DB.
+    _cache: Cache,
+}
+
+fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(topic.len() + 5);
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+impl Store {
+    /// Opens (creating if absent) the store at `path`.
+    pub fn open(path: &Path, cfg: &StoreConfig) -> Result<Self, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let cache = Cache::new_lru_cache(cfg.block_cache_bytes);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        // Point lookups of users dominate: a bloom filter skips SST files that lack the key.
+        table.set_bloom_filter(10.0, false);
+        // Index and filter blocks live in the bounded cache instead of unbounded heap.
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        let mut cf_opts = Options::default();
+        cf_opts.set_block_based_table_factory(&table);
+        // LZ4: cheap enough for the write path, and projections (ids, counters) compress well.
+        cf_opts.set_compression_type(DBCompressionType::Lz4);
+        cf_opts.set_level_compaction_dynamic_level_bytes(true);
+        cf_opts.set_write_buffer_size(cfg.write_buffer_bytes / 4);
+        cf_opts.set_max_write_buffer_number(3);
+
+        let mut db_opts = cf_opts.clone();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_paranoid_checks(true);
+        db_opts.set_max_background_jobs(2);
+        let wbm = WriteBufferManager::new_write_buffer_manager_with_cache(
+            cfg.write_buffer_bytes,
+            false,
+            cache.clone(),
+        );
+        db_opts.set_write_buffer_manager(&wbm);
+
+        let cfs = [CF_PROJECTIONS, CF_OFFSETS, CF_OUTBOX, CF_META, CF_KV]
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
+        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(open_err)?;
+
+        let meta = db.cf_handle(CF_META).expect("meta cf was just opened");
+        match db.get_cf(meta, FORMAT_KEY).map_err(StoreError::Read)? {
+            None => db
+                .put_cf(meta, FORMAT_KEY, FORMAT)
+                .map_err(StoreError::Write)?,
+            Some(found) if found == FORMAT => {}
+            Some(found) => {
+                return Err(StoreError::Format {
+                    path: path.to_path_buf(),
+                    found: String::from_utf8_lossy(&found).into_owned(),
+                    expected: String::from_utf8_lossy(FORMAT).into_owned(),
+                });
+            }
+        }
+        let outbox = db.cf_handle(CF_OUTBOX).expect("outbox cf was just opened");
+        let next_seq = match db.iterator_cf(outbox, IteratorMode::End).next() {
+            Some(Ok((k, _))) => seq_of(&k)? + 1,
+            Some(Err(e)) => return Err(StoreError::Read(e)),
+            None => 0,
+        };
+        let mut write_opts = WriteOptions::default();
+        write_opts.set_sync(cfg.sync_writes);
+        write_opts.disable_wal(false);
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+            write_opts,
+            next_seq: AtomicU64::new(next_seq),
+            stats: StoreStats::default(),
+            _cache: cache,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
+    }
+
+    pub fn get_user(&self, user_id: &str) -> Result<Option<UserState>, StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_PROJECTIONS), user_id)
+            .map_err(StoreError::Read)?
+        {
+            None => Ok(None),
+            Some(bytes) => {
+                postcard::from_bytes(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        key: format!("projections/{user_id}"),
+                        reason: e.to_string(),
+                    })
+            }
+        }
+    }
+
+    /// Every stored projection, in user-id byte order.
+    pub fn users(&self) -> impl Iterator<Item = Result<UserState, StoreError>> + '_ {
+        self.db
+            .iterator_cf(self.cf(CF_PROJECTIONS), IteratorMode::Start)
+            .map(|item| {
+                let (k, v) = item.map_err(StoreError::Read)?;
+                postcard::from_bytes(&v).map_err(|e| StoreError::Corrupt {
+                    key: format!("projections/{}", String::from_utf8_lossy(&k)),
+                    reason: e.to_string(),
+                })
+            })
+    }
+
+    /// The next offset to consume for a partition, if this store has processed it before.
+    pub fn offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        match self
+            .db
+            .get_cf(self.cf(CF_OFFSETS), offset_key(topic, partition))
+            .map_err(StoreError::Read)?
+        {
+            None => Ok(None),
+            Some(v) => {
+                let b: [u8; 8] = v.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                    key: format!("offsets/{topic}/{partition}"),
+                    reason: format!("{} bytes, expected 8", v.len()),
+                })?;
+                Ok(Some(i64::from_be_bytes(b)))
+            }
+        }
+    }
+
+    /// Writes projections, next offsets and new outbox entries atomically. Returns the outbox
+    /// sequence numbers assigned, in order.
+    pub fn commit<'s, 'o>(
+        &self,
+        states: impl IntoIterator<Item = &'s UserState>,
+        offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
+        outbox: &[OutboxEntry],
+    ) -> Result<std::ops::Range<u64>, StoreError> {
+        let mut batch = WriteBatch::default();
+        let mut buf = Vec::with_capacity(512);
+        let proj = self.cf(CF_PROJECTIONS);
+        for s in states {
+            buf.clear();
+            let bytes = postcard::to_extend(s, std::mem::take(&mut buf)).map_err(|e| {
+                StoreError::Corrupt {
+                    key: format!("projections/{}", s.user_id),
+                    reason: e.to_string(),
+                }
+            })?;
+            batch.put_cf(proj, s.user_id.as_bytes(), &bytes);
+            buf = bytes;
+        }
+        self.write(batch, offsets, outbox)
+    }
+
+    /// Like [`Store::commit`], for services whose state is opaque key-value pairs: `None`
+    /// deletes the key.
+    pub fn commit_kv<'k, 'o>(
+        &self,
+        kv: impl IntoIterator<Item = (&'k [u8], Option<&'k [u8]>)>,
+        offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
+        outbox: &[OutboxEntry],
+    ) -> Result<std::ops::Range<u64>, StoreError> {
+        let mut batch = WriteBatch::default();
+        let cf = self.cf(CF_KV);
+        for (k, v) in kv {
+            match v {
+                Some(v) => batch.put_cf(cf, k, v),
+                None => batch.delete_cf(cf, k),
+            }
+        }
+        self.write(batch, offsets, outbox)
+    }
+
+    pub fn get_kv(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db
+            .get_cf(self.cf(CF_KV), key)
+            .map_err(StoreError::Read)
+    }
+
+    /// Every key-value pair whose key starts with `prefix`, in key order.
+    pub fn scan_kv(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        let mode = IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_KV), mode) {
+            let (k, v) = item.map_err(StoreError::Read)?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.into_vec(), v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    fn write<'o>(
+        &self,
+        mut batch: WriteBatch,
+        offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
+        outbox: &[OutboxEntry],
+    ) -> Result<std::ops::Range<u64>, StoreError> {
+        let offs = self.cf(CF_OFFSETS);
+        for (topic, partition, next) in offsets {
+            batch.put_cf(offs, offset_key(topic, partition), next.to_be_bytes());
+        }
+        let first = self.next_seq.load(Ordering::Relaxed);
+        let ob = self.cf(CF_OUTBOX);
+        for (i, entry) in outbox.iter().enumerate() {
+            let bytes = postcard::to_allocvec(entry).map_err(|e| StoreError::Corrupt {
+                key: "outbox/new".into(),
+                reason: e.to_string(),
+            })?;
+            batch.put_cf(ob, (first + i as u64).to_be_bytes(), bytes);
+        }
+        let n = batch.len() as u64;
+        self.db
+            .write_opt(batch, &self.write_opts)
+            .map_err(StoreError::Write)?;
+        let end = first + outbox.len() as u64;
+        self.next_seq.store(end, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.writes.fetch_add(n, Ordering::Relaxed);
+        Ok(first..end)
+    }
+
+    /// Outbox entries not yet delivered, oldest first, at most `limit`.
+    pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_OUTBOX), IteratorMode::Start)
+            .take(limit)
+        {
+            let (k, v) = item.map_err(StoreError::Read)?;
+            let seq = seq_of(&k)?;
+            let entry = postcard::from_bytes(&v).map_err(|e| StoreError::Corrupt {
+                key: format!("outbox/{seq}"),
+                reason: e.to_string(),
+            })?;
+            out.push((seq, entry));
+        }
+        Ok(out)
+    }
+
+    /// Number of undelivered outbox entries.
+    pub fn outbox_len(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.db.iterator_cf(self.cf(CF_OUTBOX), IteratorMode::Start) {
+            item.map_err(StoreError::Read)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Deletes delivered outbox entries.
+    pub fn remove_outbox(&self, seqs: impl IntoIterator<Item = u64>) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let ob = self.cf(CF_OUTBOX);
+        for s in seqs {
+            batch.delete_cf(ob, s.to_be_bytes());
+        }
+        let n = batch.len() as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        self.db
+            .write_opt(batch, &self.write_opts)
+            .map_err(StoreError::Write)?;
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats.writes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn seq_of(k: &[u8]) -> Result<u64, StoreError> {
+    let b: [u8; 8] = k.try_into().map_err(|_| StoreError::Corrupt {
+        key: "outbox".into(),
+        reason: format!("key of {} bytes, expected 8", k.len()),
+    })?;
+    Ok(u64::from_be_bytes(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(v: u8) -> OutboxEntry {
+        OutboxEntry {
+            topic: "t".into(),
+            key: vec![v],
+            value: vec![v; 3],
+            headers: vec![("h".into(), vec![v])],
+        }
+    }
+
+    #[test]
+    fn commit_is_atomic_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = UserState::new("alice");
+        s.balance_g = 42;
+        s.lifetime_g = 42;
+        {
+            let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+            let seqs = store
+                .commit([&s], [("pay", 3, 100)], &[entry(1), entry(2)])
+                .unwrap();
+            assert_eq!(seqs, 0..2);
+            store.remove_outbox([0]).unwrap();
+        }
+        let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+        assert_eq!(store.get_user("alice").unwrap(), Some(s));
+        assert_eq!(store.get_user("bob").unwrap(), None);
+        assert_eq!(store.offset("pay", 3).unwrap(), Some(100));
+        assert_eq!(store.offset("pay", 4).unwrap(), None);
+        assert_eq!(store.offset("pa", 3).unwrap(), None);
+        assert_eq!(store.outbox(10).unwrap(), vec![(1, entry(2))]);
+        // Sequence numbers continue after the highest stored one.
+        assert_eq!(store.commit([], [], &[entry(3)]).unwrap(), 2..3);
+        assert_eq!(store.outbox_len().unwrap(), 2);
+    }
+
+    #[test]
+    fn a_store_of_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+            store
+                .db
+                .put_cf(store.cf(CF_META), FORMAT_KEY, b"forest-store-v0")
+                .unwrap();
+        }
+        let err = Store::open(dir.path(), &StoreConfig::default())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("forest-store-v0"), "{err}");
+        assert!(!err.is_retriable());
+    }
+
+    #[test]
+    fn corrupt_values_are_reported_not_panicked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+        store
+            .db
+            .put_cf(store.cf(CF_PROJECTIONS), "mallory", [0xff, 0xff, 0xff])
+            .unwrap();
+        store
+            .db
+            .put_cf(store.cf(CF_OFFSETS), offset_key("t", 0), [1, 2])
+            .unwrap();
+        assert!(matches!(
+            store.get_user("mallory"),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.offset("t", 0),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,491 @@
+//! Shared harness of Forest's end-to-end tests.
+//!
+//! Every test gets its own topics (a unique prefix) on the broker named by
+//! `FOREST_TEST_BROKERS` (a real Apache Kafka, started by `scripts/test`), or, without it, on a
+//! fresh embedded mock cluster. Expected results are computed here, independently of the
+//! processor, by folding the produced records with the pure domain in the documented merge
+//! order.
+
+use forest_domain::{Event, InputKind, Malformed, Rejection, RuleSet, UserState};
+use forest_kafka::{EmbeddedBroker, client_config, ensure_topics, headers};
+use forest_processor::{ProcessorConfig, ProcessorStats, Shutdown, Topics};
+use forest_workload::{Generator, WorkloadConfig};
+use prost::Message as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub const PARTITIONS: i32 = 4;
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FOREST_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A broker for one test, with its own topic names.
+pub struct TestBroker {
+    pub embedded: Option<EmbeddedBroker>,
+    pub bootstrap: String,
+    pub topics: Topics,
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl TestBroker {
+    /// The real broker if `FOREST_TEST_BROKERS` is set, else a new embedded one.
+    pub fn new(test: &str) -> Self {
+        init_logs();
+        let unique = format!(
+            "{test}-{}-{}-{}.",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+        );
+        let topics = Topics::prefixed(&unique);
+        let (embedded, bootstrap) = match std::env::var("FOREST_TEST_BROKERS") {
+            Ok(b) if !b.is_empty() => (None, b),
+            _ => {
+                let e = EmbeddedBroker::start(1).expect("embedded broker starts");
+                let b = e.bootstrap_servers();
+                (Some(e), b)
+            }
+        };
+        let t = &topics;
+        ensure_topics(
+            embedded.as_ref(),
+            &bootstrap,
+            &[],
+            &[
+                (&t.payments, PARTITIONS),
+                (&t.mobility, PARTITIONS),
+                (&t.commands, PARTITIONS),
+                (&t.trees, PARTITIONS),
+                (&t.dlq, PARTITIONS),
+            ],
+            1,
+        )
+        .expect("topics created");
+        Self {
+            embedded,
+            bootstrap,
+            topics,
+        }
+    }
+
+    pub fn is_real(&self) -> bool {
+        self.embedded.is_none()
+    }
+
+    pub fn processor_config(&self, store: &std::path::Path, group: &str) -> ProcessorConfig {
+        let mut c = ProcessorConfig::new(self.bootstrap.clone(), store);
+        c.topics = self.topics.clone();
+        c.group_id = format!(
+            "{}{group}",
+            self.topics.payments.trim_end_matches("forest.payments.v1")
+        );
+        c.batch_max_records = 2_000;
+        c.kafka = vec![
+            ("session.timeout.ms".into(), "6000".into()),
+            ("heartbeat.interval.ms".into(), "500".into()),
+        ];
+        c
+    }
+
+    pub fn input_topic(&self, kind: InputKind) -> &str {
+        match kind {
+            InputKind::Payment => &self.topics.payments,
+            InputKind::Mobility => &self.topics.mobility,
+            InputKind::Command => &self.topics.commands,
+        }
+    }
+}
+
+/// One produced input record and where Kafka put it.
+#[derive(Debug, Clone)]
+pub struct Produced {
+    pub kind: InputKind,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp: i64,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Reports(Mutex<HashMap<usize, (i32, i64)>>);
+impl ClientContext for Reports {}
+impl ProducerContext for Reports {
+    type DeliveryOpaque = Box<usize>;
+    fn delivery(&self, r: &DeliveryResult<'_>, i: Box<usize>) {
+        let m = r.as_ref().expect("test produce succeeds");
+        self.0
+            .lock()
+            .unwrap()
+            .insert(*i, (m.partition(), m.offset()));
+    }
+}
+
+/// Produces a generated workload and returns every record with its partition and offset.
+pub fn produce(b: &TestBroker, cfg: WorkloadConfig) -> Vec<Produced> {
+    let producer: ThreadedProducer<Reports> = client_config(&b.bootstrap, &[])
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "20")
+        .set("compression.type", "lz4")
+        .set("partitioner", "murmur2_random")
+        .set("queue.buffering.max.messages", "2000000")
+        .create_with_context(Reports::default())
+        .expect("producer");
+    let records: Vec<_> = Generator::new(cfg).collect();
+    for (i, r) in records.iter().enumerate() {
+        let mut rec = BaseRecord::with_opaque_to(b.input_topic(r.topic), Box::new(i))
+            .key(r.key.as_bytes())
+            .payload(&r.value)
+            .timestamp(r.timestamp_ms);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    rec = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120)).expect("flush");
+    let reports = producer.context().0.lock().unwrap();
+    records
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let (partition, offset) = reports[&i];
+            Produced {
+                kind: r.topic,
+                partition,
+                offset,
+                timestamp: r.timestamp_ms,
+                key: r.key.into_bytes(),
+                value: r.value,
+            }
+        })
+        .collect()
+}
+
+fn kind_index(k: InputKind) -> u8 {
+    match k {
+        InputKind::Payment => 0,
+        InputKind::Mobility => 1,
+        InputKind::Command => 2,
+    }
+}
+
+/// What the processor must end with, from the pure fold of the records in merge order.
+pub struct Expected {
+    pub states: BTreeMap<String, UserState>,
+    pub trees: BTreeSet<String>,
+    /// (source topic kind, partition, offset) of every record that must be dead-lettered.
+    pub dead_letters: BTreeSet<(u8, i32, i64)>,
+    pub duplicates: u64,
+}
+
+pub fn expected(rules: &RuleSet, records: &[Produced]) -> Expected {
+    // The processor's merge, re-implemented: per partition number, each topic's records in
+    // offset order form a lane; repeatedly take the lane head with the smallest
+    // (record timestamp, topic index, offset). (A lane is never reordered: a record with an
+    // older timestamp behind a newer one in the same partition waits its turn.)
+    let mut lanes: BTreeMap<(i32, u8), std::collections::VecDeque<&Produced>> = BTreeMap::new();
+    let mut by_offset: Vec<&Produced> = records.iter().collect();
+    by_offset.sort_by_key(|r| (r.partition, kind_index(r.kind), r.offset));
+    for r in by_offset {
+        lanes
+            .entry((r.partition, kind_index(r.kind)))
+            .or_default()
+            .push_back(r);
+    }
+    let mut sorted: Vec<&Produced> = Vec::with_capacity(records.len());
+    for p in 0..PARTITIONS {
+        loop {
+            let best = (0..3u8)
+                .filter_map(|t| {
+                    lanes
+                        .get(&(p, t))
+                        .and_then(|l| l.front())
+                        .map(|h| ((h.timestamp, t, h.offset), t))
+                })
+                .min();
+            let Some((_, t)) = best else { break };
+            if let Some(r) = lanes.get_mut(&(p, t)).and_then(|l| l.pop_front()) {
+                sorted.push(r);
+            }
+        }
+    }
+    let mut states: BTreeMap<String, UserState> = BTreeMap::new();
+    let mut trees = BTreeSet::new();
+    let mut dead_letters = BTreeSet::new();
+    let mut duplicates = 0;
+    for r in sorted {
+        let decoded = Event::decode(r.kind, &r.value, r.timestamp).and_then(|e| {
+            if e.user_id.as_bytes() == r.key.as_slice() {
+                Ok(e)
+            } else {
+                Err(Rejection::Malformed(Malformed::KeyMismatch {
+                    key: String::new(),
+                    user_id: String::new(),
+                }))
+            }
+        });
+        let result = decoded.and_then(|e| {
+            let s = states
+                .entry(e.user_id.clone())
+                .or_insert_with(|| UserState::new(e.user_id.clone()));
+            rules.apply(s, &e).map(|o| o.trees)
+        });
+        match result {
+            Ok(t) => trees.extend(t.into_iter().map(|t| t.tree_id)),
+            Err(Rejection::Duplicate) => duplicates += 1,
+            Err(_) => {
+                dead_letters.insert((kind_index(r.kind), r.partition, r.offset));
+            }
+        }
+    }
+    states.retain(|_, s| s.newest_event_ms.is_some());
+    Expected {
+        states,
+        trees,
+        dead_letters,
+        duplicates,
+    }
+}
+
+/// A processor running in a thread.
+pub struct Running {
+    pub stats: Arc<ProcessorStats>,
+    pub shutdown: Shutdown,
+    pub handle: JoinHandle<Result<(), forest_processor::ProcessorError>>,
+}
+
+pub fn start(cfg: ProcessorConfig) -> Running {
+    let stats = Arc::new(ProcessorStats::default());
+    let shutdown: Shutdown = Arc::new(AtomicBool::new(false));
+    let (s, d) = (stats.clone(), shutdown.clone());
+    let handle = std::thread::spawn(move || forest_processor::run(cfg, d, s));
+    Running {
+        stats,
+        shutdown,
+        handle,
+    }
+}
+
+impl Running {
+    pub fn stop(self) -> Result<(), forest_processor::ProcessorError> {
+        self.shutdown.store(true, Ordering::Relaxed);
+        self.handle.join().expect("processor thread does not panic")
+    }
+}
+
+/// The end offset of every input partition, from the produced records.
+pub fn end_offsets(b: &TestBroker, records: &[Produced]) -> BTreeMap<(String, i32), i64> {
+    let mut ends = BTreeMap::new();
+    for r in records {
+        let e = ends
+            .entry((b.input_topic(r.kind).to_string(), r.partition))
+            .or_insert(0);
+        *e = (*e).max(r.offset + 1);
+    }
+    ends
+}
+
+/// Waits until the instances together have committed every input partition to its end.
+pub fn wait_caught_up(
+    instances: &[&Arc<ProcessorStats>],
+    ends: &BTreeMap<(String, i32), i64>,
+    timeout: Duration,
+) {
+    let start = Instant::now();
+    loop {
+        let mut done = true;
+        for (tp, end) in ends {
+            let best = instances
+                .iter()
+                .filter_map(|s| s.committed_offsets().get(tp).copied())
+                .max()
+                .unwrap_or(-1);
+            if best < *end {
+                done = false;
+                break;
+            }
+        }
+        if done {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "processor did not catch up within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads a whole topic from the beginning to its current end.
+pub fn read_topic(b: &TestBroker, topic: &str) -> Vec<(Vec<u8>, Vec<u8>, Vec<(String, Vec<u8>)>)> {
+    let consumer: BaseConsumer = client_config(&b.bootstrap, &[])
+        .set("group.id", "forest-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in 0..PARTITIONS {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .expect("watermarks");
+        ends.insert(p, high);
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("tpl");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut pos: HashMap<i32, i64> = (0..PARTITIONS).map(|p| (p, 0)).collect();
+    let start = Instant::now();
+    while pos.iter().any(|(p, o)| *o < ends[p]) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "reading {topic} timed out"
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                pos.insert(m.partition(), m.offset() + 1);
+                let hdrs = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push((
+                    m.key().unwrap_or_default().to_vec(),
+                    m.payload().unwrap_or_default().to_vec(),
+                    hdrs,
+                ));
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// Checks every invariant of the processor against the expectation; returns a summary line.
+pub fn check(b: &TestBroker, store_dir: &std::path::Path, want: &Expected) -> String {
+    let store = forest_store::Store::open(store_dir, &Default::default()).expect("store opens");
+    let got: BTreeMap<String, UserState> = store
+        .users()
+        .map(|s| s.expect("state decodes"))
+        .map(|s| (s.user_id.clone(), s))
+        .collect();
+    let mut wrong = 0;
+    for (u, s) in &want.states {
+        if got.get(u) != Some(s) {
+            if wrong < 3 {
+                eprintln!("user {u}: want {s:?}\n got {:?}", got.get(u));
+            }
+            wrong += 1;
+        }
+    }
+    assert_eq!(
+        wrong,
+        0,
+        "{wrong} of {} projections differ from the pure fold",
+        want.states.len()
+    );
+    assert_eq!(got.len(), want.states.len(), "stored users");
+    assert_eq!(store.outbox_len().expect("outbox"), 0, "outbox drained");
+
+    let trees = read_topic(b, &b.topics.trees);
+    let mut ids = BTreeSet::new();
+    for (key, value, _) in &trees {
+        let t =
+            forest_proto::v1::TreeMatured::decode(value.as_slice()).expect("TreeMatured decodes");
+        assert_eq!(
+            key.as_slice(),
+            t.user_id.as_bytes(),
+            "trees are keyed by user"
+        );
+        ids.insert(t.tree_id);
+    }
+    assert_eq!(ids, want.trees, "tree ids after dedupe");
+
+    let dlq = read_topic(b, &b.topics.dlq);
+    let mut coords = BTreeSet::new();
+    for (_, _, hdrs) in &dlq {
+        let h = |k: &str| {
+            String::from_utf8(
+                hdrs.iter()
+                    .find(|(n, _)| n == k)
+                    .unwrap_or_else(|| panic!("DLQ header {k}"))
+                    .1
+                    .clone(),
+            )
+            .expect("utf8")
+        };
+        assert!(!h(headers::REASON).is_empty() && !h(headers::ERROR).is_empty());
+        let kind = [&b.topics.payments, &b.topics.mobility, &b.topics.commands]
+            .iter()
+            .position(|t| **t == h(headers::SOURCE_TOPIC))
+            .expect("DLQ source topic is an input") as u8;
+        coords.insert((
+            kind,
+            h(headers::SOURCE_PARTITION).parse().expect("partition"),
+            h(headers::SOURCE_OFFSET).parse().expect("offset"),
+        ));
+    }
+    assert_eq!(
+        coords, want.dead_letters,
+        "dead letters (by source coordinates)"
+    );
+    format!(
+        "{} users, {} trees ({} records, {} re-sent), {} dead letters ({} records), {} duplicates",
+        got.len(),
+        ids.len(),
+        trees.len(),
+        trees.len() - ids.len(),
+        coords.len(),
+        dlq.len(),
+        want.duplicates
+    )
+}
+
+/// A test workload. Simulated time ends now, so a real broker's time-based retention never
+/// deletes the test's records.
+pub fn workload(seed: u64, events: u64, users: u64) -> WorkloadConfig {
+    let span_ms = 20 * 86_400_000;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    WorkloadConfig {
+        start_ms: now - span_ms,
+        seed,
+        events,
+        users,
+        duplicate_rate: 0.02,
+        late_rate: 0.01,
+        malformed_rate: 0.005,
+        span_ms,
+        ..WorkloadConfig::default()
+    }
+}

@@ -1,0 +1,145 @@
+//! End-to-end tests of the processor, on the broker from `FOREST_TEST_BROKERS` (real Apache
+//! Kafka in CI) or on the embedded mock cluster. Each test has its own topics.
+
+use forest_processor::{CrashPoint, ProcessorError};
+use forest_tests::*;
+use std::time::{Duration, Instant};
+
+const CATCH_UP: Duration = Duration::from_secs(300);
+
+#[test]
+fn projections_trees_and_dead_letters_match_the_pure_fold() {
+    let b = TestBroker::new("e2e");
+    let records = produce(&b, workload(1, 200_000, 20_000));
+    let want = expected(&Default::default(), &records);
+    assert!(
+        !want.trees.is_empty() && !want.dead_letters.is_empty() && want.duplicates > 0,
+        "workload exercises everything"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let p = start(b.processor_config(dir.path(), "g"));
+    wait_caught_up(&[&p.stats], &end_offsets(&b, &records), CATCH_UP);
+    let secs = started.elapsed().as_secs_f64();
+    p.stop().expect("graceful stop");
+    let summary = check(&b, dir.path(), &want);
+    eprintln!(
+        "e2e on {}: {} records in {secs:.1} s = {:.0} records/s; {summary}",
+        if b.is_real() {
+            "Apache Kafka"
+        } else {
+            "mock cluster"
+        },
+        records.len(),
+        records.len() as f64 / secs
+    );
+}
+
+#[test]
+fn crash_at_several_points_then_restart_loses_and_doubles_nothing() {
+    let b = TestBroker::new("crash");
+    let records = produce(&b, workload(2, 60_000, 5_000));
+    let want = expected(&Default::default(), &records);
+    let dir = tempfile::tempdir().unwrap();
+    // Each run stops abruptly: mid-batch (applied, nothing written), and right after a batch
+    // was written but before its outputs were sent.
+    for crash in [
+        CrashPoint::AfterApplied(7_000),
+        CrashPoint::AfterStoreWrite(3),
+        CrashPoint::AfterApplied(1),
+        CrashPoint::AfterStoreWrite(1),
+        CrashPoint::AfterApplied(12_345),
+    ] {
+        let mut cfg = b.processor_config(dir.path(), "g");
+        cfg.crash_at = Some(crash);
+        let p = start(cfg);
+        let deadline = Instant::now() + CATCH_UP;
+        while !p.handle.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "crash point {crash:?} never reached"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match p.handle.join().unwrap() {
+            Err(ProcessorError::InjectedCrash(c)) => assert_eq!(c, crash),
+            other => panic!("expected the injected crash {crash:?}, got {other:?}"),
+        }
+    }
+    let p = start(b.processor_config(dir.path(), "g"));
+    wait_caught_up(&[&p.stats], &end_offsets(&b, &records), CATCH_UP);
+    p.stop().expect("graceful stop");
+    eprintln!("crash recovery: {}", check(&b, dir.path(), &want));
+}
+
+#[test]
+fn two_instances_split_the_partitions_and_one_leaves_mid_stream() {
+    let b = TestBroker::new("rebalance");
+    let records = produce(&b, workload(3, 100_000, 10_000));
+    let want = expected(&Default::default(), &records);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut ca = b.processor_config(da.path(), "g");
+    let mut cb = b.processor_config(db.path(), "g");
+    // Small batches, so both instances are mid-stream when A leaves.
+    ca.batch_max_records = 200;
+    cb.batch_max_records = 200;
+    let a = start(ca);
+    let bb = start(cb);
+    // Wait until both own partitions and have committed something.
+    let deadline = Instant::now() + CATCH_UP;
+    while a.stats.committed_offsets().is_empty() || bb.stats.committed_offsets().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "both instances never got partitions"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.stop().expect("A leaves gracefully");
+    wait_caught_up(&[&bb.stats], &end_offsets(&b, &records), CATCH_UP);
+    let rebalances = forest_processor::ProcessorStats::get(&bb.stats.rebalances);
+    bb.stop().expect("B stops gracefully");
+    assert!(
+        rebalances >= 3,
+        "B saw assign, revoke, assign: {rebalances}"
+    );
+    eprintln!("rebalance: {}", check(&b, db.path(), &want));
+}
+
+#[test]
+fn broker_faults_on_the_mock_cluster_lose_nothing() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let b = TestBroker::new("faults");
+    let Some(embedded) = b.embedded.as_ref() else {
+        eprintln!("fault injection needs the mock cluster; skipped on a real broker");
+        return;
+    };
+    let records = produce(&b, workload(4, 60_000, 5_000));
+    let want = expected(&Default::default(), &records);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = b.processor_config(dir.path(), "g");
+    cfg.batch_max_records = 500;
+    let p = start(cfg);
+    let cluster = embedded.cluster();
+    let errs = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 20];
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.request_errors(RDKafkaApiKey::Produce, &errs);
+    cluster.request_errors(RDKafkaApiKey::Fetch, &errs);
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 10],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.broker_down(1).expect("broker down");
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.broker_up(1).expect("broker up");
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(50))
+        .expect("rtt");
+    std::thread::sleep(Duration::from_secs(1));
+    cluster
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("rtt");
+    wait_caught_up(&[&p.stats], &end_offsets(&b, &records), CATCH_UP);
+    p.stop().expect("graceful stop after faults");
+    eprintln!("broker faults: {}", check(&b, dir.path(), &want));
+}
