@@ -45,6 +45,15 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 impl TestBroker {
     /// The real broker if `FOREST_TEST_BROKERS` is set, else a new embedded one.
     pub fn new(test: &str) -> Self {
+        Self::create(test, false)
+    }
+
+    /// Always a new embedded broker: fault injection needs the mock cluster.
+    pub fn embedded(test: &str) -> Self {
+        Self::create(test, true)
+    }
+
+    fn create(test: &str, force_embedded: bool) -> Self {
         init_logs();
         let unique = format!(
             "{test}-{}-{}-{}.",
@@ -57,7 +66,7 @@ impl TestBroker {
         );
         let topics = Topics::prefixed(&unique);
         let (embedded, bootstrap) = match std::env::var("FOREST_TEST_BROKERS") {
-            Ok(b) if !b.is_empty() => (None, b),
+            Ok(b) if !b.is_empty() && !force_embedded => (None, b),
             _ => {
                 let e = EmbeddedBroker::start(1).expect("embedded broker starts");
                 let b = e.bootstrap_servers();
