@@ -38,7 +38,7 @@ impl ProducerContext for DeliveryCtx {
 }
 
 /// A poisoned lock only means another thread panicked mid-push; the Vec is still usable.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -1,6 +1,6 @@
 //! The consumer loop and the rebalance callbacks around [`Core`].
 
-use crate::core::{Core, DeliveryCtx};
+use crate::core::{Core, DeliveryCtx, lock};
 use crate::merge::Rec;
 use crate::metrics as m;
 use crate::{ProcessorConfig, ProcessorError, ProcessorStats, Shutdown};
@@ -14,7 +14,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::ffi::CString;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 struct Ctx {
@@ -23,10 +23,6 @@ struct Ctx {
     /// error after which the in-memory state may not match the store.
     fatal: Mutex<Option<ProcessorError>>,
     stats: Arc<ProcessorStats>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Ctx {
