@@ -37,10 +37,7 @@ fn projections_trees_and_dead_letters_match_the_pure_fold() {
 
 #[test]
 fn crash_at_several_points_then_restart_loses_and_doubles_nothing() {
-    // On the mock cluster for now: on Apache Kafka this test passed when run alone but stalled
-    // (a restarted instance stopped making progress after a rebalance) when run alongside the
-    // other tests; see the processor issue's closing note. Tracked as an open bug.
-    let b = TestBroker::embedded("crash");
+    let b = TestBroker::new("crash");
     let records = produce(&b, workload(2, 60_000, 5_000));
     let want = expected(&Default::default(), &records);
     let dir = tempfile::tempdir().unwrap();

@@ -63,6 +63,7 @@ pub struct Core {
     crash_at: Option<CrashPoint>,
     applied_in_run: u64,
     batches_in_run: u64,
+    batch_max: usize,
 }
 
 impl Core {
@@ -96,6 +97,7 @@ impl Core {
             crash_at: cfg.crash_at,
             applied_in_run: 0,
             batches_in_run: 0,
+            batch_max: cfg.batch_max_records.max(1),
         }
     }
 

@@ -64,6 +64,21 @@ impl Merger {
         self.buffered
     }
 
+    /// (topic, partition, next offset to receive, buffered) of every lane, for progress logs.
+    pub fn lanes(&self) -> Vec<(u8, i32, i64, usize)> {
+        let mut v: Vec<_> = self
+            .groups
+            .iter()
+            .flat_map(|(&p, lanes)| {
+                lanes.iter().enumerate().filter_map(move |(t, l)| {
+                    l.as_ref().map(|l| (t as u8, p, l.position, l.buf.len()))
+                })
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     pub fn assign(&mut self, topic: u8, partition: i32, start: i64) {
         let lanes = self
             .groups

@@ -278,7 +278,19 @@ fn consume_loop(
     shutdown: &Shutdown,
 ) -> Result<(), ProcessorError> {
     let ctx = consumer.context();
+    let mut last_report = std::time::Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
+        if last_report.elapsed() >= Duration::from_secs(10) {
+            last_report = std::time::Instant::now();
+            let c = lock(core);
+            tracing::info!(
+                consumed = ctx.stats.consumed.load(Ordering::Relaxed),
+                applied = ctx.stats.applied.load(Ordering::Relaxed),
+                buffered = c.merger.buffered(),
+                lanes = ?c.merger.lanes(),
+                "progress"
+            );
+        }
         if let Some(e) = lock(&ctx.fatal).take() {
             return Err(e);
         }
@@ -309,17 +321,20 @@ fn consume_loop(
             timeout = Duration::ZERO;
         }
         let mut c = lock(core);
-        c.drain(
+        // Full batches are committed inside drain; a partial one once it is old enough.
+        let mut committed = c.drain(
             |t, p, pos| {
                 cached_high_watermark(consumer, &ctopics[t as usize], p).is_some_and(|h| pos >= h)
             },
             cfg.max_idle,
             cfg.max_buffered,
         )?;
-        let due = c.batch_records >= cfg.batch_max_records
-            || c.batch_started
-                .is_some_and(|s| s.elapsed() >= cfg.batch_max_wait);
-        if due && c.commit()? {
+        if c.batch_started
+            .is_some_and(|s| s.elapsed() >= cfg.batch_max_wait)
+        {
+            committed |= c.commit()?;
+        }
+        if committed {
             commit_kafka(consumer, &c, CommitMode::Async);
         }
     }
