@@ -115,21 +115,27 @@ impl Core {
         self.merger.push(rec);
     }
 
-    /// Applies every record the merge releases.
+    /// Applies every record the merge releases, committing whenever a batch is full (so a
+    /// batch never exceeds the configured size, however much the merge releases at once).
+    /// Returns whether anything was committed.
     pub fn drain(
         &mut self,
         caught_up: impl FnMut(u8, i32, i64) -> bool,
         max_idle: Duration,
         max_buffered: usize,
-    ) -> Result<(), ProcessorError> {
+    ) -> Result<bool, ProcessorError> {
         let mut ready = Vec::new();
         self.merger
             .drain(caught_up, max_idle, max_buffered, |r| ready.push(r));
         metrics::gauge!(m::MERGE_BUFFERED).set(self.merger.buffered() as f64);
+        let mut committed = false;
         for rec in ready {
             self.process(rec)?;
+            if self.batch_records >= self.batch_max {
+                committed |= self.commit()?;
+            }
         }
-        Ok(())
+        Ok(committed)
     }
 
     fn process(&mut self, rec: Rec) -> Result<(), ProcessorError> {
