@@ -11,7 +11,7 @@ use prost::Message as _;
 use rdkafka::ClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rustc_hash::FxHashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -58,7 +58,7 @@ pub struct Core {
     pending: Vec<OutboxEntry>,
     pub batch_records: usize,
     pub batch_started: Option<Instant>,
-    producer: ThreadedProducer<DeliveryCtx>,
+    producer: BaseProducer<DeliveryCtx>,
     stats: Arc<ProcessorStats>,
     crash_at: Option<CrashPoint>,
     applied_in_run: u64,
@@ -70,7 +70,7 @@ impl Core {
     pub fn new(
         cfg: &ProcessorConfig,
         store: Store,
-        producer: ThreadedProducer<DeliveryCtx>,
+        producer: BaseProducer<DeliveryCtx>,
         stats: Arc<ProcessorStats>,
     ) -> Self {
         let t = &cfg.topics;
@@ -322,7 +322,7 @@ impl Core {
                     )) => {
                         record = r;
                         // Let librdkafka drain its queue, then retry.
-                        let _ = self.producer.flush(Duration::from_millis(100));
+                        self.producer.poll(Duration::from_millis(10));
                     }
                     Err((source, _)) => {
                         return Err(ProcessorError::Kafka {
@@ -333,14 +333,24 @@ impl Core {
                 }
             }
         }
-        // Idempotent producer: librdkafka retries internally; flush waits for every report.
-        self.producer
-            .flush(Duration::from_secs(120))
-            .map_err(|source| ProcessorError::Kafka {
-                op: "flush outbox",
-                source,
-            })?;
+        // Idempotent producer: librdkafka retries internally. Serve delivery reports on this
+        // thread until every entry has one. (rdkafka's `flush` waits in 100 ms steps, which
+        // cost most of a batch's time here.)
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
         let ctx = self.producer.context();
+        loop {
+            self.producer.poll(Duration::from_millis(1));
+            let reported = lock(&ctx.acked).len() + lock(&ctx.failed).len();
+            if reported >= entries.len() {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(ProcessorError::Kafka {
+                    op: "deliver outbox",
+                    source: KafkaError::Flush(rdkafka::types::RDKafkaErrorCode::OperationTimedOut),
+                });
+            }
+        }
         let acked: Vec<u64> = std::mem::take(&mut *lock(&ctx.acked));
         let failed: Vec<(u64, KafkaError)> = std::mem::take(&mut *lock(&ctx.failed));
         self.stats

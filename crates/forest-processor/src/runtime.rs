@@ -9,7 +9,7 @@ use forest_store::Store;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
-use rdkafka::producer::ThreadedProducer;
+use rdkafka::producer::BaseProducer;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::ffi::CString;
@@ -195,7 +195,7 @@ pub fn run(
 ) -> Result<(), ProcessorError> {
     validate(&cfg)?;
     let store = Store::open(&cfg.store_path, &cfg.store)?;
-    let producer: ThreadedProducer<DeliveryCtx> = client_config(&cfg.brokers, &[])
+    let producer: BaseProducer<DeliveryCtx> = client_config(&cfg.brokers, &[])
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
