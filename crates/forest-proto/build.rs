@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not with `env!`: a build-script binary compiled in one checkout can be
+    // reused for another (a shared CARGO_TARGET_DIR, as in CI), and must not look in the old one.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = [
         "forest/v1/envelope.proto",
         "forest/v1/payments.proto",

@@ -1,10 +1,15 @@
 //! Kafka plumbing shared by Forest's services: client configuration, the embedded broker
-//! (librdkafka's mock cluster), topic creation on either broker, and the dead-letter header
-//! names.
+//! (librdkafka's mock cluster), topic creation on either broker, the dead-letter header names,
+//! and the outbox producer (idempotent; deletes an outbox entry only once Kafka acknowledged
+//! it).
 //!
 //! Forest talks real Kafka protocol to both brokers. The embedded one lives in this process on
 //! loopback, so `forest demo` and the fast tests need nothing installed; the same code runs
 //! against Apache Kafka when `--brokers` names one.
+
+pub mod outbox;
+
+pub use outbox::{DeliveryError, OutboxProducer};
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -78,6 +83,20 @@ pub fn client_config(brokers: &str, overrides: &[(String, String)]) -> ClientCon
         c.set(k, v);
     }
     c
+}
+
+/// Applies `--kafka-config key=value` overrides after a service's own settings, so they win.
+pub trait ClientConfigExt {
+    fn set_all(&mut self, kv: &[(String, String)]) -> &mut Self;
+}
+
+impl ClientConfigExt for ClientConfig {
+    fn set_all(&mut self, kv: &[(String, String)]) -> &mut Self {
+        for (k, v) in kv {
+            self.set(k, v);
+        }
+        self
+    }
 }
 
 /// Creates topics that do not exist yet. On the embedded broker this uses the mock cluster's

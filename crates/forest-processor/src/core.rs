@@ -5,39 +5,16 @@ use crate::merge::{Merger, Rec};
 use crate::metrics as m;
 use crate::{CrashPoint, ProcessorConfig, ProcessorError, ProcessorStats};
 use forest_domain::{Event, InputKind, Malformed, Rejection, RuleSet};
+use forest_kafka::OutboxProducer;
 use forest_kafka::headers;
 use forest_store::{OutboxEntry, ProjectionCache, Store};
 use prost::Message as _;
-use rdkafka::ClientContext;
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rustc_hash::FxHashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Collects delivery reports: which outbox entries Kafka acknowledged.
-#[derive(Default)]
-pub struct DeliveryCtx {
-    acked: Mutex<Vec<u64>>,
-    failed: Mutex<Vec<(u64, KafkaError)>>,
-}
-
-impl ClientContext for DeliveryCtx {}
-
-impl ProducerContext for DeliveryCtx {
-    type DeliveryOpaque = Box<u64>;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, seq: Box<u64>) {
-        match result {
-            Ok(_) => lock(&self.acked).push(*seq),
-            Err((e, _)) => lock(&self.failed).push((*seq, e.clone())),
-        }
-    }
-}
-
-/// A poisoned lock only means another thread panicked mid-push; the Vec is still usable.
+/// A poisoned lock only means another thread panicked mid-push; the value is still usable.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -58,7 +35,7 @@ pub struct Core {
     pending: Vec<OutboxEntry>,
     pub batch_records: usize,
     pub batch_started: Option<Instant>,
-    producer: BaseProducer<DeliveryCtx>,
+    producer: OutboxProducer,
     stats: Arc<ProcessorStats>,
     crash_at: Option<CrashPoint>,
     applied_in_run: u64,
@@ -70,7 +47,7 @@ impl Core {
     pub fn new(
         cfg: &ProcessorConfig,
         store: Store,
-        producer: BaseProducer<DeliveryCtx>,
+        producer: OutboxProducer,
         stats: Arc<ProcessorStats>,
     ) -> Self {
         let t = &cfg.topics;
@@ -281,89 +258,25 @@ impl Core {
 
     /// Delivers whatever a previous run left in the outbox. Called before consuming.
     pub fn deliver_leftovers(&mut self) -> Result<(), ProcessorError> {
-        loop {
-            let entries = self.store.outbox(10_000)?;
-            if entries.is_empty() {
-                return Ok(());
-            }
-            tracing::info!(
-                entries = entries.len(),
-                "delivering outputs left in the outbox by a previous run"
-            );
-            self.deliver(entries)?;
-        }
-    }
-
-    /// Produces outbox entries and deletes the acknowledged ones. Blocks until every entry is
-    /// acknowledged or failed: this is the processor's backpressure.
-    fn deliver(&mut self, entries: Vec<(u64, OutboxEntry)>) -> Result<(), ProcessorError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        metrics::gauge!(m::OUTBOX_DEPTH).set(entries.len() as f64);
-        for (seq, e) in &entries {
-            let mut hdrs = OwnedHeaders::new_with_capacity(e.headers.len());
-            for (k, v) in &e.headers {
-                hdrs = hdrs.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
-            let mut record = BaseRecord::with_opaque_to(&e.topic, Box::new(*seq))
-                .key(&e.key)
-                .payload(&e.value)
-                .headers(hdrs);
-            loop {
-                match self.producer.send(record) {
-                    Ok(()) => break,
-                    Err((
-                        KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
-                        r,
-                    )) => {
-                        record = r;
-                        // Let librdkafka drain its queue, then retry.
-                        self.producer.poll(Duration::from_millis(10));
-                    }
-                    Err((source, _)) => {
-                        return Err(ProcessorError::Kafka {
-                            op: "produce",
-                            source,
-                        });
-                    }
-                }
-            }
-        }
-        // Idempotent producer: librdkafka retries internally. Serve delivery reports on this
-        // thread until every entry has one. (rdkafka's `flush` waits in 100 ms steps, which
-        // cost most of a batch's time here.)
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        let ctx = self.producer.context();
-        loop {
-            self.producer.poll(Duration::from_millis(1));
-            let reported = lock(&ctx.acked).len() + lock(&ctx.failed).len();
-            if reported >= entries.len() {
-                break;
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(ProcessorError::Kafka {
-                    op: "deliver outbox",
-                    source: KafkaError::Flush(rdkafka::types::RDKafkaErrorCode::OperationTimedOut),
-                });
-            }
-        }
-        let acked: Vec<u64> = std::mem::take(&mut *lock(&ctx.acked));
-        let failed: Vec<(u64, KafkaError)> = std::mem::take(&mut *lock(&ctx.failed));
+        let n = self.producer.deliver_leftovers(&self.store)?;
         self.stats
             .outputs_delivered
-            .fetch_add(acked.len() as u64, Ordering::Relaxed);
-        self.store.remove_outbox(acked)?;
-        metrics::gauge!(m::OUTBOX_DEPTH).set(failed.len() as f64);
-        if let Some((_, first)) = failed.first() {
-            return Err(ProcessorError::Delivery {
-                failed: failed.len(),
-                first: first.clone(),
-            });
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Produces the batch's outputs and deletes the acknowledged ones; blocks until each has
+    /// a delivery report: this is the processor's backpressure.
+    fn deliver(&mut self, entries: Vec<(u64, OutboxEntry)>) -> Result<(), ProcessorError> {
+        metrics::gauge!(m::OUTBOX_DEPTH).set(entries.len() as f64);
+        let result = self.producer.deliver(&self.store, &entries);
+        if let Ok(n) = &result {
+            self.stats
+                .outputs_delivered
+                .fetch_add(*n as u64, Ordering::Relaxed);
+            metrics::gauge!(m::OUTBOX_DEPTH).set(0.0);
         }
+        result?;
         Ok(())
     }
 }

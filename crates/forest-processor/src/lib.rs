@@ -25,6 +25,7 @@ pub mod merge;
 pub mod metrics;
 mod runtime;
 
+pub use forest_store::CrashPoint;
 pub use runtime::run;
 
 use forest_domain::RuleSet;
@@ -71,16 +72,6 @@ impl Topics {
             dlq: p(d.dlq),
         }
     }
-}
-
-/// Where the processor stops abruptly, without committing, to test recovery. Never set in
-/// production.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CrashPoint {
-    /// After this many records were applied in memory, before their batch is written.
-    AfterApplied(u64),
-    /// Right after the N-th batch (1-based) is written to the store, before its outbox is sent.
-    AfterStoreWrite(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -142,10 +133,8 @@ pub enum ProcessorError {
         op: &'static str,
         source: KafkaError,
     },
-    #[error(
-        "{failed} outputs were not acknowledged by Kafka (first error: {first}); they stay in the outbox"
-    )]
-    Delivery { failed: usize, first: KafkaError },
+    #[error(transparent)]
+    Outbox(#[from] forest_kafka::DeliveryError),
     #[error("injected crash at {0:?}")]
     InjectedCrash(CrashPoint),
 }
@@ -155,7 +144,8 @@ impl ProcessorError {
         match self {
             Self::Config(_) => false,
             Self::Store(e) => e.is_retriable(),
-            Self::Kafka { .. } | Self::Delivery { .. } | Self::InjectedCrash(_) => true,
+            Self::Outbox(e) => e.is_retriable(),
+            Self::Kafka { .. } | Self::InjectedCrash(_) => true,
         }
     }
 }

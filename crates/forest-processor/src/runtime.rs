@@ -1,15 +1,14 @@
 //! The consumer loop and the rebalance callbacks around [`Core`].
 
-use crate::core::{Core, DeliveryCtx, lock};
+use crate::core::{Core, lock};
 use crate::merge::Rec;
 use crate::metrics as m;
 use crate::{ProcessorConfig, ProcessorError, ProcessorStats, Shutdown};
-use forest_kafka::client_config;
+use forest_kafka::{ClientConfigExt, client_config};
 use forest_store::Store;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
-use rdkafka::producer::BaseProducer;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::ffi::CString;
@@ -195,18 +194,7 @@ pub fn run(
 ) -> Result<(), ProcessorError> {
     validate(&cfg)?;
     let store = Store::open(&cfg.store_path, &cfg.store)?;
-    let producer: BaseProducer<DeliveryCtx> = client_config(&cfg.brokers, &[])
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .set("queue.buffering.max.messages", "1000000")
-        .extend_from(&cfg.kafka)
-        .create_with_context(DeliveryCtx::default())
-        .map_err(|source| ProcessorError::Kafka {
-            op: "create producer",
-            source,
-        })?;
+    let producer = forest_kafka::OutboxProducer::new(&cfg.brokers, &cfg.kafka)?;
 
     let mut core = Core::new(&cfg, store, producer, stats.clone());
     core.deliver_leftovers()?;
@@ -236,7 +224,7 @@ pub fn run(
         .set("fetch.wait.max.ms", "10")
         .set("queued.min.messages", "100000")
         .set("max.partition.fetch.bytes", "10485760")
-        .extend_from(&cfg.kafka)
+        .set_all(&cfg.kafka)
         .create_with_context(ctx)
         .map_err(|source| ProcessorError::Kafka {
             op: "create consumer",
@@ -339,18 +327,4 @@ fn consume_loop(
         }
     }
     Ok(())
-}
-
-/// `ClientConfig::extend` by reference.
-trait ExtendFrom {
-    fn extend_from(&mut self, kv: &[(String, String)]) -> &mut Self;
-}
-
-impl ExtendFrom for rdkafka::ClientConfig {
-    fn extend_from(&mut self, kv: &[(String, String)]) -> &mut Self {
-        for (k, v) in kv {
-            self.set(k, v);
-        }
-        self
-    }
 }

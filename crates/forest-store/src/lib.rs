@@ -20,3 +20,14 @@ mod store;
 
 pub use cache::ProjectionCache;
 pub use store::{OutboxEntry, Store, StoreConfig, StoreError, StoreStats};
+
+/// Where a service stops abruptly, without committing, so tests can prove recovery. Never set
+/// in production. Lives here because both points are defined by the store's batch writes, and
+/// the processor and fulfilment share them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// After this many input records were applied in memory, before their batch is written.
+    AfterApplied(u64),
+    /// Right after the N-th batch (1-based) is written to the store, before its outbox is sent.
+    AfterStoreWrite(u64),
+}

@@ -1,0 +1,187 @@
+//! Delivers a service's RocksDB outbox to Kafka, for the processor and fulfilment alike.
+//!
+//! Why here: both services write outputs into the outbox in the same RocksDB batch as their
+//! state and offsets, then need the same thing: produce them with an idempotent producer, wait
+//! until Kafka acknowledged each one, and delete exactly the acknowledged entries. An entry
+//! Kafka did not acknowledge stays in the outbox and is re-sent by the next run, with the same
+//! bytes, so downstream dedupes it by the id it carries.
+
+use crate::client_config;
+use forest_store::{OutboxEntry, Store, StoreError};
+use rdkafka::ClientContext;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// An outbox delivery that failed. Every variant leaves the unacknowledged entries in the
+/// outbox, so a retry (or the next run) re-sends them.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("cannot create the output producer: {0}")]
+    CreateProducer(KafkaError),
+    #[error("producing an output to {topic} failed: {source}")]
+    Produce { topic: String, source: KafkaError },
+    #[error("{pending} outputs got no delivery report within {waited:?}; they stay in the outbox")]
+    Timeout { pending: usize, waited: Duration },
+    #[error(
+        "{failed} outputs were not acknowledged by Kafka (first error: {first}); they stay in the outbox"
+    )]
+    Rejected { failed: usize, first: KafkaError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl DeliveryError {
+    /// Kafka-side failures are worth retrying; a bad producer configuration is not.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Self::CreateProducer(_) => false,
+            Self::Store(e) => e.is_retriable(),
+            Self::Produce { .. } | Self::Timeout { .. } | Self::Rejected { .. } => true,
+        }
+    }
+}
+
+/// Collects delivery reports: which outbox entries Kafka acknowledged.
+#[derive(Default)]
+pub struct DeliveryCtx {
+    acked: Mutex<Vec<u64>>,
+    failed: Mutex<Vec<(u64, KafkaError)>>,
+}
+
+impl ClientContext for DeliveryCtx {}
+
+impl ProducerContext for DeliveryCtx {
+    type DeliveryOpaque = Box<u64>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: Box<u64>) {
+        match result {
+            Ok(_) => lock(&self.acked).push(*seq),
+            Err((e, _)) => lock(&self.failed).push((*seq, e.clone())),
+        }
+    }
+}
+
+/// A poisoned lock only means another thread panicked mid-push; the Vec is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An idempotent producer that empties an outbox.
+pub struct OutboxProducer {
+    producer: BaseProducer<DeliveryCtx>,
+    /// How long one delivery waits for all its reports before giving up (the entries stay).
+    pub timeout: Duration,
+}
+
+impl OutboxProducer {
+    /// Idempotent, acks=all, lz4; `overrides` (`--kafka-config`) win.
+    pub fn new(brokers: &str, overrides: &[(String, String)]) -> Result<Self, DeliveryError> {
+        let mut c = client_config(brokers, &[]);
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .set("queue.buffering.max.messages", "1000000");
+        for (k, v) in overrides {
+            c.set(k, v);
+        }
+        let producer = c
+            .create_with_context(DeliveryCtx::default())
+            .map_err(DeliveryError::CreateProducer)?;
+        Ok(Self {
+            producer,
+            timeout: Duration::from_secs(120),
+        })
+    }
+
+    /// Produces `entries`, serves delivery reports on this thread until each has one, and
+    /// deletes the acknowledged entries from `store`. Blocking is the callers' backpressure.
+    /// Returns how many were delivered.
+    ///
+    /// Reports are polled directly in 1 ms steps: rdkafka's `flush` waits in 100 ms steps,
+    /// which cost most of a batch's time.
+    pub fn deliver(
+        &self,
+        store: &Store,
+        entries: &[(u64, OutboxEntry)],
+    ) -> Result<usize, DeliveryError> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        for (seq, e) in entries {
+            let mut hdrs = OwnedHeaders::new_with_capacity(e.headers.len());
+            for (k, v) in &e.headers {
+                hdrs = hdrs.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            let mut record = BaseRecord::with_opaque_to(&e.topic, Box::new(*seq))
+                .key(&e.key)
+                .payload(&e.value)
+                .headers(hdrs);
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        // Let librdkafka drain its queue, then retry.
+                        self.producer.poll(Duration::from_millis(10));
+                    }
+                    Err((source, _)) => {
+                        return Err(DeliveryError::Produce {
+                            topic: e.topic.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        let started = Instant::now();
+        let ctx = self.producer.context();
+        loop {
+            self.producer.poll(Duration::from_millis(1));
+            let reported = lock(&ctx.acked).len() + lock(&ctx.failed).len();
+            if reported >= entries.len() {
+                break;
+            }
+            if started.elapsed() >= self.timeout {
+                return Err(DeliveryError::Timeout {
+                    pending: entries.len() - reported,
+                    waited: self.timeout,
+                });
+            }
+        }
+        let acked: Vec<u64> = std::mem::take(&mut *lock(&ctx.acked));
+        let failed: Vec<(u64, KafkaError)> = std::mem::take(&mut *lock(&ctx.failed));
+        let delivered = acked.len();
+        store.remove_outbox(acked)?;
+        if let Some((_, first)) = failed.first() {
+            return Err(DeliveryError::Rejected {
+                failed: failed.len(),
+                first: first.clone(),
+            });
+        }
+        Ok(delivered)
+    }
+
+    /// Delivers whatever a previous run left in the outbox. Call before consuming.
+    pub fn deliver_leftovers(&self, store: &Store) -> Result<usize, DeliveryError> {
+        let mut total = 0;
+        loop {
+            let entries = store.outbox(10_000)?;
+            if entries.is_empty() {
+                return Ok(total);
+            }
+            tracing::info!(
+                entries = entries.len(),
+                "delivering outputs left in the outbox by a previous run"
+            );
+            total += self.deliver(store, &entries)?;
+        }
+    }
+}
