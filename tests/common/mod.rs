@@ -7,6 +7,7 @@
 //! order.
 
 use forest_domain::{Event, InputKind, Malformed, Rejection, RuleSet, UserState};
+use forest_fulfilment::{FulfilmentConfig, FulfilmentStats, FulfilmentTopics, PartnersSource};
 use forest_kafka::{EmbeddedBroker, client_config, ensure_topics, headers};
 use forest_processor::{ProcessorConfig, ProcessorStats, Shutdown, Topics};
 use forest_workload::{Generator, WorkloadConfig};
@@ -38,6 +39,8 @@ pub struct TestBroker {
     pub embedded: Option<EmbeddedBroker>,
     pub bootstrap: String,
     pub topics: Topics,
+    /// The fulfilment's topics; trees and DLQ are the processor's.
+    pub fulfilment: FulfilmentTopics,
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -73,7 +76,11 @@ impl TestBroker {
                 (Some(e), b)
             }
         };
+        let mut fulfilment = FulfilmentTopics::prefixed(&unique);
+        fulfilment.trees = topics.trees.clone();
+        fulfilment.dlq = topics.dlq.clone();
         let t = &topics;
+        let f = &fulfilment;
         ensure_topics(
             embedded.as_ref(),
             &bootstrap,
@@ -84,6 +91,9 @@ impl TestBroker {
                 (&t.commands, PARTITIONS),
                 (&t.trees, PARTITIONS),
                 (&t.dlq, PARTITIONS),
+                (&f.confirmations, PARTITIONS),
+                (&f.orders, PARTITIONS),
+                (&f.certificates, PARTITIONS),
             ],
             1,
         )
@@ -92,6 +102,7 @@ impl TestBroker {
             embedded,
             bootstrap,
             topics,
+            fulfilment,
         }
     }
 
@@ -111,6 +122,22 @@ impl TestBroker {
             ("session.timeout.ms".into(), "6000".into()),
             ("heartbeat.interval.ms".into(), "500".into()),
         ];
+        c
+    }
+
+    pub fn fulfilment_config(
+        &self,
+        store: &std::path::Path,
+        partners: PartnersSource,
+    ) -> FulfilmentConfig {
+        let mut c = FulfilmentConfig::new(self.bootstrap.clone(), store);
+        c.topics = self.fulfilment.clone();
+        c.group_id = format!(
+            "{}fulfilment",
+            self.topics.payments.trim_end_matches("forest.payments.v1")
+        );
+        c.partners = partners;
+        c.reload_interval = Duration::from_millis(200);
         c
     }
 
@@ -279,12 +306,14 @@ pub fn expected(rules: &RuleSet, records: &[Produced]) -> Expected {
     }
 }
 
-/// A processor running in a thread.
-pub struct Running {
-    pub stats: Arc<ProcessorStats>,
+/// A service (processor by default, or fulfilment) running in a thread.
+pub struct Running<S = ProcessorStats, E = forest_processor::ProcessorError> {
+    pub stats: Arc<S>,
     pub shutdown: Shutdown,
-    pub handle: JoinHandle<Result<(), forest_processor::ProcessorError>>,
+    pub handle: JoinHandle<Result<(), E>>,
 }
+
+pub type RunningFulfilment = Running<FulfilmentStats, forest_fulfilment::FulfilmentError>;
 
 pub fn start(cfg: ProcessorConfig) -> Running {
     let stats = Arc::new(ProcessorStats::default());
@@ -298,11 +327,153 @@ pub fn start(cfg: ProcessorConfig) -> Running {
     }
 }
 
-impl Running {
-    pub fn stop(self) -> Result<(), forest_processor::ProcessorError> {
+impl<S, E> Running<S, E> {
+    pub fn stop(self) -> Result<(), E> {
         self.shutdown.store(true, Ordering::Relaxed);
-        self.handle.join().expect("processor thread does not panic")
+        self.handle.join().expect("service thread does not panic")
     }
+
+    /// Waits for a run that is expected to end by itself (an injected crash).
+    pub fn join_within(self, timeout: Duration) -> Result<(), E> {
+        let deadline = Instant::now() + timeout;
+        while !self.handle.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "service did not stop within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.handle.join().expect("service thread does not panic")
+    }
+}
+
+pub fn start_fulfilment(cfg: FulfilmentConfig) -> RunningFulfilment {
+    let stats = Arc::new(FulfilmentStats::default());
+    let shutdown: Shutdown = Arc::new(AtomicBool::new(false));
+    let (s, d) = (stats.clone(), shutdown.clone());
+    let handle = std::thread::spawn(move || forest_fulfilment::run(cfg, d, s));
+    Running {
+        stats,
+        shutdown,
+        handle,
+    }
+}
+
+/// Current end offset of every partition of `topic`.
+pub fn topic_ends(b: &TestBroker, topic: &str) -> BTreeMap<(String, i32), i64> {
+    let consumer: BaseConsumer = client_config(&b.bootstrap, &[])
+        .set("group.id", "forest-test-watermarks")
+        .create()
+        .expect("consumer");
+    (0..PARTITIONS)
+        .map(|p| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks");
+            ((topic.to_string(), p), high)
+        })
+        .collect()
+}
+
+/// Waits until the fulfilment committed every partition in `ends` to at least its end.
+pub fn wait_fulfilment_at(
+    stats: &FulfilmentStats,
+    ends: &BTreeMap<(String, i32), i64>,
+    timeout: Duration,
+) {
+    let start = Instant::now();
+    loop {
+        let got = stats.committed_offsets();
+        if ends
+            .iter()
+            .all(|(tp, end)| *end == 0 || got.get(tp).is_some_and(|o| o >= end))
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "fulfilment did not reach {ends:?} within {timeout:?}: at {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until `cond` holds, polling.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Produces raw records (key, value) to a topic, partitioned like Forest's producers.
+pub fn produce_raw(b: &TestBroker, topic: &str, records: &[(Vec<u8>, Vec<u8>)]) {
+    let producer: ThreadedProducer<Reports> = client_config(&b.bootstrap, &[])
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .create_with_context(Reports::default())
+        .expect("producer");
+    for (i, (k, v)) in records.iter().enumerate() {
+        let mut rec = BaseRecord::with_opaque_to(topic, Box::new(i))
+            .key(k)
+            .payload(v);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    rec = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).expect("flush");
+    assert_eq!(
+        producer.context().0.lock().unwrap().len(),
+        records.len(),
+        "all produced"
+    );
+}
+
+/// The default rules with every species 100 times cheaper, so a short test workload matures
+/// many trees (with the real costs a user needs weeks of activity for one).
+pub fn cheap_tree_rules() -> Arc<RuleSet> {
+    let mut text = forest_domain::DEFAULT_RULES_TOML.to_string();
+    for (real, cheap) in [
+        ("17900", "179"),
+        ("22400", "224"),
+        ("19680", "196"),
+        ("146210", "1462"),
+        ("215680", "2156"),
+    ] {
+        let from = format!("cost_g = {real}");
+        assert!(
+            text.contains(&from),
+            "default rules still price a species at {real} g"
+        );
+        text = text.replace(&from, &format!("cost_g = {cheap}"));
+    }
+    Arc::new(RuleSet::from_toml(&text).expect("cheap rules are valid"))
+}
+
+/// Runs the processor over the produced records until it caught up, then stops it.
+pub fn run_processor_to_end(
+    b: &TestBroker,
+    records: &[Produced],
+    rules: Arc<RuleSet>,
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = b.processor_config(dir.path(), "g");
+    cfg.rules = rules;
+    let p = start(cfg);
+    wait_caught_up(
+        &[&p.stats],
+        &end_offsets(b, records),
+        Duration::from_secs(300),
+    );
+    p.stop().expect("processor stops gracefully");
+    dir
 }
 
 /// The end offset of every input partition, from the produced records.

@@ -1,7 +1,14 @@
-//! `forest`: one binary, one subcommand per job. `main` only parses flags, sets up logging and
-//! hands over to the subcommand's `run`.
+//! `forest`: one binary, one subcommand per job. `main` only parses flags (command line, then
+//! environment, then an optional TOML config file), sets up logging and hands over to the
+//! subcommand's `run`.
 
+mod broker;
+mod common;
+mod config;
 mod demo;
+mod fulfilment;
+mod inspect;
+mod loadgen;
 mod processor;
 
 use clap::{Parser, Subcommand};
@@ -11,9 +18,16 @@ use std::path::PathBuf;
 #[command(
     name = "forest",
     version,
-    about = "Forest: personal carbon accounts as an event-sourced stream processor"
+    about = "Forest: personal carbon accounts as an event-sourced stream processor",
+    // A flag given twice keeps the last: the config file's flags go first, so the command
+    // line wins.
+    args_override_self = true
 )]
 struct Cli {
+    /// TOML config file: a table per subcommand of flag = value (see README). Command-line
+    /// flags win over it.
+    #[arg(long, global = true, env = "FOREST_CONFIG")]
+    config: Option<PathBuf>,
     /// Rules file (TOML). Default: the built-in rules.
     #[arg(long, global = true, env = "FOREST_RULES")]
     rules: Option<PathBuf>,
@@ -23,20 +37,47 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the whole pipeline on a generated workload and check its invariants.
+    /// Run the whole pipeline (load generator, processor, fulfilment, a simulated partner) on
+    /// the embedded broker, or on --brokers, and check its invariants.
     Demo(demo::DemoArgs),
+    /// Produce a generated workload to the input topics.
+    Loadgen(loadgen::LoadgenArgs),
+    /// Run the embedded Kafka-protocol broker on its own; prints its bootstrap address.
+    Broker(broker::BrokerArgs),
     /// Run the processor against a Kafka cluster until SIGTERM or Ctrl-C.
     Processor(processor::ProcessorArgs),
+    /// Run partner fulfilment against a Kafka cluster until SIGTERM or Ctrl-C.
+    Fulfilment(fulfilment::FulfilmentArgs),
+    /// Validate a partner file and print its sites and capacities.
+    Partners(fulfilment::PartnersArg),
+    /// Print one user's projection from a processor's store, with recent credits explained.
+    User(inspect::UserArgs),
+    /// Rebuild projections from the log into a fresh store (emitting nothing) and report how
+    /// they differ from a live store, e.g. after a rules change.
+    Rebuild(inspect::RebuildArgs),
     /// Validate a rules file and print its rules.
     Rules,
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let args = match config::args_with_file(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FOREST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // The demo prints its own progress and summary; services log their lifecycle.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(match cli.command {
+                        Command::Demo(_) => "warn",
+                        _ => "info",
+                    })
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -45,8 +86,14 @@ fn main() -> anyhow::Result<()> {
         None => forest_domain::RuleSet::default(),
     };
     match cli.command {
-        Command::Demo(args) => demo::run(args, &rules),
+        Command::Demo(args) => demo::run(args, rules),
+        Command::Loadgen(args) => loadgen::run(args),
+        Command::Broker(args) => broker::run(args),
         Command::Processor(args) => processor::run(args, rules),
+        Command::Fulfilment(args) => fulfilment::run(args),
+        Command::Partners(args) => fulfilment::show(args),
+        Command::User(args) => inspect::user(args, &rules),
+        Command::Rebuild(args) => inspect::rebuild(args, rules),
         Command::Rules => {
             println!(
                 "rules version {} (timezone {})",

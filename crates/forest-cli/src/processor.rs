@@ -2,10 +2,9 @@
 
 use anyhow::{Context, bail};
 use forest_domain::RuleSet;
-use forest_processor::{ProcessorConfig, ProcessorStats, Shutdown, Topics};
+use forest_processor::{ProcessorConfig, ProcessorStats, Topics};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(clap::Args)]
 pub struct ProcessorArgs {
@@ -31,55 +30,8 @@ pub struct ProcessorArgs {
     #[arg(long, env = "FOREST_BLOCK_CACHE_MB", default_value_t = 256)]
     block_cache_mb: usize,
     /// librdkafka setting passed through, repeatable: --kafka-config key=value.
-    #[arg(long = "kafka-config", value_parser = parse_kv)]
+    #[arg(long = "kafka-config", value_parser = crate::common::parse_kv)]
     kafka_config: Vec<(String, String)>,
-}
-
-pub fn parse_kv(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
-        _ => Err(format!(
-            "expected key=value (a librdkafka setting), got {s:?}"
-        )),
-    }
-}
-
-/// Sets the returned flag on SIGTERM or Ctrl-C.
-pub fn shutdown_on_signal() -> anyhow::Result<Shutdown> {
-    let flag: Shutdown = Arc::new(AtomicBool::new(false));
-    let f = flag.clone();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("signal runtime")?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            rt.block_on(async {
-                #[cfg(unix)]
-                {
-                    let mut term = match tokio::signal::unix::signal(
-                        tokio::signal::unix::SignalKind::terminate(),
-                    ) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot listen for SIGTERM");
-                            let _ = tokio::signal::ctrl_c().await;
-                            return;
-                        }
-                    };
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                #[cfg(not(unix))]
-                let _ = tokio::signal::ctrl_c().await;
-            });
-            tracing::info!("shutdown requested: finishing the batch and committing");
-            f.store(true, Ordering::Relaxed);
-        })?;
-    Ok(flag)
 }
 
 pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
@@ -95,7 +47,7 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.kafka = args.kafka_config;
     cfg.rules = Arc::new(rules);
     forest_processor::metrics::describe();
-    let shutdown = shutdown_on_signal()?;
+    let shutdown = crate::common::shutdown_on_signal()?;
     forest_processor::run(cfg, shutdown, Arc::new(ProcessorStats::default()))
         .context("processor failed")
 }

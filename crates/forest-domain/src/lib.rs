@@ -26,4 +26,7 @@ pub use rejection::{Malformed, Rejection};
 pub use rules::{
     Cap, CapLimit, CapPeriod, DEFAULT_RULES_TOML, Earn, Rule, RuleSet, RulesError, Species,
 };
-pub use state::{Bucket, Counter, Credit, Limit, Outcome, UserState, tree_id};
+pub use state::{
+    Bucket, CapKind, Counter, Credit, CreditNote, Limit, NoteLimit, Outcome, RECENT_CREDITS,
+    UserState, tree_id,
+};

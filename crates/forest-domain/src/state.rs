@@ -84,10 +84,69 @@ pub struct UserState {
     pub counters: Vec<Counter>,
     /// (event time, id hash) of accepted events, oldest accepted first.
     pub recent_ids: VecDeque<(i64, u64)>,
+    /// The last [`RECENT_CREDITS`] credits, oldest first: what `forest user` shows to explain
+    /// a balance. Small and fixed-size, so it costs little in every stored projection.
+    pub recent_credits: VecDeque<CreditNote>,
     #[serde(skip)]
     index: Derived<Option<FxHashSet<u64>>>,
     #[serde(skip)]
     day_cache: Derived<DayCache>,
+}
+
+/// How many credits a projection keeps for explanations.
+pub const RECENT_CREDITS: usize = 5;
+
+/// A stored credit explanation: the behaviour, what the rule gave and what was credited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditNote {
+    pub event_ms: i64,
+    pub behaviour: Behaviour,
+    pub raw_g: u64,
+    pub credited_g: u64,
+    pub limited_by: Option<NoteLimit>,
+}
+
+/// Why a stored credit was below its raw grams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoteLimit {
+    BelowMinimum,
+    Cap(CapPeriod, CapKind),
+}
+
+/// Which quantity a cap limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CapKind {
+    Events(u32),
+    Grams(u64),
+}
+
+impl From<Limit> for NoteLimit {
+    fn from(l: Limit) -> Self {
+        match l {
+            Limit::BelowMinimum => Self::BelowMinimum,
+            Limit::Cap(c) => Self::Cap(
+                c.period,
+                match c.limit {
+                    CapLimit::Events(n) => CapKind::Events(n),
+                    CapLimit::Grams(g) => CapKind::Grams(g),
+                },
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for NoteLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let period = |p: &CapPeriod| match p {
+            CapPeriod::Day => "day",
+            CapPeriod::Month => "month",
+        };
+        match self {
+            Self::BelowMinimum => write!(f, "below the rule's minimum quantity"),
+            Self::Cap(p, CapKind::Events(n)) => write!(f, "cap of {n} events per {}", period(p)),
+            Self::Cap(p, CapKind::Grams(g)) => write!(f, "cap of {g} g per {}", period(p)),
+        }
+    }
 }
 
 /// What limited a credit below its raw grams.
@@ -372,6 +431,16 @@ impl RuleSet {
                     state.balance_g += credited;
                     state.lifetime_g += credited;
                 }
+                if state.recent_credits.len() >= RECENT_CREDITS {
+                    state.recent_credits.pop_front();
+                }
+                state.recent_credits.push_back(CreditNote {
+                    event_ms: t,
+                    behaviour: *behaviour,
+                    raw_g: raw,
+                    credited_g: credited,
+                    limited_by: limited_by.map(NoteLimit::from),
+                });
                 outcome.credit = Some(Credit {
                     behaviour: *behaviour,
                     rules_version: &self.version,

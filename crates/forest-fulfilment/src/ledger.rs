@@ -51,10 +51,11 @@ pub enum OrderState {
     },
     /// No site could take it yet.
     Backlog { reason: BacklogReason, seq: u64 },
-    /// Closed: planted, certificate issued.
+    /// Closed: planted, certificate issued. Keeps its slot of the season's capacity.
     Planted {
         partner_id: String,
         site_id: String,
+        season: i32,
         tree_code: String,
     },
 }
@@ -301,6 +302,18 @@ impl Ledger {
         (self.season != i32::MIN).then_some(self.season)
     }
 
+    /// Every (season, site, species, trees allocated) with a count, in key order.
+    pub fn used_entries(&self) -> impl Iterator<Item = (i32, &str, &str, u32)> {
+        self.used
+            .iter()
+            .map(|((y, site, sp), n)| (*y, site.as_str(), sp.as_str(), *n))
+    }
+
+    /// Order ids waiting in the backlog, oldest first.
+    pub fn backlog_ids(&self) -> impl Iterator<Item = &str> {
+        self.backlog.values().map(|(id, _)| id.as_str())
+    }
+
     /// Trees allocated so far at a site for a species in a season.
     pub fn used(&self, season: i32, site: &str, species: &str) -> u32 {
         self.used
@@ -377,9 +390,9 @@ impl Ledger {
         c: &PlantingConfirmed,
         out: &mut Vec<Effect>,
     ) -> Result<ConfirmationOutcome, B::Error> {
-        if c.order_id.is_empty() || c.partner_id.is_empty() {
+        if c.order_id.is_empty() || c.partner_id.is_empty() || c.idempotency_key.is_empty() {
             return Ok(ConfirmationOutcome::Invalid(
-                "order_id and partner_id are required".into(),
+                "order_id, partner_id and idempotency_key are required".into(),
             ));
         }
         let Some(report) = &c.result else {
@@ -397,13 +410,28 @@ impl Ledger {
         let Some(mut rec) = book.get(&c.order_id)? else {
             return Ok(ConfirmationOutcome::Unknown);
         };
+        let rejected = matches!(report, Report::Rejected(_));
+        if rec.attempt == 0 || c.idempotency_key != idempotency_key(&rec.order_id, rec.attempt) {
+            // About another allocation of this tree. Every earlier one ended in a rejection,
+            // so a rejection is a re-sent report and anything else contradicts it.
+            let earlier =
+                (1..rec.attempt).any(|a| c.idempotency_key == idempotency_key(&rec.order_id, a));
+            return Ok(if earlier && rejected {
+                ConfirmationOutcome::Duplicate
+            } else if earlier {
+                ConfirmationOutcome::Stale(format!(
+                    "order {} allocation {} was rejected before; it is now at attempt {}",
+                    rec.order_id, c.idempotency_key, rec.attempt
+                ))
+            } else {
+                ConfirmationOutcome::Stale(format!(
+                    "order {} has no allocation {}",
+                    rec.order_id, c.idempotency_key
+                ))
+            });
+        }
         let outcome = match (&rec.state, report) {
             (OrderState::Allocated { partner_id, .. }, _) if *partner_id != c.partner_id => {
-                if matches!(report, Report::Rejected(_))
-                    && self.rejected_before(&rec, &c.partner_id)
-                {
-                    return Ok(ConfirmationOutcome::Duplicate);
-                }
                 return Ok(ConfirmationOutcome::Stale(format!(
                     "order {} is with partner {partner_id}, not {}",
                     rec.order_id, c.partner_id
@@ -413,6 +441,7 @@ impl Ledger {
                 OrderState::Allocated {
                     partner_id,
                     site_id,
+                    season,
                     ..
                 },
                 Report::Planted(p),
@@ -431,6 +460,7 @@ impl Ledger {
                 rec.state = OrderState::Planted {
                     partner_id: partner_id.clone(),
                     site_id: site_id.clone(),
+                    season: *season,
                     tree_code: p.tree_code.clone(),
                 };
                 ConfirmationOutcome::Planted
@@ -457,40 +487,23 @@ impl Ledger {
                 self.retry_backlog(book, Some(&species), out)?;
                 return Ok(outcome);
             }
-            (OrderState::Planted { partner_id, .. }, Report::Planted(_))
-                if *partner_id == c.partner_id =>
-            {
-                return Ok(ConfirmationOutcome::Duplicate);
+            (OrderState::Planted { .. }, Report::Planted(_)) => ConfirmationOutcome::Duplicate,
+            (OrderState::Planted { .. }, Report::Rejected(_)) => {
+                ConfirmationOutcome::Stale(format!("order {} is already planted", rec.order_id))
             }
-            (OrderState::Planted { .. }, _) => {
-                return Ok(ConfirmationOutcome::Stale(format!(
-                    "order {} is already planted",
+            // The current allocation was rejected and the tree waits for another site.
+            (OrderState::Backlog { .. }, Report::Rejected(_)) => ConfirmationOutcome::Duplicate,
+            (OrderState::Backlog { .. }, Report::Planted(_)) => {
+                ConfirmationOutcome::Stale(format!(
+                    "order {} was rejected by this allocation's site",
                     rec.order_id
-                )));
-            }
-            (OrderState::Backlog { .. }, Report::Rejected(_))
-                if self.rejected_before(&rec, &c.partner_id) =>
-            {
-                return Ok(ConfirmationOutcome::Duplicate);
-            }
-            (OrderState::Backlog { .. }, _) => {
-                return Ok(ConfirmationOutcome::Stale(format!(
-                    "order {} waits in the backlog, with no partner",
-                    rec.order_id
-                )));
+                ))
             }
         };
-        book.put(rec);
+        if outcome == ConfirmationOutcome::Planted {
+            book.put(rec);
+        }
         Ok(outcome)
-    }
-
-    /// Whether one of `partner`'s sites already rejected this tree.
-    fn rejected_before(&self, rec: &OrderRecord, partner: &str) -> bool {
-        self.partners.partner(partner).is_some_and(|p| {
-            p.sites
-                .iter()
-                .any(|s| rec.rejected_by.iter().any(|r| *r == s.id))
-        })
     }
 
     /// Allocates the backlog in FIFO order (of one species, or all), as far as capacity goes.
@@ -712,6 +725,7 @@ sites = [ { id = "b1", region = "R3", capacity = { saxaul = 3, red_willow = 1 } 
                 ..Default::default()
             })),
             reported_at_ms: 0,
+            idempotency_key: order.idempotency_key.clone(),
         }
     }
 
@@ -723,6 +737,7 @@ sites = [ { id = "b1", region = "R3", capacity = { saxaul = 3, red_willow = 1 } 
                 reason: "flooded".into(),
             })),
             reported_at_ms: 0,
+            idempotency_key: order.idempotency_key.clone(),
         }
     }
 
@@ -974,15 +989,29 @@ sites = [ { id = "b1", region = "R3", capacity = { saxaul = 3, red_willow = 1 } 
         );
         assert_ne!(s2.site_id, s1.site_id);
         assert_eq!(s2.idempotency_key, "order:w/1#2");
-        // The first partner's late "planted" for the old allocation is stale if it is another
-        // partner now.
-        if s2.partner_id != s1.partner_id {
-            assert!(matches!(
-                l.on_confirmation(&mut book, &planted(&s1), &mut out)
-                    .unwrap(),
-                ConfirmationOutcome::Stale(_)
-            ));
-        }
+        // A late "planted" for the rejected allocation contradicts it.
+        assert!(matches!(
+            l.on_confirmation(&mut book, &planted(&s1), &mut out)
+                .unwrap(),
+            ConfirmationOutcome::Stale(_)
+        ));
+        // A re-sent rejection of attempt 1 is a duplicate: it must not reject attempt 2.
+        let used = l.used(2026, &s2.site_id, "saxaul");
+        out.clear();
+        assert_eq!(
+            l.on_confirmation(&mut book, &rejected(&s1), &mut out)
+                .unwrap(),
+            ConfirmationOutcome::Duplicate
+        );
+        assert_eq!(l.used(2026, &s2.site_id, "saxaul"), used);
+        assert!(out.is_empty());
+        // A report naming an allocation that never existed is stale.
+        let mut bogus = rejected(&s2);
+        bogus.idempotency_key = "order:w/1#9".into();
+        assert!(matches!(
+            l.on_confirmation(&mut book, &bogus, &mut out).unwrap(),
+            ConfirmationOutcome::Stale(_)
+        ));
     }
 
     #[test]

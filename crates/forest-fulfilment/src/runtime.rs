@@ -65,6 +65,7 @@ struct Service {
     applied_in_run: u64,
     batches_in_run: u64,
     partners_text: String,
+    reload_failing: bool,
 }
 
 impl Service {
@@ -352,10 +353,15 @@ impl Service {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot re-read the partner file; keeping the current list");
+                // Once per outage, not every interval.
+                if !self.reload_failing {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot re-read the partner file; keeping the current list");
+                }
+                self.reload_failing = true;
                 return Ok(());
             }
         };
+        self.reload_failing = false;
         if text == self.partners_text {
             return Ok(());
         }
@@ -474,6 +480,7 @@ pub fn run(
         applied_in_run: 0,
         batches_in_run: 0,
         partners_text,
+        reload_failing: false,
         cfg,
     };
     let cfg = svc.cfg.clone();

@@ -62,6 +62,7 @@ impl SimPartner {
             partner_id: order.partner_id.clone(),
             result: Some(result),
             reported_at_ms: order.created_at_ms,
+            idempotency_key: order.idempotency_key.clone(),
         }
     }
 }

@@ -8,8 +8,10 @@
 //! against Apache Kafka when `--brokers` names one.
 
 pub mod outbox;
+mod read;
 
 pub use outbox::{DeliveryError, OutboxProducer};
+pub use read::{ReadError, Record, end_offsets, read_topic};
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};

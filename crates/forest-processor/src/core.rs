@@ -41,6 +41,7 @@ pub struct Core {
     applied_in_run: u64,
     batches_in_run: u64,
     batch_max: usize,
+    dry_run: bool,
 }
 
 impl Core {
@@ -75,6 +76,7 @@ impl Core {
             applied_in_run: 0,
             batches_in_run: 0,
             batch_max: cfg.batch_max_records.max(1),
+            dry_run: cfg.dry_run,
         }
     }
 
@@ -165,6 +167,7 @@ impl Core {
             }
             Err(r) => {
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                *lock(&self.stats.rejections).entry(r.code()).or_insert(0) += 1;
                 metrics::counter!(m::EVENTS_REJECTED, "reason" => r.code()).increment(1);
                 if r == Rejection::Duplicate {
                     self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
@@ -208,6 +211,10 @@ impl Core {
     /// Writes the batch (projections + offsets + outbox) atomically, then delivers the outbox.
     /// Returns true if anything was committed.
     pub fn commit(&mut self) -> Result<bool, ProcessorError> {
+        if self.dry_run {
+            // A rebuild: fold and store, emit nothing.
+            self.pending.clear();
+        }
         if self.offsets.is_empty() && self.pending.is_empty() {
             return Ok(false);
         }

@@ -99,6 +99,9 @@ pub struct ProcessorConfig {
     pub kafka: Vec<(String, String)>,
     pub rules: Arc<RuleSet>,
     pub crash_at: Option<CrashPoint>,
+    /// Fold and store, but emit nothing: `forest rebuild` replays the log into a fresh store
+    /// without re-sending TreeMatured or dead letters.
+    pub dry_run: bool,
 }
 
 impl ProcessorConfig {
@@ -117,6 +120,7 @@ impl ProcessorConfig {
             kafka: Vec::new(),
             rules: Arc::new(RuleSet::default()),
             crash_at: None,
+            dry_run: false,
         }
     }
 }
@@ -165,6 +169,8 @@ pub struct ProcessorStats {
     /// Input records applied or rejected and durably committed.
     pub committed_records: AtomicU64,
     pub rebalances: AtomicU64,
+    /// Rejected records by reason code (duplicates included).
+    pub rejections: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Next offset per (topic, partition) as last committed to the store by this instance.
     pub committed_offsets: std::sync::Mutex<std::collections::BTreeMap<(String, i32), i64>>,
 }

@@ -128,6 +128,8 @@ fn planting_confirmed() {
                 tree_code: "SX-000123".into(),
             })),
             reported_at_ms: 1_764_000_000_000,
+            // Field 6 came later; left empty, the message encodes exactly as before it existed.
+            idempotency_key: String::new(),
         },
     );
 }

@@ -21,7 +21,7 @@ const CF_META: &str = "meta";
 const CF_KV: &str = "kv";
 const FORMAT_KEY: &[u8] = b"format";
 /// Bump when the on-disk encoding changes; a store of another format is refused at open.
-const FORMAT: &[u8] = b"forest-store-v1";
+const FORMAT: &[u8] = b"forest-store-v2"; // v2: projections keep recent credits
 
 /// A store operation that failed. Each variant says whether retrying can help.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,8 @@ pub enum StoreError {
         found: String,
         expected: String,
     },
+    #[error("{path} is not a Forest store (no RocksDB data there); check --store")]
+    Missing { path: PathBuf },
     #[error("reading the store failed: {0}")]
     Read(rocksdb::Error),
     #[error("writing a batch to the store failed: {0}")]
@@ -116,6 +118,21 @@ fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
 impl Store {
     /// Opens (creating if absent) the store at `path`.
     pub fn open(path: &Path, cfg: &StoreConfig) -> Result<Self, StoreError> {
+        Self::open_with(path, cfg, false)
+    }
+
+    /// Opens an existing store for reading only, even while a service has it open (RocksDB's
+    /// lock is not taken): a snapshot as of the open, for inspection tools (`forest user`).
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        if !path.join("CURRENT").exists() {
+            return Err(StoreError::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        Self::open_with(path, &StoreConfig::default(), true)
+    }
+
+    fn open_with(path: &Path, cfg: &StoreConfig, read_only: bool) -> Result<Self, StoreError> {
         let open_err = |source| StoreError::Open {
             path: path.to_path_buf(),
             source,
@@ -150,10 +167,19 @@ impl Store {
 
         let cfs = [CF_PROJECTIONS, CF_OFFSETS, CF_OUTBOX, CF_META, CF_KV]
             .map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
-        let db = DB::open_cf_descriptors(&db_opts, path, cfs).map_err(open_err)?;
+        let db = if read_only {
+            DB::open_cf_descriptors_read_only(&db_opts, path, cfs, false).map_err(open_err)?
+        } else {
+            DB::open_cf_descriptors(&db_opts, path, cfs).map_err(open_err)?
+        };
 
         let meta = db.cf_handle(CF_META).expect("meta cf was just opened");
         match db.get_cf(meta, FORMAT_KEY).map_err(StoreError::Read)? {
+            None if read_only => {
+                return Err(StoreError::Missing {
+                    path: path.to_path_buf(),
+                });
+            }
             None => db
                 .put_cf(meta, FORMAT_KEY, FORMAT)
                 .map_err(StoreError::Write)?,

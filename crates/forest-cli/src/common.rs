@@ -1,0 +1,114 @@
+//! Helpers shared by the subcommands: flag parsing and graceful shutdown.
+
+use anyhow::Context;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Stop flag shared with the services (`forest_processor::Shutdown` and the fulfilment's are
+/// the same type).
+pub type Shutdown = Arc<AtomicBool>;
+
+pub fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!(
+            "expected key=value (a librdkafka setting), got {s:?}"
+        )),
+    }
+}
+
+/// Sets the returned flag on SIGTERM or Ctrl-C.
+pub fn shutdown_on_signal() -> anyhow::Result<Shutdown> {
+    let flag: Shutdown = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("signal runtime")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                #[cfg(unix)]
+                {
+                    let mut term = match tokio::signal::unix::signal(
+                        tokio::signal::unix::SignalKind::terminate(),
+                    ) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot listen for SIGTERM");
+                            let _ = tokio::signal::ctrl_c().await;
+                            return;
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                #[cfg(not(unix))]
+                let _ = tokio::signal::ctrl_c().await;
+            });
+            tracing::info!("shutdown requested: finishing the batch and committing");
+            f.store(true, Ordering::Relaxed);
+        })?;
+    Ok(flag)
+}
+
+/// Every topic the processor and fulfilment use, once each.
+pub fn all_topics(
+    t: &forest_processor::Topics,
+    f: &forest_fulfilment::FulfilmentTopics,
+) -> Vec<String> {
+    let mut v = vec![
+        t.payments.clone(),
+        t.mobility.clone(),
+        t.commands.clone(),
+        t.trees.clone(),
+        t.dlq.clone(),
+        f.trees.clone(),
+        f.dlq.clone(),
+        f.confirmations.clone(),
+        f.orders.clone(),
+        f.certificates.clone(),
+    ];
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Serves Prometheus metrics on `addr` (`off` disables) and describes every Forest metric.
+pub fn install_metrics(addr: &str) -> anyhow::Result<()> {
+    if addr == "off" {
+        return Ok(());
+    }
+    let socket: std::net::SocketAddr = addr
+        .parse()
+        .with_context(|| format!("--metrics-addr {addr:?} is not HOST:PORT (or `off`)"))?;
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    PrometheusBuilder::new()
+        .with_http_listener(socket)
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ],
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Suffix("_events".into()),
+                &[
+                    1.0, 10.0, 100.0, 500.0, 1_000.0, 2_000.0, 5_000.0, 10_000.0, 50_000.0,
+                ],
+            )
+        })
+        .context("histogram buckets")?
+        .install()
+        .with_context(|| {
+            format!("cannot serve metrics on {addr} (port in use? pass --metrics-addr)")
+        })?;
+    forest_processor::metrics::describe();
+    forest_fulfilment::metrics::describe();
+    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    Ok(())
+}

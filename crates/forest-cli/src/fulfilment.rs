@@ -1,0 +1,101 @@
+//! `forest fulfilment` and `forest partners`: partner fulfilment against a real cluster, and a
+//! check of a partner file.
+
+use anyhow::{Context, bail};
+use forest_fulfilment::{FulfilmentConfig, FulfilmentStats, FulfilmentTopics, PartnersSource};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct FulfilmentArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "FOREST_BROKERS")]
+    brokers: String,
+    /// Group id under which offsets are committed for lag tools (the store holds the real
+    /// ones). Run one fulfilment instance: capacity is global.
+    #[arg(
+        long,
+        env = "FOREST_FULFILMENT_GROUP",
+        default_value = "forest-fulfilment"
+    )]
+    group: String,
+    /// RocksDB directory of the fulfilment.
+    #[arg(
+        long,
+        env = "FOREST_FULFILMENT_STORE",
+        default_value = "forest-data/fulfilment"
+    )]
+    store: PathBuf,
+    /// Prefix for every topic name (e.g. an environment name).
+    #[arg(long, env = "FOREST_TOPIC_PREFIX", default_value = "")]
+    topic_prefix: String,
+    #[command(flatten)]
+    partners: PartnersArg,
+    /// Seconds between checks of the partner file for changes.
+    #[arg(long, env = "FOREST_PARTNERS_RELOAD_SECS", default_value_t = 5)]
+    reload_secs: u64,
+    /// Records per committed batch.
+    #[arg(long, env = "FOREST_FULFILMENT_BATCH_SIZE", default_value_t = 2_000)]
+    batch_size: usize,
+    /// librdkafka setting passed through, repeatable: --kafka-config key=value.
+    #[arg(long = "kafka-config", value_parser = crate::common::parse_kv)]
+    kafka_config: Vec<(String, String)>,
+}
+
+#[derive(clap::Args)]
+pub struct PartnersArg {
+    /// Partner file (TOML). Default: the built-in sample partners.
+    #[arg(long = "partners", env = "FOREST_PARTNERS")]
+    path: Option<PathBuf>,
+}
+
+impl PartnersArg {
+    pub fn source(&self) -> PartnersSource {
+        self.path
+            .clone()
+            .map_or(PartnersSource::Builtin, PartnersSource::File)
+    }
+}
+
+pub fn run(args: FulfilmentArgs) -> anyhow::Result<()> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if args.reload_secs == 0 {
+        bail!("--reload-secs must be at least 1");
+    }
+    let mut cfg = FulfilmentConfig::new(args.brokers, args.store);
+    cfg.group_id = args.group;
+    // Same prefix as the processor's, so trees and dead letters meet.
+    cfg.topics = FulfilmentTopics::prefixed(&args.topic_prefix);
+    cfg.partners = args.partners.source();
+    // Fail at start-up on a bad partner file, with the file's own error.
+    cfg.partners.load()?;
+    cfg.reload_interval = Duration::from_secs(args.reload_secs);
+    cfg.batch_max_records = args.batch_size;
+    cfg.kafka = args.kafka_config;
+    forest_fulfilment::metrics::describe();
+    let shutdown = crate::common::shutdown_on_signal()?;
+    forest_fulfilment::run(cfg, shutdown, Arc::new(FulfilmentStats::default()))
+        .context("fulfilment failed")
+}
+
+/// `forest partners`: validates a partner file and prints its capacity table.
+pub fn show(args: PartnersArg) -> anyhow::Result<()> {
+    let (p, _) = args.source().load()?;
+    println!("partner file version {}", p.version);
+    for partner in &p.partners {
+        println!(
+            "{} ({}){}",
+            partner.id,
+            partner.name,
+            if partner.active { "" } else { " [inactive]" }
+        );
+        for s in &partner.sites {
+            let caps: Vec<String> = s.capacity.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("  {:<22} {:<40} {}", s.id, s.region, caps.join(", "));
+        }
+    }
+    Ok(())
+}

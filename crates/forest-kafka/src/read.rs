@@ -1,0 +1,163 @@
+//! Reading a whole topic back, for checks: the demo's summary, `forest rebuild`, the tests.
+
+use crate::client_config;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// A record read back.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    /// Record timestamp (ms), if the record has one.
+    pub timestamp: Option<i64>,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("kafka {op} on {topic} failed: {source}")]
+    Kafka {
+        op: &'static str,
+        topic: String,
+        source: KafkaError,
+    },
+    #[error("topic {0} does not exist")]
+    NoTopic(String),
+    #[error("reading {topic} timed out after {waited:?} at {read} of {want} records")]
+    Timeout {
+        topic: String,
+        waited: Duration,
+        read: usize,
+        want: i64,
+    },
+}
+
+impl ReadError {
+    /// A broker that is slow or briefly away may answer a retry.
+    pub fn is_retriable(&self) -> bool {
+        !matches!(self, Self::NoTopic(_))
+    }
+}
+
+/// The current end offset (high watermark) of every partition of `topic`.
+pub fn end_offsets(brokers: &str, topic: &str) -> Result<BTreeMap<i32, i64>, ReadError> {
+    let consumer: BaseConsumer = client_config(brokers, &[])
+        .set("group.id", "forest-reader")
+        .create()
+        .map_err(|source| ReadError::Kafka {
+            op: "create consumer",
+            topic: topic.into(),
+            source,
+        })?;
+    ends(&consumer, topic)
+}
+
+fn ends(consumer: &BaseConsumer, topic: &str) -> Result<BTreeMap<i32, i64>, ReadError> {
+    let err = |op| {
+        move |source| ReadError::Kafka {
+            op,
+            topic: topic.to_string(),
+            source,
+        }
+    };
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .map_err(err("fetch metadata"))?;
+    let partitions = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| ReadError::NoTopic(topic.into()))?;
+    (0..partitions as i32)
+        .map(|p| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(30))
+                .map_err(err("fetch watermarks"))?;
+            Ok((p, high))
+        })
+        .collect()
+}
+
+/// Reads every record of `topic` from the beginning to its end offsets at the time of the
+/// call (read_uncommitted).
+pub fn read_topic(brokers: &str, topic: &str, timeout: Duration) -> Result<Vec<Record>, ReadError> {
+    let err = |op| {
+        move |source| ReadError::Kafka {
+            op,
+            topic: topic.to_string(),
+            source,
+        }
+    };
+    let consumer: BaseConsumer = client_config(brokers, &[])
+        .set("group.id", "forest-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(err("create consumer"))?;
+    let ends = ends(&consumer, topic)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .map_err(err("assign"))?;
+    }
+    consumer.assign(&tpl).map_err(err("assign"))?;
+    let want: i64 = ends.values().sum();
+    let mut pos: BTreeMap<i32, i64> = ends.keys().map(|p| (*p, 0)).collect();
+    let mut out = Vec::new();
+    let start = Instant::now();
+    while pos.iter().any(|(p, o)| *o < ends[p]) {
+        if start.elapsed() > timeout {
+            return Err(ReadError::Timeout {
+                topic: topic.into(),
+                waited: timeout,
+                read: out.len(),
+                want,
+            });
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                if m.offset() >= ends[&m.partition()] {
+                    continue;
+                }
+                pos.insert(m.partition(), m.offset() + 1);
+                out.push(Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    timestamp: m.timestamp().to_millis(),
+                    key: m.key().unwrap_or_default().to_vec(),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                    headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+            }
+            Some(Err(e)) => return Err(err("read")(e)),
+            None => {
+                // Past the last record but short of the end (transaction markers, compacted
+                // offsets): the consumer's position tells.
+                if let Ok(tpl) = consumer.position() {
+                    for el in tpl.elements() {
+                        if let Offset::Offset(o) = el.offset() {
+                            let p = pos.entry(el.partition()).or_insert(0);
+                            *p = (*p).max(o);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
