@@ -12,10 +12,9 @@ use forest_kafka::{EmbeddedBroker, client_config, ensure_topics, headers};
 use forest_processor::{ProcessorConfig, ProcessorStats, Shutdown, Topics};
 use forest_workload::{Generator, WorkloadConfig};
 use prost::Message as _;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::ClientContext;
+use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -361,17 +360,10 @@ pub fn start_fulfilment(cfg: FulfilmentConfig) -> RunningFulfilment {
 
 /// Current end offset of every partition of `topic`.
 pub fn topic_ends(b: &TestBroker, topic: &str) -> BTreeMap<(String, i32), i64> {
-    let consumer: BaseConsumer = client_config(&b.bootstrap, &[])
-        .set("group.id", "forest-test-watermarks")
-        .create()
-        .expect("consumer");
-    (0..PARTITIONS)
-        .map(|p| {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .expect("watermarks");
-            ((topic.to_string(), p), high)
-        })
+    forest_kafka::end_offsets(&b.bootstrap, topic)
+        .unwrap_or_else(|e| panic!("end offsets of {topic}: {e}"))
+        .into_iter()
+        .map(|(p, end)| ((topic.to_string(), p), end))
         .collect()
 }
 
@@ -519,54 +511,13 @@ pub fn wait_caught_up(
     }
 }
 
-/// Reads a whole topic from the beginning to its current end.
+/// Reads a whole topic from the beginning to its current end: (key, value, headers).
 pub fn read_topic(b: &TestBroker, topic: &str) -> Vec<(Vec<u8>, Vec<u8>, Vec<(String, Vec<u8>)>)> {
-    let consumer: BaseConsumer = client_config(&b.bootstrap, &[])
-        .set("group.id", "forest-test-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("reader");
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = HashMap::new();
-    for p in 0..PARTITIONS {
-        let (_, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .expect("watermarks");
-        ends.insert(p, high);
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("tpl");
-    }
-    consumer.assign(&tpl).expect("assign");
-    let mut out = Vec::new();
-    let mut pos: HashMap<i32, i64> = (0..PARTITIONS).map(|p| (p, 0)).collect();
-    let start = Instant::now();
-    while pos.iter().any(|(p, o)| *o < ends[p]) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "reading {topic} timed out"
-        );
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                pos.insert(m.partition(), m.offset() + 1);
-                let hdrs = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push((
-                    m.key().unwrap_or_default().to_vec(),
-                    m.payload().unwrap_or_default().to_vec(),
-                    hdrs,
-                ));
-            }
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            None => {}
-        }
-    }
-    out
+    forest_kafka::read_topic(&b.bootstrap, topic, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("reading {topic}: {e}"))
+        .into_iter()
+        .map(|r| (r.key, r.value, r.headers))
+        .collect()
 }
 
 /// Checks every invariant of the processor against the expectation; returns a summary line.
