@@ -24,6 +24,7 @@ const SUBCOMMANDS: &[&str] = &[
     "demo",
     "loadgen",
     "broker",
+    "bench",
     "processor",
     "fulfilment",
     "partners",

@@ -158,7 +158,7 @@ pub fn run(args: DemoArgs, rules: RuleSet) -> anyhow::Result<()> {
     let loadgen = {
         let (b, t, p, rate) = (brokers.clone(), topics.clone(), produced.clone(), args.rate);
         Service::spawn("load generator", move |stop| {
-            loadgen::produce(&b, &[], &t, workload, rate, &p, &stop)
+            loadgen::produce(&b, &[], &t, workload, rate, &p, &stop, false)
         })?
     };
     // Processor.

@@ -38,6 +38,9 @@ pub struct FulfilmentArgs {
     /// Records per committed batch.
     #[arg(long, env = "FOREST_FULFILMENT_BATCH_SIZE", default_value_t = 2_000)]
     batch_size: usize,
+    /// Serve Prometheus metrics (/metrics) here; `off` to disable.
+    #[arg(long, env = "FOREST_METRICS_ADDR", default_value = "0.0.0.0:9899")]
+    metrics_addr: String,
     /// librdkafka setting passed through, repeatable: --kafka-config key=value.
     #[arg(long = "kafka-config", value_parser = crate::common::parse_kv)]
     kafka_config: Vec<(String, String)>,
@@ -75,7 +78,7 @@ pub fn run(args: FulfilmentArgs) -> anyhow::Result<()> {
     cfg.reload_interval = Duration::from_secs(args.reload_secs);
     cfg.batch_max_records = args.batch_size;
     cfg.kafka = args.kafka_config;
-    forest_fulfilment::metrics::describe();
+    crate::common::install_metrics(&args.metrics_addr)?;
     let shutdown = crate::common::shutdown_on_signal()?;
     forest_fulfilment::run(cfg, shutdown, Arc::new(FulfilmentStats::default()))
         .context("fulfilment failed")

@@ -118,6 +118,7 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         args.rate,
         &produced,
         &stop,
+        false,
     )?;
     let secs = started.elapsed().as_secs_f64();
     println!(
@@ -131,6 +132,9 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
 }
 
 /// Produces the workload; returns how many records Kafka acknowledged. `rate` 0 = unpaced.
+/// `stamp_now`: leave record timestamps to the producer's clock (send time) instead of the
+/// workload's simulated times, to measure produce-to-projection latency.
+#[allow(clippy::too_many_arguments)]
 pub fn produce(
     brokers: &str,
     kafka: &[(String, String)],
@@ -139,6 +143,7 @@ pub fn produce(
     rate: u64,
     produced: &AtomicU64,
     stop: &AtomicBool,
+    stamp_now: bool,
 ) -> anyhow::Result<u64> {
     let producer: BaseProducer<Acks> = client_config(brokers, &[])
         .set("enable.idempotence", "true")
@@ -163,8 +168,10 @@ pub fn produce(
         };
         let mut record = BaseRecord::to(topic)
             .key(rec.key.as_bytes())
-            .payload(&rec.value)
-            .timestamp(rec.timestamp_ms);
+            .payload(&rec.value);
+        if !stamp_now {
+            record = record.timestamp(rec.timestamp_ms);
+        }
         loop {
             match producer.send(record) {
                 Ok(()) => break,

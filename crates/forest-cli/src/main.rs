@@ -2,6 +2,7 @@
 //! environment, then an optional TOML config file), sets up logging and hands over to the
 //! subcommand's `run`.
 
+mod bench;
 mod broker;
 mod common;
 mod config;
@@ -42,6 +43,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Produce a generated workload to the input topics.
     Loadgen(loadgen::LoadgenArgs),
+    /// Benchmark: raw consume vs the processor end to end on one preloaded topic set, and
+    /// latency at fixed rates; prints one table.
+    Bench(bench::BenchArgs),
     /// Run the embedded Kafka-protocol broker on its own; prints its bootstrap address.
     Broker(broker::BrokerArgs),
     /// Run the processor against a Kafka cluster until SIGTERM or Ctrl-C.
@@ -74,7 +78,7 @@ fn main() -> anyhow::Result<()> {
                 // The demo prints its own progress and summary; services log their lifecycle.
                 .unwrap_or_else(|_| {
                     tracing_subscriber::EnvFilter::new(match cli.command {
-                        Command::Demo(_) => "warn",
+                        Command::Demo(_) | Command::Bench(_) => "warn",
                         _ => "info",
                     })
                 }),
@@ -89,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args, rules),
         Command::Loadgen(args) => loadgen::run(args),
         Command::Broker(args) => broker::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Processor(args) => processor::run(args, rules),
         Command::Fulfilment(args) => fulfilment::run(args),
         Command::Partners(args) => fulfilment::show(args),

@@ -29,6 +29,9 @@ pub struct ProcessorArgs {
     /// RocksDB block cache, MiB.
     #[arg(long, env = "FOREST_BLOCK_CACHE_MB", default_value_t = 256)]
     block_cache_mb: usize,
+    /// Serve Prometheus metrics (/metrics) here; `off` to disable.
+    #[arg(long, env = "FOREST_METRICS_ADDR", default_value = "0.0.0.0:9898")]
+    metrics_addr: String,
     /// librdkafka setting passed through, repeatable: --kafka-config key=value.
     #[arg(long = "kafka-config", value_parser = crate::common::parse_kv)]
     kafka_config: Vec<(String, String)>,
@@ -46,7 +49,7 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.store.block_cache_bytes = args.block_cache_mb << 20;
     cfg.kafka = args.kafka_config;
     cfg.rules = Arc::new(rules);
-    forest_processor::metrics::describe();
+    crate::common::install_metrics(&args.metrics_addr)?;
     let shutdown = crate::common::shutdown_on_signal()?;
     forest_processor::run(cfg, shutdown, Arc::new(ProcessorStats::default()))
         .context("processor failed")

@@ -35,6 +35,8 @@ pub struct Core {
     pending: Vec<OutboxEntry>,
     pub batch_records: usize,
     pub batch_started: Option<Instant>,
+    /// Record timestamps of the batch, for the latency histogram.
+    batch_ts: Vec<i64>,
     producer: OutboxProducer,
     stats: Arc<ProcessorStats>,
     crash_at: Option<CrashPoint>,
@@ -70,6 +72,7 @@ impl Core {
             pending: Vec::new(),
             batch_records: 0,
             batch_started: None,
+            batch_ts: Vec::new(),
             producer,
             stats,
             crash_at: cfg.crash_at,
@@ -120,6 +123,9 @@ impl Core {
     fn process(&mut self, rec: Rec) -> Result<(), ProcessorError> {
         if self.batch_started.is_none() {
             self.batch_started = Some(Instant::now());
+        }
+        if let Some(ts) = rec.timestamp {
+            self.batch_ts.push(ts);
         }
         let (topic_name, kind) = &self.inputs[rec.topic as usize];
         let decoded = match rec.timestamp {
@@ -260,6 +266,17 @@ impl Core {
         }
         self.deliver(entries)?;
         metrics::histogram!(m::BATCH_DURATION).record(started.elapsed().as_secs_f64());
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut oldest = now_ms;
+        for ts in self.batch_ts.drain(..) {
+            oldest = oldest.min(ts);
+            self.stats
+                .latency
+                .record_ms(now_ms.saturating_sub(ts).max(0) as u64);
+        }
+        metrics::histogram!(m::EVENT_LATENCY).record((now_ms - oldest).max(0) as f64 / 1000.0);
         Ok(true)
     }
 

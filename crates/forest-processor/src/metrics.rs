@@ -17,6 +17,7 @@ pub const BATCH_DURATION: &str = "forest_batch_duration_seconds";
 pub const STORE_WRITES: &str = "forest_store_writes_total";
 pub const REBALANCES: &str = "forest_rebalances_total";
 pub const MERGE_BUFFERED: &str = "forest_merge_buffered_records";
+pub const EVENT_LATENCY: &str = "forest_event_latency_seconds";
 
 /// Registers descriptions with the installed recorder (call once at start-up).
 pub fn describe() {
@@ -71,6 +72,11 @@ pub fn describe() {
         REBALANCES,
         Unit::Count,
         "Consumer-group rebalances, by kind (assign, revoke)."
+    );
+    describe_histogram!(
+        EVENT_LATENCY,
+        Unit::Seconds,
+        "Per committed batch: time from its oldest record's Kafka timestamp to the batch being durable and delivered (produce-to-projection latency when producers stamp send time)."
     );
     describe_gauge!(
         MERGE_BUFFERED,

@@ -1,0 +1,411 @@
+//! `forest bench`: the end-to-end benchmark harness. In one run, on one preloaded topic set:
+//! (a) the raw consume-only throughput of a plain rdkafka consumer, (b) the processor's
+//! end-to-end throughput (decode, fold, RocksDB, outputs), (c) produce-to-projection latency at
+//! fixed rates; then one table. Works on the embedded broker and on `--brokers`.
+
+use crate::common;
+use crate::loadgen::{self, WorkloadArgs};
+use anyhow::{Context, ensure};
+use forest_fulfilment::FulfilmentTopics;
+use forest_kafka::{ClientConfigExt, EmbeddedBroker, client_config, end_offsets, ensure_topics};
+use forest_processor::{ProcessorConfig, ProcessorStats, Topics};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Benchmark this Kafka cluster instead of the embedded broker.
+    #[arg(long, env = "FOREST_BROKERS")]
+    brokers: Option<String>,
+    #[command(flatten)]
+    workload: WorkloadArgs,
+    /// Partitions of each input topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Processor batch size (records per RocksDB batch).
+    #[arg(long, default_value_t = 5_000)]
+    batch_size: usize,
+    /// Seconds of load at each fixed rate of the latency phase; 0 skips it.
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u64,
+    /// Rates of the latency phase, as fractions of the measured processor throughput.
+    #[arg(long, value_delimiter = ',', default_value = "0.5")]
+    latency_at: Vec<f64>,
+    /// Keep the stores here. Default: a temporary directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// librdkafka setting passed through to every client, repeatable: --kafka-config key=value.
+    #[arg(long = "kafka-config", value_parser = crate::common::parse_kv)]
+    kafka_config: Vec<(String, String)>,
+}
+
+/// CPU seconds (user + system) this process has used, from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the command name's closing parenthesis; utime and stime are the 12th and
+    // 13th of them, in clock ticks (100 per second on Linux).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// Peak resident set since the last [`reset_peak_rss`], MiB (VmHWM).
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Resets the peak-RSS mark (Linux: write 5 to /proc/self/clear_refs), so each phase reports
+/// its own peak.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+struct Phase {
+    name: String,
+    events: u64,
+    secs: f64,
+    cpu: f64,
+    rss: f64,
+    writes: Option<f64>,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.secs
+    }
+}
+
+fn measure<T>(
+    name: &str,
+    events: impl FnOnce(&T) -> u64,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(Phase, T)> {
+    reset_peak_rss();
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let out = f()?;
+    let secs = t0.elapsed().as_secs_f64();
+    let phase = Phase {
+        name: name.into(),
+        events: events(&out),
+        secs,
+        cpu: cpu_seconds() - cpu0,
+        rss: peak_rss_mib(),
+        writes: None,
+    };
+    eprintln!(
+        "  {name}: {} events in {secs:.2} s = {:.0} events/s",
+        phase.events,
+        phase.rate()
+    );
+    Ok((phase, out))
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let workload = args.workload.config()?;
+    ensure!(args.partitions >= 1, "--partitions must be at least 1");
+    ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
+    ensure!(
+        args.latency_at.iter().all(|f| *f > 0.0 && *f <= 2.0),
+        "--latency-at takes fractions of the measured throughput, e.g. 0.25,0.5"
+    );
+    let embedded = match &args.brokers {
+        None => Some(EmbeddedBroker::start(1)?),
+        Some(_) => None,
+    };
+    let brokers = args
+        .brokers
+        .clone()
+        .or_else(|| embedded.as_ref().map(|e| e.bootstrap_servers()))
+        .context("no broker")?;
+    let tmp;
+    let data_dir = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
+    let kafka = &args.kafka_config;
+    let create = |prefix: &str| -> anyhow::Result<Topics> {
+        let t = Topics::prefixed(prefix);
+        let names = common::all_topics(&t, &FulfilmentTopics::prefixed(prefix));
+        let spec: Vec<(&str, i32)> = names
+            .iter()
+            .map(|n| (n.as_str(), args.partitions))
+            .collect();
+        ensure_topics(embedded.as_ref(), &brokers, kafka, &spec, 1)?;
+        Ok(t)
+    };
+    eprintln!(
+        "forest bench on {} ({brokers}): {} events, {} users, {} partitions, batch {}",
+        if embedded.is_some() {
+            "the embedded broker"
+        } else {
+            "a Kafka cluster"
+        },
+        workload.events,
+        workload.users,
+        args.partitions,
+        args.batch_size
+    );
+
+    // Preload.
+    let topics = create(&format!("bench-{stamp}."))?;
+    let never = AtomicBool::new(false);
+    let produced = AtomicU64::new(0);
+    let (preload, n) = measure(
+        "preload (produce)",
+        |n: &u64| *n,
+        || {
+            loadgen::produce(
+                &brokers,
+                kafka,
+                &topics,
+                workload.clone(),
+                0,
+                &produced,
+                &never,
+                false,
+            )
+        },
+    )?;
+    let inputs = [&topics.payments, &topics.mobility, &topics.commands];
+    let mut ends = Vec::new();
+    for t in inputs {
+        for (p, end) in end_offsets(&brokers, t)? {
+            ends.push((t.to_string(), p, end));
+        }
+    }
+
+    // (a) Raw consume-only throughput.
+    let (raw, _) = measure(
+        "(a) raw consume",
+        |n: &u64| *n,
+        || raw_consume(&brokers, kafka, &ends),
+    )?;
+
+    // (b) The processor, end to end.
+    let pstats = Arc::new(ProcessorStats::default());
+    let (mut proc, _) = measure(
+        "(b) processor",
+        |_: &()| ProcessorStats::get(&pstats.committed_records),
+        || {
+            run_processor(
+                &brokers,
+                kafka,
+                &topics,
+                &data_dir.join("processor"),
+                args.batch_size,
+                &pstats,
+                &ends,
+                Duration::from_secs(3600),
+            )
+        },
+    )?;
+    proc.writes = Some(ProcessorStats::get(&pstats.store_writes) as f64 / n.max(1) as f64);
+
+    // (c) Latency at fixed rates.
+    let mut latencies = Vec::new();
+    if args.latency_secs > 0 {
+        for (i, frac) in args.latency_at.iter().enumerate() {
+            let rate = (proc.rate() * frac).max(1.0) as u64;
+            let t = create(&format!("bench-{stamp}-lat{i}."))?;
+            let events = rate * args.latency_secs;
+            let stats = Arc::new(ProcessorStats::default());
+            let mut cfg = workload.clone();
+            cfg.events = events;
+            cfg.seed = workload.seed + 1 + i as u64;
+            let stop = Arc::new(AtomicBool::new(false));
+            let handle = {
+                let (b, k, tt, s, d, st) = (
+                    brokers.clone(),
+                    kafka.clone(),
+                    t.clone(),
+                    stats.clone(),
+                    data_dir.join(format!("latency-{i}")),
+                    stop.clone(),
+                );
+                let batch = args.batch_size;
+                std::thread::spawn(move || {
+                    let mut c = ProcessorConfig::new(b, d);
+                    c.topics = tt;
+                    c.group_id = format!("forest-bench-lat-{}", std::process::id());
+                    c.batch_max_records = batch;
+                    c.kafka = k;
+                    forest_processor::run(c, st, s)
+                })
+            };
+            let sent = AtomicU64::new(0);
+            loadgen::produce(&brokers, kafka, &t, cfg, rate, &sent, &never, true)?;
+            let mut lat_ends = Vec::new();
+            for tp in [&t.payments, &t.mobility, &t.commands] {
+                for (p, end) in end_offsets(&brokers, tp)? {
+                    lat_ends.push((tp.to_string(), p, end));
+                }
+            }
+            wait_committed(&stats, &lat_ends, Duration::from_secs(600), &handle)?;
+            stop.store(true, Ordering::Relaxed);
+            handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("latency processor panicked"))??;
+            latencies.push((
+                *frac,
+                rate,
+                stats.latency.count(),
+                stats.latency.quantile_ms(0.5),
+                stats.latency.quantile_ms(0.99),
+            ));
+        }
+    }
+
+    println!();
+    println!(
+        "| phase | events | seconds | events/s | CPU-s per M events | RocksDB writes per event | peak RSS MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for p in [&preload, &raw, &proc] {
+        println!(
+            "| {} | {} | {:.2} | {:.0} | {:.2} | {} | {:.0} |",
+            p.name,
+            p.events,
+            p.secs,
+            p.rate(),
+            p.cpu / (p.events as f64 / 1e6),
+            p.writes.map_or("-".to_string(), |w| format!("{w:.3}")),
+            p.rss
+        );
+    }
+    println!();
+    println!(
+        "(b)/(a) = {:.2}  (processor end to end over raw consume, same topic, same run)",
+        proc.rate() / raw.rate()
+    );
+    for (frac, rate, count, p50, p99) in latencies {
+        println!(
+            "latency at {rate} events/s ({:.0} % of (b)), {count} records: p50 {} ms, p99 {} ms (produce to durable projection, bucket upper bounds)",
+            frac * 100.0,
+            p50.map_or("-".into(), |v| format!("{v:.1}")),
+            p99.map_or("-".into(), |v| format!("{v:.1}"))
+        );
+    }
+    drop(embedded);
+    Ok(())
+}
+
+/// A plain consumer over every input partition from the beginning, counting records, with the
+/// processor's fetch settings.
+fn raw_consume(
+    brokers: &str,
+    kafka: &[(String, String)],
+    ends: &[(String, i32, i64)],
+) -> anyhow::Result<u64> {
+    let consumer: BaseConsumer = client_config(brokers, &[])
+        .set(
+            "group.id",
+            format!("forest-bench-raw-{}", std::process::id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .set("queued.min.messages", "100000")
+        .set("max.partition.fetch.bytes", "10485760")
+        .set_all(kafka)
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for (t, p, _) in ends {
+        tpl.add_partition_offset(t, *p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let want: i64 = ends.iter().map(|e| e.2).sum();
+    let mut n = 0u64;
+    let mut bytes = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while (n as i64) < want {
+        ensure!(Instant::now() < deadline, "raw consume timed out");
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                n += 1;
+                bytes += m.payload_len();
+            }
+            Some(Err(e)) => anyhow::bail!("raw consume: {e}"),
+            None => {}
+        }
+    }
+    std::hint::black_box(bytes);
+    Ok(n)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_processor(
+    brokers: &str,
+    kafka: &[(String, String)],
+    topics: &Topics,
+    store: &Path,
+    batch: usize,
+    stats: &Arc<ProcessorStats>,
+    ends: &[(String, i32, i64)],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut cfg = ProcessorConfig::new(brokers, store);
+    cfg.topics = topics.clone();
+    cfg.group_id = format!("forest-bench-{}", std::process::id());
+    cfg.batch_max_records = batch;
+    cfg.kafka = kafka.to_vec();
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = {
+        let (s, d) = (stats.clone(), stop.clone());
+        std::thread::spawn(move || forest_processor::run(cfg, d, s))
+    };
+    wait_committed(stats, ends, timeout, &handle)?;
+    stop.store(true, Ordering::Relaxed);
+    handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("processor panicked"))??;
+    Ok(())
+}
+
+fn wait_committed<T>(
+    stats: &ProcessorStats,
+    ends: &[(String, i32, i64)],
+    timeout: Duration,
+    handle: &std::thread::JoinHandle<T>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = stats.committed_offsets();
+        if ends
+            .iter()
+            .all(|(t, p, end)| *end == 0 || got.get(&(t.clone(), *p)).is_some_and(|o| o >= end))
+        {
+            return Ok(());
+        }
+        ensure!(!handle.is_finished(), "the processor stopped early");
+        ensure!(
+            Instant::now() < deadline,
+            "the processor did not catch up in {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
