@@ -455,7 +455,7 @@ pub fn run(
     let (partners, partners_text) = cfg.partners.load()?;
     tracing::info!(version = %partners.version, partners = partners.partners.len(), "partner list loaded");
     let store = Store::open(&cfg.store_path, &cfg.store)?;
-    let producer = OutboxProducer::new(&cfg.brokers, &cfg.kafka)?;
+    let mut producer = OutboxProducer::new(&cfg.brokers, &cfg.kafka)?;
     producer.deliver_leftovers(&store)?;
     let ledger = Ledger::load(
         partners,

@@ -11,7 +11,7 @@ pub mod outbox;
 mod read;
 
 pub use outbox::{DeliveryError, OutboxProducer};
-pub use read::{ReadError, Record, end_offsets, read_topic};
+pub use read::{ReadError, Record, end_offsets, read_topic, watermarks};
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};

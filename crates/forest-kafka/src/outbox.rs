@@ -75,6 +75,7 @@ pub struct OutboxProducer {
     producer: BaseProducer<DeliveryCtx>,
     /// How long one delivery waits for all its reports before giving up (the entries stay).
     pub timeout: Duration,
+    in_flight: usize,
 }
 
 impl OutboxProducer {
@@ -95,23 +96,26 @@ impl OutboxProducer {
         Ok(Self {
             producer,
             timeout: Duration::from_secs(120),
+            in_flight: 0,
         })
     }
 
     /// Produces `entries`, serves delivery reports on this thread until each has one, and
     /// deletes the acknowledged entries from `store`. Blocking is the callers' backpressure.
-    /// Returns how many were delivered.
-    ///
-    /// Reports are polled directly in 1 ms steps: rdkafka's `flush` waits in 100 ms steps,
-    /// which cost most of a batch's time.
+    /// Returns how many were delivered (by this call and earlier [`send`](Self::send)s).
     pub fn deliver(
-        &self,
+        &mut self,
         store: &Store,
         entries: &[(u64, OutboxEntry)],
     ) -> Result<usize, DeliveryError> {
-        if entries.is_empty() {
-            return Ok(0);
-        }
+        self.send(entries)?;
+        self.settle(store, 0)
+    }
+
+    /// Hands `entries` to the producer without waiting for Kafka: the caller goes on with its
+    /// next batch while they are in flight, and later calls [`settle`](Self::settle). The
+    /// entries stay in the outbox until acknowledged, so a crash meanwhile re-sends them.
+    pub fn send(&mut self, entries: &[(u64, OutboxEntry)]) -> Result<(), DeliveryError> {
         for (seq, e) in entries {
             let mut hdrs = OwnedHeaders::new_with_capacity(e.headers.len());
             for (k, v) in &e.headers {
@@ -140,24 +144,42 @@ impl OutboxProducer {
                     }
                 }
             }
+            self.in_flight += 1;
         }
+        Ok(())
+    }
+
+    /// Outputs sent and not yet reported on.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Serves delivery reports until at most `max_in_flight` outputs await one, and deletes the
+    /// acknowledged entries from `store`; any refused output is an error (it stays in the
+    /// outbox). Returns how many were acknowledged. `settle(store, 0)` is a full flush.
+    ///
+    /// Reports are polled directly in 1 ms steps: rdkafka's `flush` waits in 100 ms steps,
+    /// which cost most of a batch's time.
+    pub fn settle(&mut self, store: &Store, max_in_flight: usize) -> Result<usize, DeliveryError> {
         let started = Instant::now();
         let ctx = self.producer.context();
+        self.producer.poll(Duration::ZERO);
         loop {
-            self.producer.poll(Duration::from_millis(1));
             let reported = lock(&ctx.acked).len() + lock(&ctx.failed).len();
-            if reported >= entries.len() {
+            if self.in_flight.saturating_sub(reported) <= max_in_flight {
                 break;
             }
             if started.elapsed() >= self.timeout {
                 return Err(DeliveryError::Timeout {
-                    pending: entries.len() - reported,
+                    pending: self.in_flight - reported,
                     waited: self.timeout,
                 });
             }
+            self.producer.poll(Duration::from_millis(1));
         }
         let acked: Vec<u64> = std::mem::take(&mut *lock(&ctx.acked));
         let failed: Vec<(u64, KafkaError)> = std::mem::take(&mut *lock(&ctx.failed));
+        self.in_flight -= acked.len() + failed.len();
         let delivered = acked.len();
         store.remove_outbox(acked)?;
         if let Some((_, first)) = failed.first() {
@@ -170,7 +192,7 @@ impl OutboxProducer {
     }
 
     /// Delivers whatever a previous run left in the outbox. Call before consuming.
-    pub fn deliver_leftovers(&self, store: &Store) -> Result<usize, DeliveryError> {
+    pub fn deliver_leftovers(&mut self, store: &Store) -> Result<usize, DeliveryError> {
         let mut total = 0;
         loop {
             let entries = store.outbox(10_000)?;

@@ -48,6 +48,15 @@ impl ReadError {
 
 /// The current end offset (high watermark) of every partition of `topic`.
 pub fn end_offsets(brokers: &str, topic: &str) -> Result<BTreeMap<i32, i64>, ReadError> {
+    Ok(watermarks(brokers, topic)?
+        .into_iter()
+        .map(|(p, (_, high))| (p, high))
+        .collect())
+}
+
+/// (log start, end) offsets of every partition of `topic`. The start is above 0 once
+/// retention deleted old records (the embedded broker keeps a bounded log per partition).
+pub fn watermarks(brokers: &str, topic: &str) -> Result<BTreeMap<i32, (i64, i64)>, ReadError> {
     let consumer: BaseConsumer = client_config(brokers, &[])
         .set("group.id", "forest-reader")
         .create()
@@ -56,10 +65,10 @@ pub fn end_offsets(brokers: &str, topic: &str) -> Result<BTreeMap<i32, i64>, Rea
             topic: topic.into(),
             source,
         })?;
-    ends(&consumer, topic)
+    marks(&consumer, topic)
 }
 
-fn ends(consumer: &BaseConsumer, topic: &str) -> Result<BTreeMap<i32, i64>, ReadError> {
+fn marks(consumer: &BaseConsumer, topic: &str) -> Result<BTreeMap<i32, (i64, i64)>, ReadError> {
     let err = |op| {
         move |source| ReadError::Kafka {
             op,
@@ -79,10 +88,10 @@ fn ends(consumer: &BaseConsumer, topic: &str) -> Result<BTreeMap<i32, i64>, Read
         .ok_or_else(|| ReadError::NoTopic(topic.into()))?;
     (0..partitions as i32)
         .map(|p| {
-            let (_, high) = consumer
+            let marks = consumer
                 .fetch_watermarks(topic, p, Duration::from_secs(30))
                 .map_err(err("fetch watermarks"))?;
-            Ok((p, high))
+            Ok((p, marks))
         })
         .collect()
 }
@@ -102,7 +111,10 @@ pub fn read_topic(brokers: &str, topic: &str, timeout: Duration) -> Result<Vec<R
         .set("enable.auto.commit", "false")
         .create()
         .map_err(err("create consumer"))?;
-    let ends = ends(&consumer, topic)?;
+    let ends: BTreeMap<i32, i64> = marks(&consumer, topic)?
+        .into_iter()
+        .map(|(p, (_, high))| (p, high))
+        .collect();
     let mut tpl = TopicPartitionList::new();
     for p in ends.keys() {
         tpl.add_partition_offset(topic, *p, Offset::Beginning)

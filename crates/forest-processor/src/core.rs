@@ -44,6 +44,7 @@ pub struct Core {
     batches_in_run: u64,
     batch_max: usize,
     dry_run: bool,
+    max_in_flight: usize,
 }
 
 impl Core {
@@ -80,6 +81,7 @@ impl Core {
             batches_in_run: 0,
             batch_max: cfg.batch_max_records.max(1),
             dry_run: cfg.dry_run,
+            max_in_flight: cfg.max_outputs_in_flight,
         }
     }
 
@@ -289,18 +291,27 @@ impl Core {
         Ok(())
     }
 
-    /// Produces the batch's outputs and deletes the acknowledged ones; blocks until each has
-    /// a delivery report: this is the processor's backpressure.
+    /// Sends the batch's outputs without waiting for Kafka, so the next batch is folded while
+    /// they are in flight; waits only when more than `max_in_flight` are unacknowledged (the
+    /// backpressure on a slow output topic). Acknowledged entries leave the outbox.
     fn deliver(&mut self, entries: Vec<(u64, OutboxEntry)>) -> Result<(), ProcessorError> {
-        metrics::gauge!(m::OUTBOX_DEPTH).set(entries.len() as f64);
-        let result = self.producer.deliver(&self.store, &entries);
-        if let Ok(n) = &result {
-            self.stats
-                .outputs_delivered
-                .fetch_add(*n as u64, Ordering::Relaxed);
-            metrics::gauge!(m::OUTBOX_DEPTH).set(0.0);
-        }
-        result?;
+        self.producer.send(&entries)?;
+        let n = self.producer.settle(&self.store, self.max_in_flight)?;
+        self.stats
+            .outputs_delivered
+            .fetch_add(n as u64, Ordering::Relaxed);
+        metrics::gauge!(m::OUTBOX_DEPTH).set(self.producer.in_flight() as f64);
+        Ok(())
+    }
+
+    /// Waits until every output sent is acknowledged: before partitions are revoked and on
+    /// shutdown.
+    pub fn flush_outputs(&mut self) -> Result<(), ProcessorError> {
+        let n = self.producer.settle(&self.store, 0)?;
+        self.stats
+            .outputs_delivered
+            .fetch_add(n as u64, Ordering::Relaxed);
+        metrics::gauge!(m::OUTBOX_DEPTH).set(0.0);
         Ok(())
     }
 }

@@ -17,8 +17,10 @@
 //!   not dead-lettered: a producer retry is not bad input.
 //! - The input topics are merged per partition number in a deterministic order (see
 //!   [`merge`]), so a replay folds one user's events in the same order.
-//! - Backpressure: a batch is committed and its outputs acknowledged before the next batch is
-//!   read, so a slow store or output topic slows consumption instead of growing memory.
+//! - Backpressure: a batch is written before the next one is read, and its outputs are sent
+//!   while the next is folded; past `max_outputs_in_flight` unacknowledged outputs the
+//!   processor waits, so a slow store or output topic slows consumption instead of growing
+//!   memory. Before partitions are revoked and on shutdown, every output is acknowledged.
 
 mod core;
 pub mod merge;
@@ -99,6 +101,9 @@ pub struct ProcessorConfig {
     pub kafka: Vec<(String, String)>,
     pub rules: Arc<RuleSet>,
     pub crash_at: Option<CrashPoint>,
+    /// Outputs sent but not yet acknowledged before the processor waits (backpressure on a
+    /// slow output topic). 0 waits for every batch's outputs before the next batch.
+    pub max_outputs_in_flight: usize,
     /// Fold and store, but emit nothing: `forest rebuild` replays the log into a fresh store
     /// without re-sending TreeMatured or dead letters.
     pub dry_run: bool,
@@ -121,6 +126,7 @@ impl ProcessorConfig {
             rules: Arc::new(RuleSet::default()),
             crash_at: None,
             dry_run: false,
+            max_outputs_in_flight: 20_000,
         }
     }
 }

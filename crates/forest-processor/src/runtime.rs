@@ -94,7 +94,7 @@ impl ConsumerContext for Ctx {
                 metrics::counter!(m::REBALANCES, "kind" => "revoke").increment(1);
                 if !self.failed() {
                     let mut core = lock(&self.core);
-                    match core.commit() {
+                    match core.commit().and_then(|_| core.flush_outputs()) {
                         Ok(_) => commit_kafka(consumer, &core, CommitMode::Sync),
                         Err(e) => self.fail(e),
                     }
@@ -251,6 +251,7 @@ pub fn run(
     // Graceful: the close below revokes the partitions, which commits and flushes.
     let mut c = lock(&core);
     c.commit()?;
+    c.flush_outputs()?;
     commit_kafka(&consumer, &c, CommitMode::Sync);
     drop(c);
     consumer.unsubscribe();
@@ -267,6 +268,9 @@ fn consume_loop(
 ) -> Result<(), ProcessorError> {
     let ctx = consumer.context();
     let mut last_report = std::time::Instant::now();
+    // Where the loop's time goes, for the progress log: waiting in poll, folding (drain), and
+    // committing partial batches.
+    let (mut t_poll, mut t_drain, mut t_commit) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     while !shutdown.load(Ordering::Relaxed) {
         if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = std::time::Instant::now();
@@ -276,9 +280,13 @@ fn consume_loop(
                 applied = ctx.stats.applied.load(Ordering::Relaxed),
                 buffered = c.merger.buffered(),
                 lanes = ?c.merger.lanes(),
+                poll_s = t_poll.as_secs_f64(),
+                drain_s = t_drain.as_secs_f64(),
+                commit_s = t_commit.as_secs_f64(),
                 "progress"
             );
         }
+        let t0 = std::time::Instant::now();
         if let Some(e) = lock(&ctx.fatal).take() {
             return Err(e);
         }
@@ -308,6 +316,8 @@ fn consume_loop(
             }
             timeout = Duration::ZERO;
         }
+        let t1 = std::time::Instant::now();
+        t_poll += t1 - t0;
         let mut c = lock(core);
         // Full batches are committed inside drain; a partial one once it is old enough.
         let mut committed = c.drain(
@@ -317,11 +327,14 @@ fn consume_loop(
             cfg.max_idle,
             cfg.max_buffered,
         )?;
+        let t2 = std::time::Instant::now();
+        t_drain += t2 - t1;
         if c.batch_started
             .is_some_and(|s| s.elapsed() >= cfg.batch_max_wait)
         {
             committed |= c.commit()?;
         }
+        t_commit += t2.elapsed();
         if committed {
             commit_kafka(consumer, &c, CommitMode::Async);
         }
