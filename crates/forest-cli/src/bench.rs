@@ -231,6 +231,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 &pstats,
                 &ends,
                 Duration::from_secs(3600),
+                false,
             )
         },
     )?;
@@ -245,6 +246,35 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         cpu: proc.cpu,
         rss: proc.rss,
         writes: proc.writes,
+    };
+
+    // (b') The same, as plain at-least-once (Kafka offsets, no outbox): what effectively-once
+    // costs.
+    let astats = Arc::new(ProcessorStats::default());
+    let (alo, alo_startup) = measure(
+        "(b') at-least-once baseline",
+        |_: &Duration| ProcessorStats::get(&astats.committed_records),
+        || {
+            run_processor(
+                &brokers,
+                kafka,
+                &topics,
+                &data_dir.join("processor-alo"),
+                args.batch_size,
+                &astats,
+                &ends,
+                Duration::from_secs(3600),
+                true,
+            )
+        },
+    )?;
+    let alo_steady = Phase {
+        name: "(b') at-least-once baseline, from its first record".into(),
+        secs: (alo.secs - alo_startup.as_secs_f64()).max(1e-3),
+        events: alo.events,
+        cpu: alo.cpu,
+        rss: alo.rss,
+        writes: Some(ProcessorStats::get(&astats.store_writes) as f64 / alo.events.max(1) as f64),
     };
 
     // (c) Latency at fixed rates.
@@ -319,7 +349,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "| phase | events | seconds | events/s | CPU-s per M events | RocksDB writes per event | peak RSS MiB |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for p in [&preload, &raw, &proc, &steady] {
+    for p in [&preload, &raw, &proc, &steady, &alo_steady] {
         println!(
             "| {} | {} | {:.2} | {:.0} | {:.2} | {} | {:.0} |",
             p.name,
@@ -337,6 +367,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         startup.as_secs_f64(),
         steady.rate() / raw.rate(),
         proc.rate() / raw.rate()
+    );
+    println!(
+        "effectively-once cost: {:.1} % fewer events/s than the at-least-once baseline ({:.0} vs {:.0}), {:.2} vs {:.2} CPU-s per M events",
+        100.0 * (1.0 - steady.rate() / alo_steady.rate()),
+        steady.rate(),
+        alo_steady.rate(),
+        steady.cpu / (steady.events as f64 / 1e6),
+        alo_steady.cpu / (alo_steady.events as f64 / 1e6)
     );
     for (frac, rate, count, p50, p99) in latencies {
         println!(
@@ -402,10 +440,16 @@ fn run_processor(
     stats: &Arc<ProcessorStats>,
     ends: &[(String, i32, i64)],
     timeout: Duration,
+    at_least_once: bool,
 ) -> anyhow::Result<Duration> {
     let mut cfg = ProcessorConfig::new(brokers, store);
     cfg.topics = topics.clone();
-    cfg.group_id = format!("forest-bench-{}", std::process::id());
+    cfg.at_least_once_baseline = at_least_once;
+    cfg.group_id = format!(
+        "forest-bench-{}-{}",
+        std::process::id(),
+        if at_least_once { "alo" } else { "eo" }
+    );
     cfg.batch_max_records = batch;
     cfg.kafka = kafka.to_vec();
     let stop = Arc::new(AtomicBool::new(false));

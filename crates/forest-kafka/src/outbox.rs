@@ -109,7 +109,7 @@ impl OutboxProducer {
         entries: &[(u64, OutboxEntry)],
     ) -> Result<usize, DeliveryError> {
         self.send(entries)?;
-        self.settle(store, 0)
+        self.settle(Some(store), 0)
     }
 
     /// Hands `entries` to the producer without waiting for Kafka: the caller goes on with its
@@ -160,7 +160,12 @@ impl OutboxProducer {
     ///
     /// Reports are polled directly in 1 ms steps: rdkafka's `flush` waits in 100 ms steps,
     /// which cost most of a batch's time.
-    pub fn settle(&mut self, store: &Store, max_in_flight: usize) -> Result<usize, DeliveryError> {
+    /// `store` `None`: the entries were never in an outbox (an at-least-once baseline).
+    pub fn settle(
+        &mut self,
+        store: Option<&Store>,
+        max_in_flight: usize,
+    ) -> Result<usize, DeliveryError> {
         let started = Instant::now();
         let ctx = self.producer.context();
         self.producer.poll(Duration::ZERO);
@@ -181,7 +186,9 @@ impl OutboxProducer {
         let failed: Vec<(u64, KafkaError)> = std::mem::take(&mut *lock(&ctx.failed));
         self.in_flight -= acked.len() + failed.len();
         let delivered = acked.len();
-        store.remove_outbox(acked)?;
+        if let Some(store) = store {
+            store.remove_outbox(acked)?;
+        }
         if let Some((_, first)) = failed.first() {
             return Err(DeliveryError::Rejected {
                 failed: failed.len(),

@@ -45,6 +45,7 @@ pub struct Core {
     batch_max: usize,
     dry_run: bool,
     max_in_flight: usize,
+    pub at_least_once: bool,
 }
 
 impl Core {
@@ -82,6 +83,7 @@ impl Core {
             batch_max: cfg.batch_max_records.max(1),
             dry_run: cfg.dry_run,
             max_in_flight: cfg.max_outputs_in_flight,
+            at_least_once: cfg.at_least_once_baseline,
         }
     }
 
@@ -234,7 +236,13 @@ impl Core {
             .map(|(&(t, p), &o)| (inputs[t as usize].0.as_str(), p, o))
             .collect();
         let writes_before = self.store.stats.writes.load(Ordering::Relaxed);
-        let seqs = match self.cache.commit(&self.store, offsets, &self.pending) {
+        // The at-least-once baseline keeps neither offsets nor outputs in the store.
+        let (offsets, outbox) = if self.at_least_once {
+            (Vec::new(), &[][..])
+        } else {
+            (offsets, &self.pending[..])
+        };
+        let seqs = match self.cache.commit(&self.store, offsets, outbox) {
             Ok(s) => s,
             Err(e) => {
                 // Nothing moved: the events will be replayed from the stored offsets.
@@ -260,7 +268,11 @@ impl Core {
         self.batch_records = 0;
         self.batch_started = None;
         self.batches_in_run += 1;
-        let entries: Vec<(u64, OutboxEntry)> = seqs.zip(self.pending.drain(..)).collect();
+        let entries: Vec<(u64, OutboxEntry)> = if self.at_least_once {
+            (0..).zip(self.pending.drain(..)).collect()
+        } else {
+            seqs.zip(self.pending.drain(..)).collect()
+        };
         if self.crash_at == Some(CrashPoint::AfterStoreWrite(self.batches_in_run)) {
             return Err(ProcessorError::InjectedCrash(CrashPoint::AfterStoreWrite(
                 self.batches_in_run,
@@ -296,7 +308,8 @@ impl Core {
     /// backpressure on a slow output topic). Acknowledged entries leave the outbox.
     fn deliver(&mut self, entries: Vec<(u64, OutboxEntry)>) -> Result<(), ProcessorError> {
         self.producer.send(&entries)?;
-        let n = self.producer.settle(&self.store, self.max_in_flight)?;
+        let store = (!self.at_least_once).then_some(&self.store);
+        let n = self.producer.settle(store, self.max_in_flight)?;
         self.stats
             .outputs_delivered
             .fetch_add(n as u64, Ordering::Relaxed);
@@ -307,7 +320,8 @@ impl Core {
     /// Waits until every output sent is acknowledged: before partitions are revoked and on
     /// shutdown.
     pub fn flush_outputs(&mut self) -> Result<(), ProcessorError> {
-        let n = self.producer.settle(&self.store, 0)?;
+        let store = (!self.at_least_once).then_some(&self.store);
+        let n = self.producer.settle(store, 0)?;
         self.stats
             .outputs_delivered
             .fetch_add(n as u64, Ordering::Relaxed);

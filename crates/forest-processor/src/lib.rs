@@ -104,6 +104,10 @@ pub struct ProcessorConfig {
     /// Outputs sent but not yet acknowledged before the processor waits (backpressure on a
     /// slow output topic). 0 waits for every batch's outputs before the next batch.
     pub max_outputs_in_flight: usize,
+    /// BENCHMARK BASELINE ONLY: plain at-least-once, to measure what effectively-once costs.
+    /// Offsets are Kafka's committed ones (not in the store) and outputs go straight to Kafka
+    /// (no outbox), so a crash re-applies events since the last Kafka commit.
+    pub at_least_once_baseline: bool,
     /// Fold and store, but emit nothing: `forest rebuild` replays the log into a fresh store
     /// without re-sending TreeMatured or dead letters.
     pub dry_run: bool,
@@ -126,6 +130,7 @@ impl ProcessorConfig {
             rules: Arc::new(RuleSet::default()),
             crash_at: None,
             dry_run: false,
+            at_least_once_baseline: false,
             max_outputs_in_flight: 20_000,
         }
     }

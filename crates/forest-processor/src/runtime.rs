@@ -67,7 +67,11 @@ impl ConsumerContext for Ctx {
                     }
                 }
                 for (topic, idx, partition, stored) in starts {
-                    let offset = stored.map_or(Offset::Beginning, Offset::Offset);
+                    let offset = if core.at_least_once {
+                        Offset::Stored
+                    } else {
+                        stored.map_or(Offset::Beginning, Offset::Offset)
+                    };
                     if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
                         self.fail(ProcessorError::Kafka {
                             op: "set start offset",

@@ -87,6 +87,9 @@ impl ProjectionCache {
         offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
         outbox: &[OutboxEntry],
     ) -> Result<std::ops::Range<u64>, StoreError> {
+        // In key order: RocksDB's memtable skiplist remembers where the last insert went, so
+        // sorted inserts skip most of the search (the search was ~8 % of the processor's CPU).
+        self.dirty.sort_unstable();
         let seqs = {
             let slots = &self.slots;
             let states = self
