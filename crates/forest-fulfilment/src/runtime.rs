@@ -339,7 +339,9 @@ impl Service {
                 self.batches_in_run,
             )));
         }
-        self.producer.deliver(&self.store, &entries)?;
+        // Sent while the next batch is folded; wait only past 20,000 unacknowledged outputs.
+        self.producer.send(&entries)?;
+        self.producer.settle(Some(&self.store), 20_000)?;
         metrics::histogram!(m::BATCH_DURATION).record(started.elapsed().as_secs_f64());
         Ok(true)
     }
@@ -611,6 +613,7 @@ pub fn run(
         }
     }
     svc.commit()?;
+    svc.producer.settle(Some(&svc.store), 0)?;
     svc.commit_kafka(&consumer, CommitMode::Sync);
     tracing::info!(
         backlog = svc.ledger.backlog_len(),
