@@ -187,10 +187,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 kafka,
                 &topics,
                 workload.clone(),
-                0,
+                loadgen::Pace::default(),
                 &produced,
                 &never,
-                false,
             )
         },
     )?;
@@ -322,7 +321,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(200));
             stats.latency.reset();
             let sent = AtomicU64::new(0);
-            loadgen::produce(&brokers, kafka, &t, cfg, rate, &sent, &never, true)?;
+            let pace = loadgen::Pace {
+                rate,
+                stamp_now: true,
+                ..loadgen::Pace::default()
+            };
+            loadgen::produce(&brokers, kafka, &t, cfg, pace, &sent, &never)?;
             let mut lat_ends = Vec::new();
             for tp in [&t.payments, &t.mobility, &t.commands] {
                 for (p, end) in end_offsets(&brokers, tp)? {

@@ -155,14 +155,23 @@ pub fn run(args: DemoArgs, rules: RuleSet) -> anyhow::Result<()> {
 
     // Load generator.
     let produced = Arc::new(AtomicU64::new(0));
+    let pstats = Arc::new(ProcessorStats::default());
     let loadgen = {
         let (b, t, p, rate) = (brokers.clone(), topics.clone(), produced.clone(), args.rate);
+        let consumed = pstats.clone();
+        // On the embedded broker, stay at most 200 K records ahead of the processor: its
+        // bounded log would otherwise drop records before they are read.
+        let ahead = embedded.is_some();
         Service::spawn("load generator", move |stop| {
-            loadgen::produce(&b, &[], &t, workload, rate, &p, &stop, false)
+            let pace = loadgen::Pace {
+                rate,
+                ahead_of: ahead.then_some((&consumed.consumed, 200_000)),
+                ..loadgen::Pace::default()
+            };
+            loadgen::produce(&b, &[], &t, workload, pace, &p, &stop)
         })?
     };
     // Processor.
-    let pstats = Arc::new(ProcessorStats::default());
     let processor = {
         let mut cfg = ProcessorConfig::new(brokers.clone(), data_dir.join("processor"));
         cfg.topics = topics.clone();

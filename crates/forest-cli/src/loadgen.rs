@@ -115,10 +115,12 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
         &args.kafka_config,
         &topics,
         cfg,
-        args.rate,
+        Pace {
+            rate: args.rate,
+            ..Pace::default()
+        },
         &produced,
         &stop,
-        false,
     )?;
     let secs = started.elapsed().as_secs_f64();
     println!(
@@ -131,20 +133,35 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Produces the workload; returns how many records Kafka acknowledged. `rate` 0 = unpaced.
-/// `stamp_now`: leave record timestamps to the producer's clock (send time) instead of the
-/// workload's simulated times, to measure produce-to-projection latency.
-#[allow(clippy::too_many_arguments)]
+/// How the load generator paces itself.
+#[derive(Clone, Copy, Default)]
+pub struct Pace<'a> {
+    /// Records per second; 0 = unpaced.
+    pub rate: u64,
+    /// Leave record timestamps to the producer's clock (send time) instead of the workload's
+    /// simulated times, to measure produce-to-projection latency.
+    pub stamp_now: bool,
+    /// Stay at most this many records ahead of a consumer's progress counter (the demo: the
+    /// embedded broker keeps a bounded log per partition, so an unread backlog that grows
+    /// without bound would be truncated before it is read).
+    pub ahead_of: Option<(&'a AtomicU64, u64)>,
+}
+
+/// Produces the workload; returns how many records Kafka acknowledged.
 pub fn produce(
     brokers: &str,
     kafka: &[(String, String)],
     topics: &Topics,
     cfg: WorkloadConfig,
-    rate: u64,
+    pace: Pace<'_>,
     produced: &AtomicU64,
     stop: &AtomicBool,
-    stamp_now: bool,
 ) -> anyhow::Result<u64> {
+    let Pace {
+        rate,
+        stamp_now,
+        ahead_of,
+    } = pace;
     let producer: BaseProducer<Acks> = client_config(brokers, &[])
         .set("enable.idempotence", "true")
         .set("compression.type", "lz4")
@@ -190,6 +207,13 @@ pub fn produce(
                 let due = Duration::from_secs_f64(sent as f64 / rate as f64);
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
                     std::thread::sleep(wait);
+                }
+            }
+            if let Some((consumed, max_ahead)) = ahead_of {
+                while sent.saturating_sub(consumed.load(Ordering::Relaxed)) > max_ahead
+                    && !stop.load(Ordering::Relaxed)
+                {
+                    producer.poll(Duration::from_millis(5));
                 }
             }
         }
