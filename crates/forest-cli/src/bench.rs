@@ -13,6 +13,7 @@ use forest_kafka::{
 use forest_processor::{ProcessorConfig, ProcessorStats, Topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,6 +41,10 @@ pub struct BenchArgs {
     /// Keep the stores here. Default: a temporary directory.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// PID of an external broker process (e.g. `cat $TMPDIR/forest-kafka/kafka.pid`), whose
+    /// CPU time is then reported per phase too.
+    #[arg(long)]
+    broker_pid: Option<u32>,
     /// librdkafka setting passed through to every client, repeatable: --kafka-config key=value.
     #[arg(long = "kafka-config", value_parser = crate::common::parse_kv)]
     kafka_config: Vec<(String, String)>,
@@ -83,8 +88,94 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// CPU time by thread group during a phase, sampled every 100 ms from /proc (a thread that
+/// ends between samples loses at most its last 100 ms), plus an external broker process.
+struct CpuSampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<BTreeMap<&'static str, f64>>,
+}
+
+fn thread_group(comm: &str) -> &'static str {
+    if comm.starts_with("rdk:mock") {
+        "embedded broker"
+    } else if comm.starts_with("rdk:") {
+        "librdkafka clients"
+    } else {
+        "forest threads"
+    }
+}
+
+/// (utime + stime) seconds from a /proc stat line.
+fn stat_seconds(stat: &str) -> Option<f64> {
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+}
+
+impl CpuSampler {
+    fn start(broker_pid: Option<u32>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            // tid -> (group, first seen, last seen)
+            let mut seen: BTreeMap<String, (&'static str, f64, f64)> = BTreeMap::new();
+            let sample = |seen: &mut BTreeMap<String, (&'static str, f64, f64)>| {
+                if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+                    for t in dir.flatten() {
+                        let path = t.path();
+                        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+                        let Some(cpu) = std::fs::read_to_string(path.join("stat"))
+                            .ok()
+                            .and_then(|st| stat_seconds(&st))
+                        else {
+                            continue;
+                        };
+                        let key = t.file_name().to_string_lossy().into_owned();
+                        let e = seen
+                            .entry(key)
+                            .or_insert((thread_group(comm.trim()), cpu, cpu));
+                        e.2 = cpu;
+                    }
+                }
+                if let Some(pid) = broker_pid {
+                    if let Some(cpu) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .ok()
+                        .and_then(|st| stat_seconds(&st))
+                    {
+                        let e = seen.entry(format!("pid-{pid}")).or_insert((
+                            "Kafka broker (JVM)",
+                            cpu,
+                            cpu,
+                        ));
+                        e.2 = cpu;
+                    }
+                }
+            };
+            sample(&mut seen);
+            while !s.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                sample(&mut seen);
+            }
+            sample(&mut seen);
+            let mut groups = BTreeMap::new();
+            for (_, (g, first, last)) in seen {
+                *groups.entry(g).or_insert(0.0) += last - first;
+            }
+            groups
+        });
+        Self { stop, handle }
+    }
+
+    fn finish(self) -> BTreeMap<&'static str, f64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap_or_default()
+    }
+}
+
 struct Phase {
     name: String,
+    /// CPU seconds by thread group (and the external broker, if known).
+    groups: BTreeMap<&'static str, f64>,
     events: u64,
     secs: f64,
     cpu: f64,
@@ -100,16 +191,20 @@ impl Phase {
 
 fn measure<T>(
     name: &str,
+    broker_pid: Option<u32>,
     events: impl FnOnce(&T) -> u64,
     f: impl FnOnce() -> anyhow::Result<T>,
 ) -> anyhow::Result<(Phase, T)> {
     reset_peak_rss();
+    let sampler = CpuSampler::start(broker_pid);
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     let out = f()?;
     let secs = t0.elapsed().as_secs_f64();
+    let groups = sampler.finish();
     let phase = Phase {
         name: name.into(),
+        groups,
         events: events(&out),
         secs,
         cpu: cpu_seconds() - cpu0,
@@ -180,6 +275,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let produced = AtomicU64::new(0);
     let (preload, n) = measure(
         "preload (produce)",
+        args.broker_pid,
         |n: &u64| *n,
         || {
             loadgen::produce(
@@ -211,6 +307,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // (a) Raw consume-only throughput.
     let (raw, _) = measure(
         "(a) raw consume",
+        args.broker_pid,
         |n: &u64| *n,
         || raw_consume(&brokers, kafka, &ends, retained),
     )?;
@@ -219,6 +316,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let pstats = Arc::new(ProcessorStats::default());
     let (mut proc, startup) = measure(
         "(b) processor",
+        args.broker_pid,
         |_: &Duration| ProcessorStats::get(&pstats.committed_records),
         || {
             run_processor(
@@ -240,6 +338,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // group (seconds, mostly the broker's rebalance delay). Throughput is compared after that.
     let steady = Phase {
         name: "(b) processor, from its first record".into(),
+        groups: proc.groups.clone(),
         secs: (proc.secs - startup.as_secs_f64()).max(1e-3),
         events: proc.events,
         cpu: proc.cpu,
@@ -252,6 +351,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let astats = Arc::new(ProcessorStats::default());
     let (alo, alo_startup) = measure(
         "(b') at-least-once baseline",
+        args.broker_pid,
         |_: &Duration| ProcessorStats::get(&astats.committed_records),
         || {
             run_processor(
@@ -269,6 +369,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     )?;
     let alo_steady = Phase {
         name: "(b') at-least-once baseline, from its first record".into(),
+        groups: alo.groups.clone(),
         secs: (alo.secs - alo_startup.as_secs_f64()).max(1e-3),
         events: alo.events,
         cpu: alo.cpu,
@@ -372,6 +473,35 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         steady.rate() / raw.rate(),
         proc.rate() / raw.rate()
     );
+    println!();
+    println!("CPU-s per M events by thread group (sampled every 100 ms):");
+    println!();
+    let names: std::collections::BTreeSet<&str> = [&preload, &raw, &proc, &alo]
+        .iter()
+        .flat_map(|p| p.groups.keys().copied())
+        .collect();
+    println!(
+        "| phase | {} |",
+        names.iter().copied().collect::<Vec<_>>().join(" | ")
+    );
+    println!("|---|{}", "---|".repeat(names.len()));
+    for p in [&preload, &raw, &proc, &alo] {
+        let per_m = |g: &str| {
+            p.groups.get(g).map_or("-".to_string(), |c| {
+                format!("{:.2}", c / (p.events as f64 / 1e6))
+            })
+        };
+        println!(
+            "| {} | {} |",
+            p.name,
+            names
+                .iter()
+                .map(|g| per_m(g))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    println!();
     println!(
         "effectively-once cost: {:.1} % fewer events/s than the at-least-once baseline ({:.0} vs {:.0}), {:.2} vs {:.2} CPU-s per M events",
         100.0 * (1.0 - steady.rate() / alo_steady.rate()),
