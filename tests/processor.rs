@@ -36,6 +36,27 @@ fn projections_trees_and_dead_letters_match_the_pure_fold() {
 }
 
 #[test]
+fn two_workers_in_one_process_share_the_store_and_match_the_pure_fold() {
+    let b = TestBroker::new("workers");
+    let records = produce(&b, workload(5, 200_000, 20_000));
+    let want = expected(&Default::default(), &records);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = b.processor_config(dir.path(), "g");
+    cfg.workers = 2;
+    cfg.batch_max_records = 500;
+    let p = start(cfg);
+    wait_caught_up(&[&p.stats], &end_offsets(&b, &records), CATCH_UP);
+    let rebalances = forest_processor::ProcessorStats::get(&p.stats.rebalances);
+    p.stop().expect("graceful stop");
+    // Both workers joined: each saw at least one assignment.
+    assert!(
+        rebalances >= 2,
+        "two members, {rebalances} rebalance callbacks"
+    );
+    eprintln!("two workers: {}", check(&b, dir.path(), &want));
+}
+
+#[test]
 fn crash_at_several_points_then_restart_loses_and_doubles_nothing() {
     let b = TestBroker::new("crash");
     let records = produce(&b, workload(2, 60_000, 5_000));

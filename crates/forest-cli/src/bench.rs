@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Partitions of each input topic.
     #[arg(long, default_value_t = 4)]
     partitions: i32,
+    /// Processor workers (consumer-group members on their own threads, sharing the store).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
     /// Processor batch size (records per RocksDB batch).
     #[arg(long, default_value_t = 5_000)]
     batch_size: usize,
@@ -271,6 +274,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // Preload.
     let topics = create(&format!("bench-{stamp}."))?;
+    eprintln!("  topics bench-{stamp}.forest.*");
     let never = AtomicBool::new(false);
     let produced = AtomicU64::new(0);
     let (preload, n) = measure(
@@ -329,6 +333,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 &ends,
                 Duration::from_secs(3600),
                 false,
+                args.workers,
             )
         },
     )?;
@@ -364,6 +369,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 &ends,
                 Duration::from_secs(3600),
                 true,
+                args.workers,
             )
         },
     )?;
@@ -398,12 +404,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     data_dir.join(format!("latency-{i}")),
                     stop.clone(),
                 );
-                let batch = args.batch_size;
+                let (batch, workers) = (args.batch_size, args.workers);
                 std::thread::spawn(move || {
                     let mut c = ProcessorConfig::new(b, d);
                     c.topics = tt;
                     c.group_id = format!("forest-bench-lat-{}", std::process::id());
                     c.batch_max_records = batch;
+                    c.workers = workers;
                     c.kafka = k;
                     forest_processor::run(c, st, s)
                 })
@@ -575,10 +582,12 @@ fn run_processor(
     ends: &[(String, i32, i64)],
     timeout: Duration,
     at_least_once: bool,
+    workers: usize,
 ) -> anyhow::Result<Duration> {
     let mut cfg = ProcessorConfig::new(brokers, store);
     cfg.topics = topics.clone();
     cfg.at_least_once_baseline = at_least_once;
+    cfg.workers = workers;
     cfg.group_id = format!(
         "forest-bench-{}-{}",
         std::process::id(),

@@ -20,6 +20,9 @@ pub struct ProcessorArgs {
     /// Prefix for every topic name (e.g. an environment name).
     #[arg(long, env = "FOREST_TOPIC_PREFIX", default_value = "")]
     topic_prefix: String,
+    /// Consumer-group members in this process (threads sharing the store); one per core.
+    #[arg(long, env = "FOREST_WORKERS", default_value_t = 1)]
+    workers: usize,
     /// Records per committed batch.
     #[arg(long, env = "FOREST_BATCH_SIZE", default_value_t = 5_000)]
     batch_size: usize,
@@ -45,6 +48,7 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.group_id = args.group;
     cfg.topics = Topics::prefixed(&args.topic_prefix);
     cfg.batch_max_records = args.batch_size;
+    cfg.workers = args.workers;
     cfg.cache_users = args.cache_users;
     cfg.store.block_cache_bytes = args.block_cache_mb << 20;
     cfg.kafka = args.kafka_config;

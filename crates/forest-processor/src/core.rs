@@ -21,7 +21,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 pub struct Core {
     rules: Arc<RuleSet>,
-    pub store: Store,
+    /// Shared by the process's workers: each writes only its own partitions' users and
+    /// offsets.
+    pub store: Arc<Store>,
     cache: ProjectionCache,
     pub merger: Merger,
     /// Input topic names and kinds, by topic index.
@@ -51,7 +53,7 @@ pub struct Core {
 impl Core {
     pub fn new(
         cfg: &ProcessorConfig,
-        store: Store,
+        store: Arc<Store>,
         producer: OutboxProducer,
         stats: Arc<ProcessorStats>,
     ) -> Self {
@@ -235,13 +237,14 @@ impl Core {
             .iter()
             .map(|(&(t, p), &o)| (inputs[t as usize].0.as_str(), p, o))
             .collect();
-        let writes_before = self.store.stats.writes.load(Ordering::Relaxed);
         // The at-least-once baseline keeps neither offsets nor outputs in the store.
         let (offsets, outbox) = if self.at_least_once {
             (Vec::new(), &[][..])
         } else {
             (offsets, &self.pending[..])
         };
+        // Counted here, not from the store's totals, which other workers add to.
+        let writes = (self.cache.dirty_len() + offsets.len() + outbox.len()) as u64;
         let seqs = match self.cache.commit(&self.store, offsets, outbox) {
             Ok(s) => s,
             Err(e) => {
@@ -250,7 +253,6 @@ impl Core {
                 return Err(e.into());
             }
         };
-        let writes = self.store.stats.writes.load(Ordering::Relaxed) - writes_before;
         self.stats.store_writes.fetch_add(writes, Ordering::Relaxed);
         metrics::counter!(m::STORE_WRITES).increment(writes);
         {
@@ -294,13 +296,9 @@ impl Core {
         Ok(true)
     }
 
-    /// Delivers whatever a previous run left in the outbox. Called before consuming.
-    pub fn deliver_leftovers(&mut self) -> Result<(), ProcessorError> {
-        let n = self.producer.deliver_leftovers(&self.store)?;
-        self.stats
-            .outputs_delivered
-            .fetch_add(n as u64, Ordering::Relaxed);
-        Ok(())
+    /// Forgets every cached projection (all clean after a commit).
+    pub fn clear_cache(&mut self) {
+        self.cache.clear();
     }
 
     /// Sends the batch's outputs without waiting for Kafka, so the next batch is folded while
@@ -308,7 +306,7 @@ impl Core {
     /// backpressure on a slow output topic). Acknowledged entries leave the outbox.
     fn deliver(&mut self, entries: Vec<(u64, OutboxEntry)>) -> Result<(), ProcessorError> {
         self.producer.send(&entries)?;
-        let store = (!self.at_least_once).then_some(&self.store);
+        let store = (!self.at_least_once).then_some(&*self.store);
         let n = self.producer.settle(store, self.max_in_flight)?;
         self.stats
             .outputs_delivered
@@ -320,7 +318,7 @@ impl Core {
     /// Waits until every output sent is acknowledged: before partitions are revoked and on
     /// shutdown.
     pub fn flush_outputs(&mut self) -> Result<(), ProcessorError> {
-        let store = (!self.at_least_once).then_some(&self.store);
+        let store = (!self.at_least_once).then_some(&*self.store);
         let n = self.producer.settle(store, 0)?;
         self.stats
             .outputs_delivered

@@ -101,6 +101,9 @@ pub struct ProcessorConfig {
     pub kafka: Vec<(String, String)>,
     pub rules: Arc<RuleSet>,
     pub crash_at: Option<CrashPoint>,
+    /// Consumer-group members in this process, each on its own thread, sharing the store. The
+    /// fold of one partition is sequential; more workers use more cores.
+    pub workers: usize,
     /// Outputs sent but not yet acknowledged before the processor waits (backpressure on a
     /// slow output topic). 0 waits for every batch's outputs before the next batch.
     pub max_outputs_in_flight: usize,
@@ -130,6 +133,7 @@ impl ProcessorConfig {
             rules: Arc::new(RuleSet::default()),
             crash_at: None,
             dry_run: false,
+            workers: 1,
             at_least_once_baseline: false,
             max_outputs_in_flight: 20_000,
         }

@@ -12,7 +12,7 @@ use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::ffi::CString;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -104,6 +104,9 @@ impl ConsumerContext for Ctx {
                     }
                     core.merger.clear();
                     core.committed.clear();
+                    // Another worker of this process may get these partitions and change
+                    // their users in the shared store: cached copies would go stale.
+                    core.clear_cache();
                     tracing::info!(
                         partitions = tpl.count(),
                         "partitions revoked after committing"
@@ -181,6 +184,9 @@ fn validate(cfg: &ProcessorConfig) -> Result<(), ProcessorError> {
     if cfg.batch_max_records == 0 {
         return bad("batch size must be at least 1");
     }
+    if cfg.workers == 0 || cfg.workers > 64 {
+        return bad("workers must be between 1 and 64");
+    }
     if cfg.cache_users == 0 {
         return bad("the projection cache must hold at least 1 user");
     }
@@ -197,11 +203,61 @@ pub fn run(
     stats: Arc<ProcessorStats>,
 ) -> Result<(), ProcessorError> {
     validate(&cfg)?;
-    let store = Store::open(&cfg.store_path, &cfg.store)?;
-    let producer = forest_kafka::OutboxProducer::new(&cfg.brokers, &cfg.kafka)?;
+    let store = Arc::new(Store::open(&cfg.store_path, &cfg.store)?);
+    // Outputs a previous run left behind go out once, before any worker consumes.
+    let mut leftovers = forest_kafka::OutboxProducer::new(&cfg.brokers, &cfg.kafka)?;
+    let n = leftovers.deliver_leftovers(&store)?;
+    stats
+        .outputs_delivered
+        .fetch_add(n as u64, Ordering::Relaxed);
+    drop(leftovers);
+    let halt = AtomicBool::new(false);
+    if cfg.workers <= 1 {
+        return run_worker(&cfg, store, &shutdown, &halt, stats, 0);
+    }
+    // Workers are members of the same consumer group sharing one store: the range assignor
+    // splits the partition numbers between them, and a partition that moves between them
+    // finds its users' state in the shared store.
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..cfg.workers)
+            .map(|i| {
+                let (cfg, store, stats, shutdown, halt) =
+                    (&cfg, store.clone(), stats.clone(), &shutdown, &halt);
+                s.spawn(move || {
+                    let r = run_worker(cfg, store, shutdown, halt, stats, i);
+                    if r.is_err() {
+                        // One worker failed: stop the others (they commit what they did).
+                        halt.store(true, Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        let mut result = Ok(());
+        for h in handles {
+            let r = h.join().unwrap_or_else(|_| {
+                Err(ProcessorError::Config("a processor worker panicked".into()))
+            });
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    })
+}
 
-    let mut core = Core::new(&cfg, store, producer, stats.clone());
-    core.deliver_leftovers()?;
+/// One consumer-group member: its own consumer, cache, merge and producer, over the shared
+/// store.
+fn run_worker(
+    cfg: &ProcessorConfig,
+    store: Arc<Store>,
+    shutdown: &AtomicBool,
+    halt: &AtomicBool,
+    stats: Arc<ProcessorStats>,
+    worker: usize,
+) -> Result<(), ProcessorError> {
+    let producer = forest_kafka::OutboxProducer::new(&cfg.brokers, &cfg.kafka)?;
+    let core = Core::new(cfg, store, producer, stats.clone());
     let topics: Vec<String> = core.inputs.iter().map(|(n, _)| n.clone()).collect();
     let ctopics: Vec<CString> = topics
         .iter()
@@ -219,6 +275,7 @@ pub fn run(
 
     let consumer: BaseConsumer<Ctx> = client_config(&cfg.brokers, &[])
         .set("group.id", &cfg.group_id)
+        .set("client.id", format!("forest-processor-{worker}"))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -243,7 +300,7 @@ pub fn run(
         })?;
     tracing::info!(group = %cfg.group_id, topics = ?topics, store = %cfg.store_path.display(), "processor started");
 
-    let result = consume_loop(&cfg, &consumer, &core, &ctopics, &shutdown);
+    let result = consume_loop(cfg, &consumer, &core, &ctopics, shutdown, halt);
     if let Err(e) = &result {
         // Stop the close-time revoke from committing anything after a failure.
         consumer
@@ -268,14 +325,15 @@ fn consume_loop(
     consumer: &BaseConsumer<Ctx>,
     core: &Arc<Mutex<Core>>,
     ctopics: &[CString],
-    shutdown: &Shutdown,
+    shutdown: &AtomicBool,
+    halt: &AtomicBool,
 ) -> Result<(), ProcessorError> {
     let ctx = consumer.context();
     let mut last_report = std::time::Instant::now();
     // Where the loop's time goes, for the progress log: waiting in poll, folding (drain), and
     // committing partial batches.
     let (mut t_poll, mut t_drain, mut t_commit) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-    while !shutdown.load(Ordering::Relaxed) {
+    while !shutdown.load(Ordering::Relaxed) && !halt.load(Ordering::Relaxed) {
         if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = std::time::Instant::now();
             let c = lock(core);

@@ -344,7 +344,11 @@ impl Store {
         for (topic, partition, next) in offsets {
             batch.put_cf(offs, offset_key(topic, partition), next.to_be_bytes());
         }
-        let first = self.next_seq.load(Ordering::Relaxed);
+        // Reserved up front: several writers (the processor's workers) share one store. A
+        // failed write just leaves its range unused.
+        let first = self
+            .next_seq
+            .fetch_add(outbox.len() as u64, Ordering::Relaxed);
         let ob = self.cf(CF_OUTBOX);
         for (i, entry) in outbox.iter().enumerate() {
             let bytes = postcard::to_allocvec(entry).map_err(|e| StoreError::Corrupt {
@@ -358,7 +362,6 @@ impl Store {
             .write_opt(batch, &self.write_opts)
             .map_err(StoreError::Write)?;
         let end = first + outbox.len() as u64;
-        self.next_seq.store(end, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.writes.fetch_add(n, Ordering::Relaxed);
         Ok(first..end)
