@@ -339,9 +339,10 @@ impl Service {
                 self.batches_in_run,
             )));
         }
-        // Sent while the next batch is folded; wait only past 20,000 unacknowledged outputs.
-        self.producer.send(&entries)?;
-        self.producer.settle(Some(&self.store), 20_000)?;
+        // Waits for every output: pipelined delivery (outputs overlapping the next batch)
+        // doubled orders/s but lost an output under injected broker faults in the processor's
+        // test, so it stays off until that is explained (see BENCHMARKS.md).
+        self.producer.deliver(&self.store, &entries)?;
         metrics::histogram!(m::BATCH_DURATION).record(started.elapsed().as_secs_f64());
         Ok(true)
     }

@@ -17,10 +17,10 @@
 //!   not dead-lettered: a producer retry is not bad input.
 //! - The input topics are merged per partition number in a deterministic order (see
 //!   [`merge`]), so a replay folds one user's events in the same order.
-//! - Backpressure: a batch is written before the next one is read, and its outputs are sent
-//!   while the next is folded; past `max_outputs_in_flight` unacknowledged outputs the
-//!   processor waits, so a slow store or output topic slows consumption instead of growing
-//!   memory. Before partitions are revoked and on shutdown, every output is acknowledged.
+//! - Backpressure: a batch is written and its outputs acknowledged before the next batch is
+//!   read (optionally, `max_outputs_in_flight` lets outputs overlap the next batch), so a slow
+//!   store or output topic slows consumption instead of growing memory. Before partitions are
+//!   revoked and on shutdown, every output is acknowledged.
 
 mod core;
 pub mod merge;
@@ -105,7 +105,10 @@ pub struct ProcessorConfig {
     /// fold of one partition is sequential; more workers use more cores.
     pub workers: usize,
     /// Outputs sent but not yet acknowledged before the processor waits (backpressure on a
-    /// slow output topic). 0 waits for every batch's outputs before the next batch.
+    /// slow output topic). 0 (the default) waits for every batch's outputs before the next
+    /// batch. KNOWN ISSUE: with more than 0, the broker-fault test on the mock cluster lost a
+    /// TreeMatured in about half the runs (acknowledged, yet not in the topic); until that is
+    /// explained, pipelined delivery stays off.
     pub max_outputs_in_flight: usize,
     /// BENCHMARK BASELINE ONLY: plain at-least-once, to measure what effectively-once costs.
     /// Offsets are Kafka's committed ones (not in the store) and outputs go straight to Kafka
@@ -135,7 +138,7 @@ impl ProcessorConfig {
             dry_run: false,
             workers: 1,
             at_least_once_baseline: false,
-            max_outputs_in_flight: 20_000,
+            max_outputs_in_flight: 0,
         }
     }
 }

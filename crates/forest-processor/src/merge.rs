@@ -50,6 +50,7 @@ pub struct Merger {
     groups: FxHashMap<i32, Vec<Option<Lane>>>,
     buffered: usize,
     n_topics: usize,
+    gaps: u64,
 }
 
 impl Merger {
@@ -58,6 +59,11 @@ impl Merger {
             n_topics,
             ..Self::default()
         }
+    }
+
+    /// Records that arrived past their lane's next expected offset (see [`Merger::push`]).
+    pub fn gaps(&self) -> u64 {
+        self.gaps
     }
 
     pub fn buffered(&self) -> usize {
@@ -112,6 +118,20 @@ impl Merger {
         };
         if rec.offset < lane.position {
             return false;
+        }
+        if rec.offset > lane.position {
+            // Legitimate after transaction markers, compaction, retention (a log start past
+            // 0) or at-least-once starts; otherwise records were skipped, which must never
+            // happen: counted and logged so it is seen.
+            self.gaps += 1;
+            metrics::counter!(crate::metrics::OFFSET_GAPS).increment(1);
+            tracing::warn!(
+                topic = rec.topic,
+                partition = rec.partition,
+                expected = lane.position,
+                got = rec.offset,
+                "offset gap in an input partition"
+            );
         }
         lane.position = rec.offset + 1;
         lane.starved_since = None;

@@ -18,6 +18,7 @@ pub const STORE_WRITES: &str = "forest_store_writes_total";
 pub const REBALANCES: &str = "forest_rebalances_total";
 pub const MERGE_BUFFERED: &str = "forest_merge_buffered_records";
 pub const EVENT_LATENCY: &str = "forest_event_latency_seconds";
+pub const OFFSET_GAPS: &str = "forest_input_offset_gaps_total";
 
 /// Registers descriptions with the installed recorder (call once at start-up).
 pub fn describe() {
@@ -72,6 +73,11 @@ pub fn describe() {
         REBALANCES,
         Unit::Count,
         "Consumer-group rebalances, by kind (assign, revoke)."
+    );
+    describe_counter!(
+        OFFSET_GAPS,
+        Unit::Count,
+        "Input records that arrived past their partition's next expected offset (transaction markers, retention; anything else is a bug)."
     );
     describe_histogram!(
         EVENT_LATENCY,

@@ -341,6 +341,7 @@ fn consume_loop(
                 consumed = ctx.stats.consumed.load(Ordering::Relaxed),
                 applied = ctx.stats.applied.load(Ordering::Relaxed),
                 buffered = c.merger.buffered(),
+                offset_gaps = c.merger.gaps(),
                 lanes = ?c.merger.lanes(),
                 poll_s = t_poll.as_secs_f64(),
                 drain_s = t_drain.as_secs_f64(),
