@@ -219,6 +219,13 @@ share.coordinator.state.topic.min.isr=1
 # Consumer groups: no initial rebalance delay.
 group.initial.rebalance.delay.ms=0
 
+# No time-based retention: tests and benchmarks produce records with simulated event times
+# (days to months old). With the default 7 days, segments rolled by those timestamps were
+# deleted by the 5-minute retention check while a test was running, so records vanished
+# before they were read (an intermittent end-to-end failure, and a benchmark that counted
+# fewer records than it produced).
+log.retention.ms=-1
+
 # Log compaction on (default, stated for clarity); check often so compacted
 # topics are cleaned soon in tests; modest dedupe buffer for a small heap.
 log.cleaner.enable=true

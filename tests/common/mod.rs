@@ -600,8 +600,9 @@ pub fn check(b: &TestBroker, store_dir: &std::path::Path, want: &Expected) -> St
     )
 }
 
-/// A test workload. Simulated time ends now, so a real broker's time-based retention never
-/// deletes the test's records.
+/// A test workload over the 20 simulated days before now. Its records are up to 20 days old,
+/// so the real broker from `scripts/kafka.sh` runs without time-based retention (with the
+/// default 7 days its retention check deleted them mid-test).
 pub fn workload(seed: u64, events: u64, users: u64) -> WorkloadConfig {
     let span_ms = 20 * 86_400_000;
     let now = std::time::SystemTime::now()
