@@ -55,21 +55,10 @@ pub struct BenchArgs {
 
 /// CPU seconds (user + system) this process has used, from /proc/self/stat.
 fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return f64::NAN;
-    };
-    // Fields after the command name's closing parenthesis; utime and stime are the 12th and
-    // 13th of them, in clock ticks (100 per second on Linux).
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return f64::NAN;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| {
-        f.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    (tick(11) + tick(12)) / 100.0
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|st| stat_seconds(&st))
+        .unwrap_or(f64::NAN)
 }
 
 /// Peak resident set since the last [`reset_peak_rss`], MiB (VmHWM).
@@ -108,7 +97,8 @@ fn thread_group(comm: &str) -> &'static str {
     }
 }
 
-/// (utime + stime) seconds from a /proc stat line.
+/// (utime + stime) seconds from a /proc stat line: the 12th and 13th fields after the
+/// command name's closing parenthesis, in clock ticks (100 per second on Linux).
 fn stat_seconds(stat: &str) -> Option<f64> {
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();

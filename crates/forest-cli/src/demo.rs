@@ -10,7 +10,7 @@ use anyhow::{Context, bail, ensure};
 use forest_domain::RuleSet;
 use forest_fulfilment::sim::{SimPartner, SimStats};
 use forest_fulfilment::{FulfilmentConfig, FulfilmentStats, FulfilmentTopics};
-use forest_kafka::{EmbeddedBroker, end_offsets, ensure_topics, read_topic};
+use forest_kafka::{EmbeddedBroker, Watermarks, ensure_topics, read_topic};
 use forest_processor::{ProcessorConfig, ProcessorStats, Topics};
 use forest_proto::v1::{Certificate, PlantingOrder, TreeMatured};
 use prost::Message as _;
@@ -215,6 +215,7 @@ pub fn run(args: DemoArgs, rules: RuleSet) -> anyhow::Result<()> {
     let mut produced_total = None;
     let mut loadgen = Some(loadgen);
     let mut drained_checks = 0;
+    let marks = Watermarks::new(&brokers)?;
     loop {
         std::thread::sleep(Duration::from_millis(250));
         if loadgen.as_ref().is_some_and(|l| l.failed()) {
@@ -244,10 +245,10 @@ pub fn run(args: DemoArgs, rules: RuleSet) -> anyhow::Result<()> {
             Some(total) if committed >= total => {
                 // Everything the processor emitted has been read by fulfilment, every order
                 // has been answered and every answer read.
-                let trees_done = caught_up(&brokers, &topics.trees, &fstats)?;
+                let trees_done = caught_up(&marks, &topics.trees, &fstats)?;
                 let answered = FulfilmentStats::get(&fstats.orders)
                     <= sstats.orders_seen.load(Ordering::Relaxed)
-                    && caught_up(&brokers, &ftopics.confirmations, &fstats)?;
+                    && caught_up(&marks, &ftopics.confirmations, &fstats)?;
                 trees_done && answered
             }
             _ => false,
@@ -361,8 +362,8 @@ fn yes(b: bool) -> &'static str {
 }
 
 /// Whether fulfilment has committed `topic` to its current end.
-fn caught_up(brokers: &str, topic: &str, stats: &FulfilmentStats) -> anyhow::Result<bool> {
-    let ends = end_offsets(brokers, topic)?;
+fn caught_up(marks: &Watermarks, topic: &str, stats: &FulfilmentStats) -> anyhow::Result<bool> {
+    let ends = marks.ends(topic)?;
     let got = stats.committed_offsets();
     Ok(ends
         .iter()

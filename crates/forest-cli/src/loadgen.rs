@@ -5,13 +5,11 @@
 //! of them (partition by murmur2 of the key, like Java producers; offsets) is deterministic too
 //! for a fresh topic.
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use forest_kafka::{ClientConfigExt, client_config};
 use forest_processor::Topics;
 use forest_workload::{Generator, Topic, WorkloadConfig};
-use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -189,16 +187,8 @@ pub fn produce(
         if !stamp_now {
             record = record.timestamp(rec.timestamp_ms);
         }
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    producer.poll(Duration::from_millis(5));
-                }
-                Err((e, _)) => bail!("producing to {topic} failed: {e}"),
-            }
-        }
+        forest_kafka::send_retrying(&producer, record)
+            .with_context(|| format!("producing to {topic} failed"))?;
         sent += 1;
         if sent % 1_000 == 0 {
             producer.poll(Duration::ZERO);

@@ -11,10 +11,8 @@ use forest_proto::v1::planting_confirmed::Result as Report;
 use forest_proto::v1::{Planted, PlantingConfirmed, PlantingOrder, PlantingRejected};
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -121,27 +119,15 @@ pub fn run_partner(
                         continue;
                     };
                     let report = respond_counted(&sim, &order, stats).encode_to_vec();
-                    let mut record = BaseRecord::to(&topics.confirmations)
+                    let record = BaseRecord::to(&topics.confirmations)
                         .key(order.order_id.as_bytes())
                         .payload(&report);
-                    loop {
-                        match producer.send(record) {
-                            Ok(()) => break,
-                            Err((
-                                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                                r,
-                            )) => {
-                                record = r;
-                                producer.poll(Duration::from_millis(10));
-                            }
-                            Err((source, _)) => {
-                                return Err(FulfilmentError::Kafka {
-                                    op: "produce report",
-                                    source,
-                                });
-                            }
+                    forest_kafka::send_retrying(&producer, record).map_err(|source| {
+                        FulfilmentError::Kafka {
+                            op: "produce report",
+                            source,
                         }
-                    }
+                    })?;
                     sent += 1;
                 }
             }

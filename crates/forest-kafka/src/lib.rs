@@ -10,8 +10,8 @@
 pub mod outbox;
 mod read;
 
-pub use outbox::{DeliveryError, OutboxProducer};
-pub use read::{ReadError, Record, end_offsets, read_topic, watermarks};
+pub use outbox::{DeliveryError, OutboxProducer, send_retrying};
+pub use read::{ReadError, Record, Watermarks, end_offsets, read_topic, watermarks};
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};

@@ -65,6 +65,30 @@ impl ProducerContext for DeliveryCtx {
     }
 }
 
+/// Sends `record`, waiting while librdkafka's local queue is full (serving delivery reports
+/// meanwhile, which is what drains it): the producers' shared backpressure. Any other error
+/// is returned.
+pub fn send_retrying<'a, C, K, P>(
+    producer: &BaseProducer<C>,
+    mut record: BaseRecord<'a, K, P, C::DeliveryOpaque>,
+) -> Result<(), KafkaError>
+where
+    C: ProducerContext,
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                producer.poll(Duration::from_millis(5));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 /// A poisoned lock only means another thread panicked mid-push; the Vec is still usable.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -124,26 +148,14 @@ impl OutboxProducer {
                     value: Some(v),
                 });
             }
-            let mut record = BaseRecord::with_opaque_to(&e.topic, Box::new(*seq))
+            let record = BaseRecord::with_opaque_to(&e.topic, Box::new(*seq))
                 .key(&e.key)
                 .payload(&e.value)
                 .headers(hdrs);
-            loop {
-                match self.producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        // Let librdkafka drain its queue, then retry.
-                        self.producer.poll(Duration::from_millis(10));
-                    }
-                    Err((source, _)) => {
-                        return Err(DeliveryError::Produce {
-                            topic: e.topic.clone(),
-                            source,
-                        });
-                    }
-                }
-            }
+            send_retrying(&self.producer, record).map_err(|source| DeliveryError::Produce {
+                topic: e.topic.clone(),
+                source,
+            })?;
             self.in_flight += 1;
         }
         Ok(())

@@ -48,24 +48,41 @@ impl ReadError {
 
 /// The current end offset (high watermark) of every partition of `topic`.
 pub fn end_offsets(brokers: &str, topic: &str) -> Result<BTreeMap<i32, i64>, ReadError> {
-    Ok(watermarks(brokers, topic)?
-        .into_iter()
-        .map(|(p, (_, high))| (p, high))
-        .collect())
+    Watermarks::new(brokers)?.ends(topic)
+}
+
+/// One client for repeated watermark queries (a progress loop), instead of a new client
+/// per query.
+pub struct Watermarks {
+    consumer: BaseConsumer,
+}
+
+impl Watermarks {
+    pub fn new(brokers: &str) -> Result<Self, ReadError> {
+        let consumer = client_config(brokers, &[])
+            .set("group.id", "forest-reader")
+            .create()
+            .map_err(|source| ReadError::Kafka {
+                op: "create consumer",
+                topic: String::new(),
+                source,
+            })?;
+        Ok(Self { consumer })
+    }
+
+    /// End offset of every partition of `topic`.
+    pub fn ends(&self, topic: &str) -> Result<BTreeMap<i32, i64>, ReadError> {
+        Ok(marks(&self.consumer, topic)?
+            .into_iter()
+            .map(|(p, (_, high))| (p, high))
+            .collect())
+    }
 }
 
 /// (log start, end) offsets of every partition of `topic`. The start is above 0 once
 /// retention deleted old records (the embedded broker keeps a bounded log per partition).
 pub fn watermarks(brokers: &str, topic: &str) -> Result<BTreeMap<i32, (i64, i64)>, ReadError> {
-    let consumer: BaseConsumer = client_config(brokers, &[])
-        .set("group.id", "forest-reader")
-        .create()
-        .map_err(|source| ReadError::Kafka {
-            op: "create consumer",
-            topic: topic.into(),
-            source,
-        })?;
-    marks(&consumer, topic)
+    marks(&Watermarks::new(brokers)?.consumer, topic)
 }
 
 fn marks(consumer: &BaseConsumer, topic: &str) -> Result<BTreeMap<i32, (i64, i64)>, ReadError> {
