@@ -353,6 +353,8 @@ pub fn run(args: DemoArgs, rules: RuleSet) -> anyhow::Result<()> {
         yes(trees_ok)
     );
     ensure!(ok, "demo invariants do not hold");
+    // Clients first: a client that outlives the embedded broker logs connection errors.
+    drop(marks);
     drop(embedded);
     Ok(())
 }
