@@ -3,13 +3,10 @@
 //! `FOREST_TEST_BROKERS` (real Apache Kafka in CI) or on the embedded mock cluster; each test
 //! has its own topics.
 
-use forest_fulfilment::ledger::order_id;
 use forest_fulfilment::sim::{SimPartner, SimStats, run_partner};
 use forest_fulfilment::{CrashPoint, FulfilmentError, FulfilmentStats, PartnersSource};
 use forest_kafka::headers;
-use forest_proto::v1::{
-    Certificate, PlantingConfirmed, PlantingOrder, TreeMatured, planting_confirmed,
-};
+use forest_proto::v1::{Certificate, PlantingConfirmed, TreeMatured, planting_confirmed};
 use forest_tests::*;
 use prost::Message as _;
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,67 +18,6 @@ const WAIT: Duration = Duration::from_secs(300);
 
 fn get(v: &std::sync::atomic::AtomicU64) -> u64 {
     FulfilmentStats::get(v)
-}
-
-/// Every order record on the orders topic, decoded, with its raw bytes.
-fn orders(b: &TestBroker) -> Vec<(PlantingOrder, Vec<u8>)> {
-    read_topic(b, &b.fulfilment.orders)
-        .into_iter()
-        .map(|(key, value, _)| {
-            let o = PlantingOrder::decode(value.as_slice()).expect("order decodes");
-            assert_eq!(key, o.partner_id.as_bytes(), "orders are keyed by partner");
-            (o, value)
-        })
-        .collect()
-}
-
-/// Checks the one-order-per-tree invariant on the topic; returns (distinct orders, records).
-fn check_one_order_per_tree(b: &TestBroker, trees: &BTreeSet<String>) -> (usize, usize) {
-    let records = orders(b);
-    let mut by_key: BTreeMap<String, &Vec<u8>> = BTreeMap::new();
-    let mut ids = BTreeSet::new();
-    for (o, bytes) in &records {
-        assert_eq!(o.order_id, order_id(&o.tree_id));
-        // A re-sent allocation is byte-identical: partners dedupe by its idempotency key.
-        if let Some(prev) = by_key.insert(o.idempotency_key.clone(), bytes) {
-            assert_eq!(prev, bytes, "re-sent order {} differs", o.idempotency_key);
-        }
-        ids.insert(o.tree_id.clone());
-    }
-    assert_eq!(&ids, trees, "one order per distinct matured tree");
-    (ids.len(), records.len())
-}
-
-fn partners_file(dir: &std::path::Path, name: &str, capacity: u32) -> std::path::PathBuf {
-    let path = dir.join(name);
-    write_partners(&path, capacity);
-    path
-}
-
-/// One partner, two sites, `capacity` per species per site.
-fn write_partners(path: &std::path::Path, capacity: u32) {
-    let species = [
-        "saxaul",
-        "red_willow",
-        "sand_willow",
-        "mongolian_pine",
-        "populus_euphratica",
-    ];
-    let cap: Vec<String> = species
-        .iter()
-        .map(|s| format!("{s} = {capacity}"))
-        .collect();
-    let cap = cap.join(", ");
-    let text = format!(
-        "version = \"test-{capacity}\"\n\
-         [[partners]]\nid = \"p1\"\nname = \"P1\"\nactive = true\n\
-         sites = [ {{ id = \"s1\", region = \"R1\", capacity = {{ {cap} }} }},\n\
-                   {{ id = \"s2\", region = \"R2\", capacity = {{ {cap} }} }} ]\n"
-    );
-    // Write then rename, so the reloading service never reads half a file.
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).expect("write partners");
-    std::fs::rename(&tmp, path).expect("rename partners");
 }
 
 #[test]
@@ -141,6 +77,52 @@ fn every_matured_tree_gets_exactly_one_order_across_crashes_and_redelivery() {
     eprintln!(
         "fulfilment after 5 crashes and 150 re-delivered trees on {}: {} trees, {distinct} orders ({sent} records, {} re-sent)",
         broker_name(&b),
+        want.trees.len(),
+        sent - distinct
+    );
+}
+
+/// Broker faults while the fulfilment runs (mock cluster only: produce, fetch and commit
+/// request errors, the broker down for two seconds, slow round trips): still exactly one
+/// order per matured tree.
+#[test]
+fn broker_faults_on_the_mock_cluster_lose_no_order() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let b = TestBroker::embedded("fulfil-faults");
+    let records = produce(&b, workload(14, 60_000, 5_000));
+    let rules = cheap_tree_rules();
+    let want = expected(&rules, &records);
+    let _processed = run_processor_to_end(&b, &records, rules);
+    let ends = topic_ends(&b, &b.topics.trees);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = b.fulfilment_config(dir.path(), PartnersSource::Builtin);
+    cfg.batch_max_records = 100;
+    let f = start_fulfilment(cfg);
+    let cluster = b.embedded.as_ref().expect("embedded broker").cluster();
+    let errs = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 20];
+    std::thread::sleep(Duration::from_millis(200));
+    cluster.request_errors(RDKafkaApiKey::Produce, &errs);
+    cluster.request_errors(RDKafkaApiKey::Fetch, &errs);
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 10],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.broker_down(1).expect("broker down");
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.broker_up(1).expect("broker up");
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(50))
+        .expect("rtt");
+    std::thread::sleep(Duration::from_secs(1));
+    cluster
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("rtt");
+    wait_fulfilment_at(&f.stats, &ends, WAIT);
+    f.stop().expect("graceful stop after faults");
+    let (distinct, sent) = check_one_order_per_tree(&b, &want.trees);
+    eprintln!(
+        "fulfilment under broker faults: {} trees, {distinct} orders ({sent} records, {} re-sent)",
         want.trees.len(),
         sent - distinct
     );

@@ -55,21 +55,35 @@ impl TestBroker {
         Self::create(test, true)
     }
 
+    /// A broker running in another process, with this test's topics under `prefix` (from
+    /// [`unique_prefix`]). `create_topics`: false when that broker created them itself
+    /// (`forest broker --topic-prefix`; the mock cluster has no CreateTopics API).
+    pub fn external(prefix: &str, bootstrap: &str, create_topics: bool) -> Self {
+        Self::create_on(
+            prefix.to_string(),
+            Some(bootstrap.to_string()),
+            create_topics,
+        )
+    }
+
     fn create(test: &str, force_embedded: bool) -> Self {
+        let from_env = std::env::var("FOREST_TEST_BROKERS")
+            .ok()
+            .filter(|b| !b.is_empty() && !force_embedded);
+        Self::create_on(unique_prefix(test), from_env, true)
+    }
+
+    /// The topic-name prefix of this test (for `forest --topic-prefix`).
+    pub fn prefix(&self) -> &str {
+        self.topics.payments.trim_end_matches("forest.payments.v1")
+    }
+
+    fn create_on(unique: String, bootstrap: Option<String>, create_topics: bool) -> Self {
         init_logs();
-        let unique = format!(
-            "{test}-{}-{}-{}.",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0)
-        );
         let topics = Topics::prefixed(&unique);
-        let (embedded, bootstrap) = match std::env::var("FOREST_TEST_BROKERS") {
-            Ok(b) if !b.is_empty() && !force_embedded => (None, b),
-            _ => {
+        let (embedded, bootstrap) = match bootstrap {
+            Some(b) => (None, b),
+            None => {
                 let e = EmbeddedBroker::start(1).expect("embedded broker starts");
                 let b = e.bootstrap_servers();
                 (Some(e), b)
@@ -80,23 +94,25 @@ impl TestBroker {
         fulfilment.dlq = topics.dlq.clone();
         let t = &topics;
         let f = &fulfilment;
-        ensure_topics(
-            embedded.as_ref(),
-            &bootstrap,
-            &[],
-            &[
-                (&t.payments, PARTITIONS),
-                (&t.mobility, PARTITIONS),
-                (&t.commands, PARTITIONS),
-                (&t.trees, PARTITIONS),
-                (&t.dlq, PARTITIONS),
-                (&f.confirmations, PARTITIONS),
-                (&f.orders, PARTITIONS),
-                (&f.certificates, PARTITIONS),
-            ],
-            1,
-        )
-        .expect("topics created");
+        if create_topics {
+            ensure_topics(
+                embedded.as_ref(),
+                &bootstrap,
+                &[],
+                &[
+                    (&t.payments, PARTITIONS),
+                    (&t.mobility, PARTITIONS),
+                    (&t.commands, PARTITIONS),
+                    (&t.trees, PARTITIONS),
+                    (&t.dlq, PARTITIONS),
+                    (&f.confirmations, PARTITIONS),
+                    (&f.orders, PARTITIONS),
+                    (&f.certificates, PARTITIONS),
+                ],
+                1,
+            )
+            .expect("topics created");
+        }
         Self {
             embedded,
             bootstrap,
@@ -147,6 +163,19 @@ impl TestBroker {
             InputKind::Command => &self.topics.commands,
         }
     }
+}
+
+/// A topic-name prefix no other test (or earlier run) uses.
+pub fn unique_prefix(test: &str) -> String {
+    format!(
+        "{test}-{}-{}-{}.",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0)
+    )
 }
 
 /// One produced input record and where Kafka put it.
@@ -431,6 +460,11 @@ pub fn produce_raw(b: &TestBroker, topic: &str, records: &[(Vec<u8>, Vec<u8>)]) 
 /// The default rules with every species 100 times cheaper, so a short test workload matures
 /// many trees (with the real costs a user needs weeks of activity for one).
 pub fn cheap_tree_rules() -> Arc<RuleSet> {
+    Arc::new(RuleSet::from_toml(&cheap_tree_rules_toml()).expect("cheap rules are valid"))
+}
+
+/// The text of [`cheap_tree_rules`], for `forest --rules FILE`.
+pub fn cheap_tree_rules_toml() -> String {
     let mut text = forest_domain::DEFAULT_RULES_TOML.to_string();
     for (real, cheap) in [
         ("17900", "179"),
@@ -446,7 +480,7 @@ pub fn cheap_tree_rules() -> Arc<RuleSet> {
         );
         text = text.replace(&from, &format!("cost_g = {cheap}"));
     }
-    Arc::new(RuleSet::from_toml(&text).expect("cheap rules are valid"))
+    text
 }
 
 /// Runs the processor over the produced records until it caught up, then stops it.
@@ -523,6 +557,13 @@ pub fn read_topic(b: &TestBroker, topic: &str) -> Vec<(Vec<u8>, Vec<u8>, Vec<(St
 /// Checks every invariant of the processor against the expectation; returns a summary line.
 pub fn check(b: &TestBroker, store_dir: &std::path::Path, want: &Expected) -> String {
     let store = forest_store::Store::open(store_dir, &Default::default()).expect("store opens");
+    let users = check_projections(&store, want);
+    assert_eq!(store.outbox_len().expect("outbox"), 0, "outbox drained");
+    check_outputs(b, want, users)
+}
+
+/// Checks that the store's projections are exactly the expected ones; returns how many.
+pub fn check_projections(store: &forest_store::Store, want: &Expected) -> usize {
     let got: BTreeMap<String, UserState> = store
         .users()
         .map(|s| s.expect("state decodes"))
@@ -544,8 +585,11 @@ pub fn check(b: &TestBroker, store_dir: &std::path::Path, want: &Expected) -> St
         want.states.len()
     );
     assert_eq!(got.len(), want.states.len(), "stored users");
-    assert_eq!(store.outbox_len().expect("outbox"), 0, "outbox drained");
+    got.len()
+}
 
+/// Checks the trees topic and the DLQ against the expectation; returns a summary line.
+fn check_outputs(b: &TestBroker, want: &Expected, users: usize) -> String {
     let trees = read_topic(b, &b.topics.trees);
     let mut ids = BTreeSet::new();
     for (key, value, _) in &trees {
@@ -590,7 +634,7 @@ pub fn check(b: &TestBroker, store_dir: &std::path::Path, want: &Expected) -> St
     );
     format!(
         "{} users, {} trees ({} records, {} re-sent), {} dead letters ({} records), {} duplicates",
-        got.len(),
+        users,
         ids.len(),
         trees.len(),
         trees.len() - ids.len(),
@@ -620,4 +664,89 @@ pub fn workload(seed: u64, events: u64, users: u64) -> WorkloadConfig {
         span_ms,
         ..WorkloadConfig::default()
     }
+}
+
+/// Every record of the three input topics as they are in Kafka (for workloads produced by
+/// another process, such as `forest loadgen`).
+pub fn input_records(b: &TestBroker) -> Vec<Produced> {
+    let mut all = Vec::new();
+    for kind in [InputKind::Payment, InputKind::Mobility, InputKind::Command] {
+        let topic = b.input_topic(kind);
+        for r in forest_kafka::read_topic(&b.bootstrap, topic, Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("reading {topic}: {e}"))
+        {
+            all.push(Produced {
+                kind,
+                partition: r.partition,
+                offset: r.offset,
+                timestamp: r.timestamp.unwrap_or(0),
+                key: r.key,
+                value: r.value,
+            });
+        }
+    }
+    all
+}
+
+/// Every order record on the orders topic, decoded, with its raw bytes.
+pub fn orders(b: &TestBroker) -> Vec<(forest_proto::v1::PlantingOrder, Vec<u8>)> {
+    read_topic(b, &b.fulfilment.orders)
+        .into_iter()
+        .map(|(key, value, _)| {
+            let o =
+                forest_proto::v1::PlantingOrder::decode(value.as_slice()).expect("order decodes");
+            assert_eq!(key, o.partner_id.as_bytes(), "orders are keyed by partner");
+            (o, value)
+        })
+        .collect()
+}
+
+/// Checks the one-order-per-tree invariant on the topic; returns (distinct orders, records).
+pub fn check_one_order_per_tree(b: &TestBroker, trees: &BTreeSet<String>) -> (usize, usize) {
+    let records = orders(b);
+    let mut by_key: BTreeMap<String, &Vec<u8>> = BTreeMap::new();
+    let mut ids = BTreeSet::new();
+    for (o, bytes) in &records {
+        assert_eq!(o.order_id, forest_fulfilment::ledger::order_id(&o.tree_id));
+        // A re-sent allocation is byte-identical: partners dedupe by its idempotency key.
+        if let Some(prev) = by_key.insert(o.idempotency_key.clone(), bytes) {
+            assert_eq!(prev, bytes, "re-sent order {} differs", o.idempotency_key);
+        }
+        ids.insert(o.tree_id.clone());
+    }
+    assert_eq!(&ids, trees, "one order per distinct matured tree");
+    (ids.len(), records.len())
+}
+
+/// A partner file at `dir/name`: one partner, two sites, `capacity` per species per site.
+pub fn partners_file(dir: &std::path::Path, name: &str, capacity: u32) -> std::path::PathBuf {
+    let path = dir.join(name);
+    write_partners(&path, capacity);
+    path
+}
+
+/// One partner, two sites, `capacity` per species per site.
+pub fn write_partners(path: &std::path::Path, capacity: u32) {
+    let species = [
+        "saxaul",
+        "red_willow",
+        "sand_willow",
+        "mongolian_pine",
+        "populus_euphratica",
+    ];
+    let cap: Vec<String> = species
+        .iter()
+        .map(|s| format!("{s} = {capacity}"))
+        .collect();
+    let cap = cap.join(", ");
+    let text = format!(
+        "version = \"test-{capacity}\"\n\
+         [[partners]]\nid = \"p1\"\nname = \"P1\"\nactive = true\n\
+         sites = [ {{ id = \"s1\", region = \"R1\", capacity = {{ {cap} }} }},\n\
+                   {{ id = \"s2\", region = \"R2\", capacity = {{ {cap} }} }} ]\n"
+    );
+    // Write then rename, so the reloading service never reads half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write partners");
+    std::fs::rename(&tmp, path).expect("rename partners");
 }

@@ -48,6 +48,65 @@ pub struct Core {
     dry_run: bool,
     max_in_flight: usize,
     pub at_least_once: bool,
+    /// Metric increments of the batch, emitted once per commit: a labelled `counter!` looks
+    /// its series up in the registry on every call, which cost more per event than the
+    /// increment itself.
+    tally: Tally,
+}
+
+/// Per-batch counts behind the per-event metrics; label sets are small and bounded, so linear
+/// scans of short vectors beat hashing.
+#[derive(Default)]
+struct Tally {
+    consumed: [u64; 3],
+    applied: u64,
+    deduplicated: u64,
+    grams: Vec<(&'static str, u64)>,
+    rejected: Vec<(&'static str, u64)>,
+    dead_lettered: Vec<(&'static str, u64)>,
+}
+
+fn bump(v: &mut Vec<(&'static str, u64)>, label: &'static str, by: u64) {
+    match v.iter_mut().find(|(l, _)| *l == label) {
+        Some((_, n)) => *n += by,
+        None => v.push((label, by)),
+    }
+}
+
+impl Tally {
+    fn emit(&mut self) {
+        for (i, n) in self.consumed.iter_mut().enumerate() {
+            if *n > 0 {
+                let kind = [InputKind::Payment, InputKind::Mobility, InputKind::Command][i];
+                metrics::counter!(m::EVENTS_CONSUMED, "topic" => kind_label(kind)).increment(*n);
+                *n = 0;
+            }
+        }
+        if self.applied > 0 {
+            metrics::counter!(m::EVENTS_APPLIED).increment(std::mem::take(&mut self.applied));
+        }
+        if self.deduplicated > 0 {
+            metrics::counter!(m::EVENTS_DEDUPLICATED)
+                .increment(std::mem::take(&mut self.deduplicated));
+        }
+        for (b, g) in self.grams.drain(..) {
+            metrics::counter!(m::GRAMS_CREDITED, "behaviour" => b).increment(g);
+        }
+        for (r, n) in self.rejected.drain(..) {
+            metrics::counter!(m::EVENTS_REJECTED, "reason" => r).increment(n);
+        }
+        for (r, n) in self.dead_lettered.drain(..) {
+            metrics::counter!(m::DLQ_RECORDS, "reason" => r).increment(n);
+        }
+    }
+}
+
+fn kind_slot(k: InputKind) -> usize {
+    match k {
+        InputKind::Payment => 0,
+        InputKind::Mobility => 1,
+        InputKind::Command => 2,
+    }
 }
 
 impl Core {
@@ -86,6 +145,7 @@ impl Core {
             dry_run: cfg.dry_run,
             max_in_flight: cfg.max_outputs_in_flight,
             at_least_once: cfg.at_least_once_baseline,
+            tally: Tally::default(),
         }
     }
 
@@ -98,7 +158,7 @@ impl Core {
 
     /// Buffers a consumed record for the merge.
     pub fn push(&mut self, rec: Rec) {
-        metrics::counter!(m::EVENTS_CONSUMED, "topic" => kind_label(self.inputs[rec.topic as usize].1)).increment(1);
+        self.tally.consumed[kind_slot(self.inputs[rec.topic as usize].1)] += 1;
         self.stats.consumed.fetch_add(1, Ordering::Relaxed);
         self.merger.push(rec);
     }
@@ -159,11 +219,10 @@ impl Core {
         match result {
             Ok(outcome) => {
                 self.stats.applied.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(m::EVENTS_APPLIED).increment(1);
+                self.tally.applied += 1;
                 if let Some(c) = &outcome.credit {
                     if c.credited_g > 0 {
-                        metrics::counter!(m::GRAMS_CREDITED, "behaviour" => c.behaviour.as_str())
-                            .increment(c.credited_g);
+                        bump(&mut self.tally.grams, c.behaviour.as_str(), c.credited_g);
                     }
                 }
                 for tree in outcome.trees {
@@ -180,13 +239,13 @@ impl Core {
             Err(r) => {
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 *lock(&self.stats.rejections).entry(r.code()).or_insert(0) += 1;
-                metrics::counter!(m::EVENTS_REJECTED, "reason" => r.code()).increment(1);
+                bump(&mut self.tally.rejected, r.code(), 1);
                 if r == Rejection::Duplicate {
                     self.stats.deduplicated.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(m::EVENTS_DEDUPLICATED).increment(1);
+                    self.tally.deduplicated += 1;
                 } else {
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(m::DLQ_RECORDS, "reason" => r.code()).increment(1);
+                    bump(&mut self.tally.dead_lettered, r.code(), 1);
                     self.pending.push(OutboxEntry {
                         topic: self.dlq_topic.clone(),
                         key: rec.key.clone().unwrap_or_default(),
@@ -255,6 +314,7 @@ impl Core {
         };
         self.stats.store_writes.fetch_add(writes, Ordering::Relaxed);
         metrics::counter!(m::STORE_WRITES).increment(writes);
+        self.tally.emit();
         {
             let mut shown = lock(&self.stats.committed_offsets);
             for (&(t, p), &o) in &self.offsets {

@@ -128,7 +128,7 @@ impl ProcessorConfig {
             store_path: store_path.into(),
             store: StoreConfig::default(),
             batch_max_records: 5_000,
-            batch_max_wait: Duration::from_millis(20),
+            batch_max_wait: Duration::from_millis(10),
             cache_users: 1_000_000,
             max_buffered: 200_000,
             max_idle: Duration::from_secs(30),

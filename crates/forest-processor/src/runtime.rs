@@ -22,6 +22,9 @@ struct Ctx {
     /// error after which the in-memory state may not match the store.
     fatal: Mutex<Option<ProcessorError>>,
     stats: Arc<ProcessorStats>,
+    /// Bumped by every rebalance of this consumer, so the poll loop can drop records it polled
+    /// before a revoke (the new assignment re-reads them from the stored offsets).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Ctx {
@@ -47,6 +50,7 @@ impl ConsumerContext for Ctx {
         tpl: &mut TopicPartitionList,
     ) {
         self.stats.rebalances.fetch_add(1, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
@@ -271,6 +275,7 @@ fn run_worker(
         core: core.clone(),
         fatal: Mutex::new(None),
         stats: stats.clone(),
+        generation: std::sync::atomic::AtomicU64::new(0),
     };
 
     let consumer: BaseConsumer<Ctx> = client_config(&cfg.brokers, &[])
@@ -333,6 +338,8 @@ fn consume_loop(
     // Where the loop's time goes, for the progress log: waiting in poll, folding (drain), and
     // committing partial batches.
     let (mut t_poll, mut t_drain, mut t_commit) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let topics: Vec<String> = lock(core).inputs.iter().map(|(n, _)| n.clone()).collect();
+    let mut polled: Vec<Rec> = Vec::with_capacity(cfg.batch_max_records);
     while !shutdown.load(Ordering::Relaxed) && !halt.load(Ordering::Relaxed) {
         if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = std::time::Instant::now();
@@ -353,22 +360,39 @@ fn consume_loop(
         if let Some(e) = lock(&ctx.fatal).take() {
             return Err(e);
         }
-        let mut timeout = Duration::from_millis(50);
+        // Wait for records at most until the open batch is due, so a partial batch is not
+        // held for a whole idle poll (that alone was ~50 ms of produce-to-projection latency).
+        let mut timeout = match lock(core).batch_started {
+            Some(s) => cfg.batch_max_wait.saturating_sub(s.elapsed()),
+            None => Duration::from_millis(50),
+        }
+        .min(Duration::from_millis(50));
+        polled.clear();
+        let mut generation = ctx.generation.load(Ordering::SeqCst);
         for _ in 0..cfg.batch_max_records {
-            // The rebalance callback runs inside poll; the core lock is not held here.
-            match consumer.poll(timeout) {
+            // The rebalance callback runs inside poll; the core lock is not held here (it is
+            // taken once per poll round below, not per record).
+            let got = consumer.poll(timeout);
+            let now = ctx.generation.load(Ordering::SeqCst);
+            if now != generation {
+                // A rebalance ran inside that poll: what was polled before it belongs to the
+                // old assignment (already committed and revoked); drop it.
+                polled.clear();
+                generation = now;
+            }
+            match got {
                 None => break,
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");
                     break;
                 }
                 Some(Ok(msg)) => {
-                    let mut c = lock(core);
-                    let Some(topic) = c.topic_index(msg.topic()) else {
+                    let name = msg.topic();
+                    let Some(topic) = topics.iter().position(|t| t == name) else {
                         continue;
                     };
-                    c.push(Rec {
-                        topic,
+                    polled.push(Rec {
+                        topic: topic as u8,
                         partition: msg.partition(),
                         offset: msg.offset(),
                         timestamp: msg.timestamp().to_millis(),
@@ -382,6 +406,9 @@ fn consume_loop(
         let t1 = std::time::Instant::now();
         t_poll += t1 - t0;
         let mut c = lock(core);
+        for rec in polled.drain(..) {
+            c.push(rec);
+        }
         // Full batches are committed inside drain; a partial one once it is old enough.
         let mut committed = c.drain(
             |t, p, pos| {

@@ -41,6 +41,10 @@ pub enum StoreError {
     },
     #[error("{path} is not a Forest store (no RocksDB data there); check --store")]
     Missing { path: PathBuf },
+    #[error(
+        "{path} is not empty but holds no Forest store ({why}); check --store, or move the directory away to start a new store"
+    )]
+    NotAStore { path: PathBuf, why: &'static str },
     #[error("reading the store failed: {0}")]
     Read(rocksdb::Error),
     #[error("writing a batch to the store failed: {0}")]
@@ -137,6 +141,19 @@ impl Store {
             path: path.to_path_buf(),
             source,
         };
+        // RocksDB would happily create a new database inside any directory: refuse a
+        // non-empty one without RocksDB's CURRENT file (a wrong --store, or a store whose
+        // files were lost), instead of silently starting from nothing.
+        if !read_only && !path.join("CURRENT").exists() {
+            if let Ok(mut entries) = std::fs::read_dir(path) {
+                if entries.next().is_some() {
+                    return Err(StoreError::NotAStore {
+                        path: path.to_path_buf(),
+                        why: "no RocksDB CURRENT file",
+                    });
+                }
+            }
+        }
         let cache = Cache::new_lru_cache(cfg.block_cache_bytes);
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&cache);
@@ -180,9 +197,20 @@ impl Store {
                     path: path.to_path_buf(),
                 });
             }
-            None => db
-                .put_cf(meta, FORMAT_KEY, FORMAT)
-                .map_err(StoreError::Write)?,
+            None => {
+                // A new store is empty; data without a format marker is someone else's.
+                for cf in [CF_PROJECTIONS, CF_OFFSETS, CF_OUTBOX, CF_KV] {
+                    let handle = db.cf_handle(cf).expect("cf was just opened");
+                    if db.iterator_cf(handle, IteratorMode::Start).next().is_some() {
+                        return Err(StoreError::NotAStore {
+                            path: path.to_path_buf(),
+                            why: "RocksDB data without Forest's format marker",
+                        });
+                    }
+                }
+                db.put_cf(meta, FORMAT_KEY, FORMAT)
+                    .map_err(StoreError::Write)?
+            }
             Some(found) if found == FORMAT => {}
             Some(found) => {
                 return Err(StoreError::Format {
@@ -477,6 +505,58 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("forest-store-v0"), "{err}");
+        assert!(!err.is_retriable());
+    }
+
+    #[test]
+    fn a_directory_that_is_not_a_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not a store").unwrap();
+        let err = Store::open(dir.path(), &StoreConfig::default())
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::NotAStore { .. }), "{err}");
+        assert!(err.to_string().contains("check --store"), "{err}");
+        // An empty directory, or none at all, is a new store.
+        let empty = tempfile::tempdir().unwrap();
+        Store::open(empty.path(), &StoreConfig::default()).unwrap();
+        Store::open(&empty.path().join("new"), &StoreConfig::default()).unwrap();
+    }
+
+    #[test]
+    fn corrupt_store_files_are_detected_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+            store.commit([], [("t", 0, 5)], &[]).unwrap();
+        }
+        // Lost CURRENT file: RocksDB data without its entry point.
+        let moved = dir.path().join("CURRENT.bak");
+        std::fs::rename(dir.path().join("CURRENT"), &moved).unwrap();
+        let err = Store::open(dir.path(), &StoreConfig::default())
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::NotAStore { .. }), "{err}");
+        std::fs::rename(&moved, dir.path().join("CURRENT")).unwrap();
+        // A MANIFEST overwritten with garbage.
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let p = entry.unwrap().path();
+            if p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("MANIFEST")
+            {
+                std::fs::write(&p, vec![0xA5; 4096]).unwrap();
+            }
+        }
+        let err = Store::open(dir.path(), &StoreConfig::default())
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::Open { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&dir.path().display().to_string()),
+            "{err}"
+        );
         assert!(!err.is_retriable());
     }
 

@@ -18,6 +18,8 @@ use rand_distr::{Distribution, Zipf};
 
 pub use forest_domain::InputKind as Topic;
 
+pub mod hostile;
+
 /// What the generator meant a record to be (tests compare this with what Forest did).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {

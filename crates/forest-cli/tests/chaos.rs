@@ -1,0 +1,586 @@
+//! The crash campaign: the load generator, the processor and the fulfilment run as separate
+//! `forest` processes; the processor and the fulfilment are killed with SIGKILL (and now and
+//! then stopped with SIGTERM) at seeded random moments and restarted. Afterwards every
+//! projection must equal the pure fold of the log, every matured tree must have exactly one
+//! planting order, and the DLQ must hold exactly the bad records.
+//!
+//! Broker: `FOREST_TEST_BROKERS` (the real Apache Kafka from `scripts/test`), else the
+//! embedded broker run as its own process (`forest broker`).
+//!
+//! Size: CI runs the defaults (12 kills, 30,000 records). A full run:
+//! `FOREST_CHAOS_KILLS=100 FOREST_CHAOS_EVENTS=300000 cargo test -p forest-cli --test chaos -- --nocapture`
+//! (`FOREST_CHAOS_SEED` picks the kill schedule and the workload).
+
+use forest_tests::*;
+use rand::{Rng, SeedableRng};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn forest() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_forest"));
+    c.env_remove("FOREST_BROKERS")
+        .env_remove("FOREST_TOPIC_PREFIX")
+        .env("FOREST_LOG", "info");
+    c
+}
+
+/// One service run as a child process, restarted after every kill; each incarnation logs to
+/// its own file.
+struct Service {
+    name: &'static str,
+    args: Vec<String>,
+    logs: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Service {
+    fn new(name: &'static str, args: Vec<String>, logs: &Path) -> Self {
+        Self {
+            name,
+            args,
+            logs: logs.to_path_buf(),
+            child: None,
+            starts: 0,
+        }
+    }
+
+    fn start(&mut self) {
+        self.starts += 1;
+        let log =
+            std::fs::File::create(self.logs.join(format!("{}-{}.log", self.name, self.starts)))
+                .expect("log file");
+        let child = forest()
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{} starts: {e}", self.name));
+        self.child = Some(child);
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Fails the test if the service exited on its own (it must only stop when told).
+    fn assert_running(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                panic!(
+                    "{} exited by itself with {st}; log:\n{}",
+                    self.name,
+                    self.tail()
+                );
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().expect("SIGKILL");
+        c.wait().expect("reaped");
+    }
+
+    /// SIGTERM, then waits for a clean exit within `bound`.
+    fn terminate(&mut self, bound: Duration) -> Duration {
+        let start = Instant::now();
+        let st = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(st.success());
+        let mut c = self.child.take().expect("running");
+        let status: ExitStatus = loop {
+            if let Some(s) = c.try_wait().expect("wait") {
+                break s;
+            }
+            if start.elapsed() > bound {
+                let _ = c.kill();
+                panic!(
+                    "{} did not exit within {bound:?} of SIGTERM; log:\n{}",
+                    self.name,
+                    self.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "{} exited with {status} after SIGTERM; log:\n{}",
+            self.name,
+            self.tail()
+        );
+        start.elapsed()
+    }
+
+    fn tail(&self) -> String {
+        let path = self.logs.join(format!("{}-{}.log", self.name, self.starts));
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+/// Reads a store's offsets without disturbing the process that owns it.
+fn stored_offsets_reach(store: &Path, ends: &[(String, i32, i64)]) -> bool {
+    let Ok(s) = forest_store::Store::open_read_only(store) else {
+        return false;
+    };
+    ends.iter()
+        .all(|(t, p, end)| *end == 0 || s.offset(t, *p).ok().flatten().is_some_and(|o| o >= *end))
+}
+
+/// Sum of a store's next offsets over every partition of `topics` (0 if it cannot be read
+/// yet): a progress counter.
+fn stored_sum(store: &Path, topics: &[String]) -> i64 {
+    let Ok(s) = forest_store::Store::open_read_only(store) else {
+        return 0;
+    };
+    let mut sum = 0;
+    for t in topics {
+        for p in 0..PARTITIONS {
+            sum += s.offset(t, p).ok().flatten().unwrap_or(0);
+        }
+    }
+    sum
+}
+
+fn ends(b: &TestBroker, topics: &[&str]) -> Vec<(String, i32, i64)> {
+    let mut all = Vec::new();
+    for t in topics {
+        for ((topic, p), end) in topic_ends(b, t) {
+            all.push((topic, p, end));
+        }
+    }
+    all
+}
+
+/// The real broker from `FOREST_TEST_BROKERS`, else `forest broker` as a child process
+/// (returned, to be killed at the end).
+fn broker(prefix: &str) -> (Option<Child>, String) {
+    if let Ok(b) = std::env::var("FOREST_TEST_BROKERS") {
+        if !b.is_empty() {
+            return (None, b);
+        }
+    }
+    let mut child = forest()
+        .args(["broker", "--topic-prefix", prefix])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("forest broker starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("bootstrap line");
+    (Some(child), line.trim().to_string())
+}
+
+fn stop_broker(child: Option<Child>) {
+    if let Some(mut c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Kafka's committed offsets of a consumer group (what lag tools see).
+fn kafka_committed(bootstrap: &str, group: &str, ends: &[(String, i32, i64)]) -> Vec<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = forest_kafka::client_config(bootstrap, &[])
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (t, p, _) in ends {
+        tpl.add_partition(t, *p);
+    }
+    let got = c
+        .committed_offsets(tpl, Duration::from_secs(30))
+        .expect("committed offsets");
+    ends.iter()
+        .map(
+            |(t, p, _)| match got.find_partition(t, *p).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => o,
+                _ => 0,
+            },
+        )
+        .collect()
+}
+
+/// A full disk, for real: the processor runs with a file-size limit (`ulimit -f`, with
+/// SIGXFSZ ignored so the write fails with EFBIG instead of killing the process). RocksDB's
+/// write fails; the processor must stop with an error, its stored offsets must describe exactly
+/// the state it stored (the pure fold of the records before them), Kafka's committed offsets
+/// must not be ahead of them, and a restart with room must finish with nothing lost.
+#[test]
+fn a_failed_store_write_stops_the_processor_without_moving_offsets_past_it() {
+    let prefix = unique_prefix("diskfull");
+    let (broker_child, bootstrap) = broker(&prefix);
+    let b = TestBroker::external(&prefix, &bootstrap, broker_child.is_none());
+    let records = produce(&b, workload(31, 40_000, 20_000));
+    let rules = cheap_tree_rules();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules_file = dir.path().join("rules.toml");
+    std::fs::write(&rules_file, cheap_tree_rules_toml()).expect("rules");
+    let store = dir.path().join("processor");
+    let group = format!("{}processor", b.prefix());
+    let args: Vec<String> = [
+        "--rules",
+        rules_file.to_str().unwrap(),
+        "processor",
+        "--brokers",
+        &bootstrap,
+        "--topic-prefix",
+        b.prefix(),
+        "--store",
+        store.to_str().unwrap(),
+        "--group",
+        &group,
+        "--batch-size",
+        "1000",
+        "--metrics-addr",
+        "off",
+    ]
+    .map(String::from)
+    .to_vec();
+
+    // 1024 blocks of 512 bytes (dash) or 1 KiB (bash): the WAL outgrows it within the run.
+    let limited = Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 1024; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_forest"))
+        .args(&args)
+        .env("FOREST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("limited processor runs");
+    let err = String::from_utf8_lossy(&limited.stderr);
+    assert!(!limited.status.success(), "the processor must stop: {err}");
+    assert!(
+        err.contains("store")
+            && (err.contains("too large")
+                || err.contains("File too large")
+                || err.contains("IO error")),
+        "the error names the failed store write: {err}"
+    );
+
+    // What it stored is consistent: projections == pure fold of the records below the stored
+    // offsets, and Kafka's committed offsets are not ahead of the store's.
+    let input_ends = ends(
+        &b,
+        &[&b.topics.payments, &b.topics.mobility, &b.topics.commands],
+    );
+    let stored: Vec<i64> = {
+        let s = forest_store::Store::open(&store, &Default::default()).expect("store reopens");
+        let stored: Vec<i64> = input_ends
+            .iter()
+            .map(|(t, p, _)| s.offset(t, *p).expect("offset").unwrap_or(0))
+            .collect();
+        let prefix: Vec<Produced> = records
+            .iter()
+            .filter(|r| {
+                let i = input_ends
+                    .iter()
+                    .position(|(t, p, _)| t == b.input_topic(r.kind) && *p == r.partition)
+                    .expect("known partition");
+                r.offset < stored[i]
+            })
+            .cloned()
+            .collect();
+        assert!(
+            prefix.len() < records.len(),
+            "the write limit hit before the end ({} of {} records stored)",
+            prefix.len(),
+            records.len()
+        );
+        let users = check_projections(&s, &expected(&rules, &prefix));
+        eprintln!(
+            "disk full: stopped after {} of {} records with {users} users stored, consistent with its offsets",
+            prefix.len(),
+            records.len()
+        );
+        stored
+    };
+    let committed = kafka_committed(&bootstrap, &group, &input_ends);
+    for (i, (t, p, _)) in input_ends.iter().enumerate() {
+        assert!(
+            committed[i] <= stored[i],
+            "{t}/{p}: Kafka committed {} past the store's {}",
+            committed[i],
+            stored[i]
+        );
+    }
+
+    // With room again, a restart finishes the log exactly.
+    let mut svc = Service::new("processor", args, dir.path());
+    svc.start();
+    let start = Instant::now();
+    while !stored_offsets_reach(&store, &input_ends) {
+        svc.assert_running();
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "restart did not catch up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    svc.terminate(Duration::from_secs(30));
+    eprintln!(
+        "disk full, after restart: {}",
+        check(&b, &store, &expected(&rules, &records))
+    );
+    stop_broker(broker_child);
+}
+
+#[test]
+fn sigkill_campaign_loses_nothing_and_doubles_nothing() {
+    let kills_wanted = env_or("FOREST_CHAOS_KILLS", 12);
+    let events = env_or("FOREST_CHAOS_EVENTS", 30_000);
+    let seed = env_or("FOREST_CHAOS_SEED", 1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+
+    let prefix = unique_prefix("chaos");
+    let (mut broker_child, bootstrap) = broker(&prefix);
+    let b = TestBroker::external(&prefix, &bootstrap, broker_child.is_none());
+    let real = broker_child.is_none();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, cheap_tree_rules_toml()).expect("rules");
+    let partners = partners_file(dir.path(), "partners.toml", 1_000_000);
+    let (proc_store, ful_store) = (dir.path().join("processor"), dir.path().join("fulfilment"));
+    let common = |sub: &str| -> Vec<String> {
+        let mut a: Vec<String> = vec!["--rules".into(), rules.display().to_string(), sub.into()];
+        a.extend(["--brokers", &bootstrap, "--topic-prefix", b.prefix()].map(String::from));
+        a
+    };
+    // Short sessions: a killed member leaves the group after 6 s instead of 45 s.
+    let fast_group = [
+        "--kafka-config",
+        "session.timeout.ms=6000",
+        "--kafka-config",
+        "heartbeat.interval.ms=500",
+    ];
+    let mut processor_args = common("processor");
+    processor_args.extend(
+        [
+            "--store",
+            proc_store.to_str().unwrap(),
+            "--group",
+            &format!("{}processor", b.prefix()),
+            "--batch-size",
+            "50",
+            "--metrics-addr",
+            "off",
+        ]
+        .map(String::from),
+    );
+    processor_args.extend(fast_group.map(String::from));
+
+    let mut fulfilment_args = common("fulfilment");
+    fulfilment_args.extend(
+        [
+            "--store",
+            ful_store.to_str().unwrap(),
+            "--group",
+            &format!("{}fulfilment", b.prefix()),
+            "--partners",
+            partners.to_str().unwrap(),
+            "--batch-size",
+            "20",
+            "--metrics-addr",
+            "off",
+        ]
+        .map(String::from),
+    );
+    fulfilment_args.extend(fast_group.map(String::from));
+    let mut loadgen_args = common("loadgen");
+    loadgen_args.extend(
+        [
+            "--events",
+            &events.to_string(),
+            "--users",
+            "2000",
+            "--seed",
+            &seed.to_string(),
+            "--days",
+            "20",
+            "--malformed-rate",
+            "0.01",
+        ]
+        .map(String::from),
+    );
+
+    let mut services = [
+        Service::new("processor", processor_args, dir.path()),
+        Service::new("fulfilment", fulfilment_args, dir.path()),
+    ];
+    // The load generator runs first, as its own process, and writes the whole log: the merge
+    // order of the three input topics is a pure function of the log only when the records are
+    // there when read (see forest_processor::merge; live, a record that arrives late relative
+    // to its partition's other topics is applied when it arrives), and the pure fold this test
+    // compares with is that function. Small batches keep the services busy long enough to be
+    // killed mid-work many times.
+    let mut loadgen = Service::new("loadgen", loadgen_args, dir.path());
+    loadgen.start();
+    let st = loadgen
+        .child
+        .take()
+        .expect("loadgen")
+        .wait()
+        .expect("loadgen runs");
+    assert!(st.success(), "loadgen failed:\n{}", loadgen.tail());
+    for s in &mut services {
+        s.start();
+    }
+
+    // The campaign. Each service gets a random deadline after it first makes progress
+    // (stored offsets move) following a (re)start, so kills land mid-work rather than during
+    // the consumer-group join; when it comes, the service is killed with SIGKILL (or, one time
+    // in five, stopped with SIGTERM, which must commit and exit in time) and restarted. Once
+    // a service has made no progress for 15 s (nothing left to do; a restarted processor may wait
+    // several seconds for the group to drop its killed predecessor), its deadline applies from
+    // then.
+    let stores = [proc_store.clone(), ful_store.clone()];
+    let topics_of = [
+        vec![
+            b.topics.payments.clone(),
+            b.topics.mobility.clone(),
+            b.topics.commands.clone(),
+        ],
+        vec![b.topics.trees.clone()],
+    ];
+    let progress = |i: usize| stored_sum(&stores[i], &topics_of[i]);
+    let started = Instant::now();
+    let (mut kills, mut terms, mut mid_work) = ([0u32; 2], [0u32; 2], 0u32);
+    let mut term_times = Vec::new();
+    // (progress at the last start, when progress was first seen, when last changed, delay)
+    let mut watch: Vec<(i64, Option<Instant>, Instant, Duration)> = (0..2)
+        .map(|i| (progress(i), None, Instant::now(), Duration::ZERO))
+        .collect();
+    while u64::from(kills[0] + kills[1]) < kills_wanted {
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "campaign took over 15 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        if u64::from(kills[0] + kills[1]) >= kills_wanted {
+            continue;
+        }
+        for victim in 0..2 {
+            services[victim].assert_running();
+            let now_progress = progress(victim);
+            let w = &mut watch[victim];
+            if w.1.is_none() {
+                let idle = w.2.elapsed() > Duration::from_secs(15);
+                if now_progress != w.0 || idle {
+                    w.1 = Some(Instant::now());
+                    // Mostly soon (during the catch-up after a restart), sometimes later.
+                    w.3 = Duration::from_millis(if rng.random_bool(0.6) {
+                        rng.random_range(0..250)
+                    } else {
+                        rng.random_range(250..2_000)
+                    });
+                } else {
+                    continue;
+                }
+            }
+            if now_progress != w.0 {
+                w.2 = Instant::now();
+            }
+            if w.1.is_some_and(|t| t.elapsed() >= w.3) {
+                let s = &mut services[victim];
+                if w.2.elapsed() < Duration::from_millis(500) {
+                    mid_work += 1;
+                }
+                eprintln!(
+                    "kill {victim} at {:.1}s: progress {now_progress}, last moved {:?} ago",
+                    started.elapsed().as_secs_f64(),
+                    w.2.elapsed()
+                );
+                if rng.random_range(0..5) == 0 {
+                    term_times.push(s.terminate(Duration::from_secs(30)));
+                    terms[victim] += 1;
+                } else {
+                    s.kill();
+                    kills[victim] += 1;
+                }
+                s.start();
+                *w = (progress(victim), None, Instant::now(), Duration::ZERO);
+            } else {
+                w.0 = now_progress;
+            }
+        }
+    }
+    eprintln!(
+        "chaos: {} SIGKILLs (processor {}, fulfilment {}), {} SIGTERMs (max exit {:?}), {mid_work} of them while the victim's offsets were moving, in {:.1} s",
+        kills[0] + kills[1],
+        kills[0],
+        kills[1],
+        terms[0] + terms[1],
+        term_times.iter().max(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // Let both catch up with the whole log, then stop them gracefully.
+    let input_ends = ends(
+        &b,
+        &[&b.topics.payments, &b.topics.mobility, &b.topics.commands],
+    );
+    let catch_up = Instant::now();
+    while !stored_offsets_reach(&proc_store, &input_ends) {
+        services[0].assert_running();
+        assert!(
+            catch_up.elapsed() < Duration::from_secs(300),
+            "processor did not catch up; log:\n{}",
+            services[0].tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The processor delivers its outbox right after each batch; give the last one time to land
+    // by stopping it before reading the trees topic's end.
+    services[0].terminate(Duration::from_secs(30));
+    let tree_ends = ends(&b, &[&b.topics.trees]);
+    while !stored_offsets_reach(&ful_store, &tree_ends) {
+        services[1].assert_running();
+        assert!(
+            catch_up.elapsed() < Duration::from_secs(300),
+            "fulfilment did not catch up; log:\n{}",
+            services[1].tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    services[1].terminate(Duration::from_secs(30));
+
+    // The invariants, against the pure fold of what is in the input topics.
+    let records = input_records(&b);
+    assert_eq!(
+        records.len() as u64,
+        events,
+        "every generated record is in Kafka"
+    );
+    let rules = cheap_tree_rules();
+    let want = expected(&rules, &records);
+    assert!(!want.trees.is_empty() && !want.dead_letters.is_empty());
+    let summary = check(&b, &proc_store, &want);
+    let (orders, order_records) = check_one_order_per_tree(&b, &want.trees);
+    eprintln!(
+        "chaos on {}: {summary}; {orders} orders ({order_records} records, {} re-sent)",
+        if real {
+            "Apache Kafka"
+        } else {
+            "forest broker (mock cluster)"
+        },
+        order_records - orders
+    );
+    stop_broker(broker_child.take());
+}
