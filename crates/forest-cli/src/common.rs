@@ -77,8 +77,13 @@ pub fn all_topics(
     v
 }
 
-/// Serves Prometheus metrics on `addr` (`off` disables) and describes every Forest metric.
-pub fn install_metrics(addr: &str) -> anyhow::Result<()> {
+/// Why the process is not ready, or `Ok` (the `/readyz` answer).
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Serves, on `addr` (`off` disables): `/metrics` (Prometheus text, every Forest metric
+/// described), `/healthz` (200 while the process runs) and `/readyz` (200 when `ready` says so,
+/// else 503 with the reason). One port, so one probe configuration covers all three.
+pub fn install_metrics(addr: &str, ready: Readiness) -> anyhow::Result<()> {
     if addr == "off" {
         return Ok(());
     }
@@ -86,8 +91,7 @@ pub fn install_metrics(addr: &str) -> anyhow::Result<()> {
         .parse()
         .with_context(|| format!("--metrics-addr {addr:?} is not HOST:PORT (or `off`)"))?;
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-    PrometheusBuilder::new()
-        .with_http_listener(socket)
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Suffix("_seconds".into()),
             &[
@@ -103,12 +107,65 @@ pub fn install_metrics(addr: &str) -> anyhow::Result<()> {
             )
         })
         .context("histogram buckets")?
-        .install()
-        .with_context(|| {
-            format!("cannot serve metrics on {addr} (port in use? pass --metrics-addr)")
-        })?;
+        .install_recorder()
+        .context("installing the metrics recorder")?;
     forest_processor::metrics::describe();
     forest_fulfilment::metrics::describe();
-    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    forest_kafka::health::describe();
+    forest_store::metrics::describe();
+    // Bind here, so a port in use fails start-up with a clear message.
+    let listener = std::net::TcpListener::bind(socket).with_context(|| {
+        format!("cannot serve metrics on {addr} (port in use? pass --metrics-addr)")
+    })?;
+    listener.set_nonblocking(true).context("metrics listener")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("metrics runtime")?;
+    std::thread::Builder::new()
+        .name("http".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                use axum::http::StatusCode;
+                use axum::routing::get;
+                let app = axum::Router::new()
+                    .route(
+                        "/metrics",
+                        get(move || {
+                            let h = handle.clone();
+                            async move {
+                                h.run_upkeep();
+                                h.render()
+                            }
+                        }),
+                    )
+                    .route("/healthz", get(|| async { "ok\n" }))
+                    .route(
+                        "/readyz",
+                        get(move || {
+                            let r = ready.clone();
+                            async move {
+                                match r() {
+                                    Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                                    Err(why) => (
+                                        StatusCode::SERVICE_UNAVAILABLE,
+                                        format!("not ready: {why}\n"),
+                                    ),
+                                }
+                            }
+                        }),
+                    );
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => {
+                        if let Err(e) = axum::serve(l, app).await {
+                            tracing::error!(error = %e, "metrics server stopped");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "metrics listener"),
+                }
+            })
+        })
+        .context("metrics thread")?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     Ok(())
 }

@@ -130,7 +130,24 @@ pub fn run(args: DemoArgs, rules: RuleSet) -> anyhow::Result<()> {
         .collect();
     ensure_topics(embedded.as_ref(), &brokers, &[], &spec, 1)
         .context("cannot create the demo's topics")?;
-    common::install_metrics(&args.metrics_addr)?;
+    let pstats = Arc::new(ProcessorStats::default());
+    let fstats = Arc::new(FulfilmentStats::default());
+    {
+        // Ready when both services are: stores open, partitions owned (no lag bound: the demo
+        // preloads on purpose).
+        let (p, f) = (pstats.clone(), fstats.clone());
+        common::install_metrics(
+            &args.metrics_addr,
+            Arc::new(move || {
+                p.health
+                    .readiness(i64::MAX)
+                    .map_err(|e| format!("processor: {e}"))?;
+                f.health
+                    .readiness(i64::MAX)
+                    .map_err(|e| format!("fulfilment: {e}"))
+            }),
+        )?;
+    }
 
     let tmp;
     let data_dir = match &args.data_dir {
@@ -155,7 +172,6 @@ pub fn run(args: DemoArgs, rules: RuleSet) -> anyhow::Result<()> {
 
     // Load generator.
     let produced = Arc::new(AtomicU64::new(0));
-    let pstats = Arc::new(ProcessorStats::default());
     let loadgen = {
         let (b, t, p, rate) = (brokers.clone(), topics.clone(), produced.clone(), args.rate);
         let consumed = pstats.clone();
@@ -183,7 +199,6 @@ pub fn run(args: DemoArgs, rules: RuleSet) -> anyhow::Result<()> {
         })?
     };
     // Fulfilment.
-    let fstats = Arc::new(FulfilmentStats::default());
     let fulfilment = {
         let mut cfg = FulfilmentConfig::new(brokers.clone(), data_dir.join("fulfilment"));
         cfg.topics = ftopics.clone();

@@ -41,6 +41,10 @@ pub struct FulfilmentArgs {
     /// Serve Prometheus metrics (/metrics) here; `off` to disable.
     #[arg(long, env = "FOREST_METRICS_ADDR", default_value = "0.0.0.0:9899")]
     metrics_addr: String,
+    /// /readyz answers 503 while the consumer lag over this instance's partitions exceeds
+    /// this many records.
+    #[arg(long, env = "FOREST_READY_MAX_LAG", default_value_t = 1_000_000)]
+    ready_max_lag: i64,
     /// librdkafka setting passed through, repeatable: --kafka-config key=value.
     #[arg(long = "kafka-config", value_parser = crate::common::parse_kv)]
     kafka_config: Vec<(String, String)>,
@@ -78,10 +82,14 @@ pub fn run(args: FulfilmentArgs) -> anyhow::Result<()> {
     cfg.reload_interval = Duration::from_secs(args.reload_secs);
     cfg.batch_max_records = args.batch_size;
     cfg.kafka = args.kafka_config;
-    crate::common::install_metrics(&args.metrics_addr)?;
+    let stats = Arc::new(FulfilmentStats::default());
+    let (s, max_lag) = (stats.clone(), args.ready_max_lag);
+    crate::common::install_metrics(
+        &args.metrics_addr,
+        Arc::new(move || s.health.readiness(max_lag)),
+    )?;
     let shutdown = crate::common::shutdown_on_signal()?;
-    forest_fulfilment::run(cfg, shutdown, Arc::new(FulfilmentStats::default()))
-        .context("fulfilment failed")
+    forest_fulfilment::run(cfg, shutdown, stats).context("fulfilment failed")
 }
 
 /// `forest partners`: validates a partner file and prints its capacity table.

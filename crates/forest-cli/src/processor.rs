@@ -35,6 +35,10 @@ pub struct ProcessorArgs {
     /// Serve Prometheus metrics (/metrics) here; `off` to disable.
     #[arg(long, env = "FOREST_METRICS_ADDR", default_value = "0.0.0.0:9898")]
     metrics_addr: String,
+    /// /readyz answers 503 while the consumer lag over this instance's partitions exceeds
+    /// this many records.
+    #[arg(long, env = "FOREST_READY_MAX_LAG", default_value_t = 1_000_000)]
+    ready_max_lag: i64,
     /// librdkafka setting passed through, repeatable: --kafka-config key=value.
     #[arg(long = "kafka-config", value_parser = crate::common::parse_kv)]
     kafka_config: Vec<(String, String)>,
@@ -53,8 +57,12 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.store.block_cache_bytes = args.block_cache_mb << 20;
     cfg.kafka = args.kafka_config;
     cfg.rules = Arc::new(rules);
-    crate::common::install_metrics(&args.metrics_addr)?;
+    let stats = Arc::new(ProcessorStats::default());
+    let (s, max_lag) = (stats.clone(), args.ready_max_lag);
+    crate::common::install_metrics(
+        &args.metrics_addr,
+        Arc::new(move || s.health.readiness(max_lag)),
+    )?;
     let shutdown = crate::common::shutdown_on_signal()?;
-    forest_processor::run(cfg, shutdown, Arc::new(ProcessorStats::default()))
-        .context("processor failed")
+    forest_processor::run(cfg, shutdown, stats).context("processor failed")
 }

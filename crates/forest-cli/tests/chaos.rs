@@ -584,3 +584,179 @@ fn sigkill_campaign_loses_nothing_and_doubles_nothing() {
     );
     stop_broker(broker_child.take());
 }
+
+/// GET `path` on `addr`: (status code, body), or `None` if nothing answers.
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Some((status, body))
+}
+
+/// Sum of every sample of `name` (all label sets) in a Prometheus text body, if present.
+fn sample_sum(body: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let series = line.split_whitespace().next().unwrap_or("");
+        let metric = series.split('{').next().unwrap_or("");
+        if metric == name {
+            let v: f64 = line.rsplit(' ').next()?.parse().ok()?;
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    l.local_addr().expect("addr").to_string()
+}
+
+/// The processor's and fulfilment's /metrics, /healthz and /readyz during an end-to-end run
+/// (separate processes, both brokers): probes answer, readiness turns 200 once partitions are
+/// assigned, and the key series exist with values that match the run.
+#[test]
+fn endpoints_serve_health_readiness_and_sane_metrics_during_a_run() {
+    let prefix = unique_prefix("observe");
+    let (broker_child, bootstrap) = broker(&prefix);
+    let b = TestBroker::external(&prefix, &bootstrap, broker_child.is_none());
+    let records = produce(&b, workload(41, 20_000, 2_000));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, cheap_tree_rules_toml()).expect("rules");
+    let (paddr, faddr) = (free_addr(), free_addr());
+    let common = |sub: &str, store: &str, addr: &str| -> Vec<String> {
+        [
+            "--rules",
+            rules.to_str().unwrap(),
+            sub,
+            "--brokers",
+            &bootstrap,
+            "--topic-prefix",
+            b.prefix(),
+            "--store",
+            dir.path().join(store).to_str().unwrap(),
+            "--group",
+            &format!("{}{sub}", b.prefix()),
+            "--metrics-addr",
+            addr,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let mut processor = Service::new("processor", common("processor", "p", &paddr), dir.path());
+    let partners = partners_file(dir.path(), "partners.toml", 1_000_000);
+    let mut fulfilment_args = common("fulfilment", "f", &faddr);
+    fulfilment_args.extend(["--partners".to_string(), partners.display().to_string()]);
+    let mut fulfilment = Service::new("fulfilment", fulfilment_args, dir.path());
+    processor.start();
+    fulfilment.start();
+
+    // Alive at once; ready only once it owns partitions (503 with the reason until then).
+    let start = Instant::now();
+    let mut saw = Vec::new();
+    loop {
+        processor.assert_running();
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "never ready: {saw:?}"
+        );
+        if let Some((code, body)) = http_get(&paddr, "/readyz") {
+            if saw.last() != Some(&code) {
+                saw.push(code);
+            }
+            assert!(
+                code == 200 || (code == 503 && body.starts_with("not ready: ")),
+                "{code} {body}"
+            );
+            if code == 200 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(http_get(&paddr, "/healthz").map(|r| r.0), Some(200));
+    assert_eq!(http_get(&faddr, "/healthz").map(|r| r.0), Some(200));
+
+    // Wait until the processor has consumed everything, then check the series.
+    let events = records.len() as f64;
+    let mut body = String::new();
+    while start.elapsed() < Duration::from_secs(180) {
+        body = http_get(&paddr, "/metrics")
+            .map(|r| r.1)
+            .unwrap_or_default();
+        let lag = sample_sum(&body, "forest_consumer_lag_records");
+        if sample_sum(&body, "forest_events_consumed_total") == Some(events)
+            && lag == Some(0.0)
+            && body.contains("forest_store_memory_bytes")
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let v = |name: &str| {
+        sample_sum(&body, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+    };
+    assert_eq!(v("forest_events_consumed_total"), events);
+    let applied = v("forest_events_applied_total");
+    let rejected = v("forest_events_rejected_total");
+    assert_eq!(
+        applied + rejected,
+        events,
+        "every record applied or rejected"
+    );
+    assert!(v("forest_dlq_records_total") > 0.0 && v("forest_dlq_records_total") < rejected);
+    assert!(v("forest_energy_credited_grams_total") > 0.0);
+    assert!(v("forest_trees_matured_total") > 0.0);
+    assert_eq!(v("forest_assigned_partitions"), 3.0 * f64::from(PARTITIONS));
+    assert_eq!(v("forest_consumer_lag_records"), 0.0);
+    assert_eq!(v("forest_ready"), 1.0);
+    assert!(v("forest_store_memory_bytes") > 0.0);
+    assert!(v("forest_batch_duration_seconds_count") >= 1.0);
+    assert!(
+        body.contains("forest_batch_duration_seconds_bucket{le=\"0.01\"}"),
+        "histograms have buckets"
+    );
+    assert!(v("forest_event_latency_seconds_count") >= 1.0);
+    assert!(v("forest_store_writes_total") > 0.0);
+    assert!(v("forest_rebalances_total") >= 1.0);
+    assert!(body.contains("forest_events_rejected_total{reason=\"duplicate\"}"));
+    assert!(!body.contains("user-0"), "no user ids in labels");
+
+    // The fulfilment turns the trees into orders.
+    let trees = v("forest_trees_matured_total");
+    let mut fbody = String::new();
+    while start.elapsed() < Duration::from_secs(180) {
+        fbody = http_get(&faddr, "/metrics")
+            .map(|r| r.1)
+            .unwrap_or_default();
+        if sample_sum(&fbody, "forest_fulfilment_orders_total") == Some(trees) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        sample_sum(&fbody, "forest_fulfilment_orders_total"),
+        Some(trees),
+        "{fbody}"
+    );
+    assert_eq!(
+        sample_sum(&fbody, "forest_fulfilment_backlog_trees"),
+        Some(0.0)
+    );
+    assert_eq!(http_get(&faddr, "/readyz").map(|r| r.0), Some(200));
+    eprintln!(
+        "observe: /readyz went {saw:?}; {events} events, {applied} applied, {trees} trees, orders {trees}"
+    );
+    processor.terminate(Duration::from_secs(30));
+    fulfilment.terminate(Duration::from_secs(30));
+    stop_broker(broker_child);
+}

@@ -170,6 +170,8 @@ pub struct FulfilmentStats {
     pub batches: AtomicU64,
     /// Next offset per (topic, partition) as last committed to the store.
     pub committed_offsets: std::sync::Mutex<BTreeMap<(String, i32), i64>>,
+    /// Store open, partitions owned, consumer lag: what `/readyz` reports.
+    pub health: forest_kafka::Health,
 }
 
 impl FulfilmentStats {

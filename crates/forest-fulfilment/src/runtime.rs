@@ -404,7 +404,7 @@ impl Service {
         }
     }
 
-    fn commit_kafka(&self, consumer: &BaseConsumer, mode: CommitMode) {
+    fn commit_kafka(&self, consumer: &BaseConsumer<LagContext>, mode: CommitMode) {
         if self.committed.is_empty() {
             return;
         }
@@ -458,6 +458,7 @@ pub fn run(
     let (partners, partners_text) = cfg.partners.load()?;
     tracing::info!(version = %partners.version, partners = partners.partners.len(), "partner list loaded");
     let store = Store::open(&cfg.store_path, &cfg.store)?;
+    stats.health.set_store_open(true);
     let mut producer = OutboxProducer::new(&cfg.brokers, &cfg.kafka)?;
     producer.deliver_leftovers(&store)?;
     let ledger = Ledger::load(
@@ -510,14 +511,16 @@ pub fn run(
         metrics::gauge!(m::BACKLOG).set(backlog as f64);
     }
 
-    let consumer: BaseConsumer = client_config(&cfg.brokers, &[])
+    let consumer: BaseConsumer<LagContext> = client_config(&cfg.brokers, &[])
         .set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "10")
+        // Consumer lag per partition for metrics and /readyz.
+        .set("statistics.interval.ms", "5000")
         .set_all(&cfg.kafka)
-        .create()
+        .create_with_context(LagContext(stats.clone()))
         .map_err(|source| FulfilmentError::Kafka {
             op: "create consumer",
             source,
@@ -566,13 +569,19 @@ pub fn run(
             op: "assign",
             source,
         })?;
+    stats.health.add_assigned(tpl.count() as i64);
     tracing::info!(inputs = ?svc.inputs, store = %cfg.store_path.display(), backlog = svc.ledger.backlog_len(), "fulfilment started");
 
     let mut last_reload = Instant::now();
+    let mut last_export = Instant::now() - Duration::from_secs(5);
     while !shutdown.load(Ordering::Relaxed) {
         if last_reload.elapsed() >= cfg.reload_interval {
             last_reload = Instant::now();
             svc.maybe_reload()?;
+        }
+        if last_export.elapsed() >= Duration::from_secs(5) {
+            last_export = Instant::now();
+            svc.store.export_metrics();
         }
         let mut timeout = Duration::from_millis(50);
         for _ in 0..cfg
@@ -622,3 +631,14 @@ pub fn run(
     );
     Ok(())
 }
+
+/// The fulfilment consumer's context: turns librdkafka statistics into consumer-lag metrics.
+pub struct LagContext(Arc<FulfilmentStats>);
+
+impl rdkafka::ClientContext for LagContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.0.health.record_lag(&statistics);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LagContext {}

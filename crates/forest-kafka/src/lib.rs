@@ -7,9 +7,11 @@
 //! loopback, so `forest demo` and the fast tests need nothing installed; the same code runs
 //! against Apache Kafka when `--brokers` names one.
 
+pub mod health;
 pub mod outbox;
 mod read;
 
+pub use health::Health;
 pub use outbox::{DeliveryError, OutboxProducer, send_retrying};
 pub use read::{ReadError, Record, Watermarks, end_offsets, read_topic, watermarks};
 

@@ -195,6 +195,8 @@ pub struct ProcessorStats {
     pub rejections: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Next offset per (topic, partition) as last committed to the store by this instance.
     pub committed_offsets: std::sync::Mutex<std::collections::BTreeMap<(String, i32), i64>>,
+    /// Store open, partitions owned, consumer lag: what `/readyz` reports.
+    pub health: forest_kafka::Health,
 }
 
 impl ProcessorStats {

@@ -19,9 +19,15 @@ pub const REBALANCES: &str = "forest_rebalances_total";
 pub const MERGE_BUFFERED: &str = "forest_merge_buffered_records";
 pub const EVENT_LATENCY: &str = "forest_event_latency_seconds";
 pub const OFFSET_GAPS: &str = "forest_input_offset_gaps_total";
+pub const KAFKA_COMMIT: &str = "forest_kafka_commit_duration_seconds";
 
 /// Registers descriptions with the installed recorder (call once at start-up).
 pub fn describe() {
+    describe_histogram!(
+        KAFKA_COMMIT,
+        Unit::Seconds,
+        "Time from committing offsets to Kafka (for lag tools) to the broker's answer."
+    );
     describe_counter!(
         EVENTS_CONSUMED,
         Unit::Count,

@@ -25,6 +25,8 @@ struct Ctx {
     /// Bumped by every rebalance of this consumer, so the poll loop can drop records it polled
     /// before a revoke (the new assignment re-reads them from the stored offsets).
     generation: std::sync::atomic::AtomicU64,
+    /// When the oldest unanswered Kafka offset commit was sent (for its latency histogram).
+    commit_started: Mutex<Option<std::time::Instant>>,
 }
 
 impl Ctx {
@@ -36,7 +38,12 @@ impl Ctx {
     }
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    /// librdkafka statistics (every `statistics.interval.ms`): per-partition consumer lag.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.stats.health.record_lag(&statistics);
+    }
+}
 
 impl ConsumerContext for Ctx {
     /// Replaces rdkafka's default so that (a) on revoke the in-flight batch is written and its
@@ -70,6 +77,7 @@ impl ConsumerContext for Ctx {
                         }
                     }
                 }
+                self.stats.health.add_assigned(starts.len() as i64);
                 for (topic, idx, partition, stored) in starts {
                     let offset = if core.at_least_once {
                         Offset::Stored
@@ -116,6 +124,8 @@ impl ConsumerContext for Ctx {
                         "partitions revoked after committing"
                     );
                 }
+                self.stats.health.add_assigned(-(tpl.count() as i64));
+                self.stats.health.forget_lag();
                 if let Err(e) = consumer.unassign() {
                     tracing::warn!(error = %e, "unassign failed");
                 }
@@ -128,6 +138,9 @@ impl ConsumerContext for Ctx {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Some(started) = lock(&self.commit_started).take() {
+            metrics::histogram!(m::KAFKA_COMMIT).record(started.elapsed().as_secs_f64());
+        }
         if let Err(e) = result {
             // Kafka's committed offsets are informational (lag tools); the store is the truth.
             tracing::debug!(error = %e, "kafka offset commit failed");
@@ -144,6 +157,7 @@ fn commit_kafka(consumer: &BaseConsumer<Ctx>, core: &Core, mode: CommitMode) {
     for (&(t, p), &o) in &core.committed {
         let _ = tpl.add_partition_offset(&core.inputs[t as usize].0, p, Offset::Offset(o));
     }
+    lock(&consumer.context().commit_started).get_or_insert_with(std::time::Instant::now);
     if let Err(e) = consumer.commit(&tpl, mode) {
         tracing::debug!(error = %e, "kafka offset commit failed");
     }
@@ -208,6 +222,7 @@ pub fn run(
 ) -> Result<(), ProcessorError> {
     validate(&cfg)?;
     let store = Arc::new(Store::open(&cfg.store_path, &cfg.store)?);
+    stats.health.set_store_open(true);
     // Outputs a previous run left behind go out once, before any worker consumes.
     let mut leftovers = forest_kafka::OutboxProducer::new(&cfg.brokers, &cfg.kafka)?;
     let n = leftovers.deliver_leftovers(&store)?;
@@ -216,8 +231,20 @@ pub fn run(
         .fetch_add(n as u64, Ordering::Relaxed);
     drop(leftovers);
     let halt = AtomicBool::new(false);
+    let result = run_workers(&cfg, store, &shutdown, &halt, &stats);
+    stats.health.set_store_open(false);
+    result
+}
+
+fn run_workers(
+    cfg: &ProcessorConfig,
+    store: Arc<Store>,
+    shutdown: &AtomicBool,
+    halt: &AtomicBool,
+    stats: &Arc<ProcessorStats>,
+) -> Result<(), ProcessorError> {
     if cfg.workers <= 1 {
-        return run_worker(&cfg, store, &shutdown, &halt, stats, 0);
+        return run_worker(cfg, store, shutdown, halt, stats.clone(), 0);
     }
     // Workers are members of the same consumer group sharing one store: the range assignor
     // splits the partition numbers between them, and a partition that moves between them
@@ -225,8 +252,7 @@ pub fn run(
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..cfg.workers)
             .map(|i| {
-                let (cfg, store, stats, shutdown, halt) =
-                    (&cfg, store.clone(), stats.clone(), &shutdown, &halt);
+                let (store, stats) = (store.clone(), stats.clone());
                 s.spawn(move || {
                     let r = run_worker(cfg, store, shutdown, halt, stats, i);
                     if r.is_err() {
@@ -276,6 +302,7 @@ fn run_worker(
         fatal: Mutex::new(None),
         stats: stats.clone(),
         generation: std::sync::atomic::AtomicU64::new(0),
+        commit_started: Mutex::new(None),
     };
 
     let consumer: BaseConsumer<Ctx> = client_config(&cfg.brokers, &[])
@@ -290,6 +317,8 @@ fn run_worker(
         .set("fetch.wait.max.ms", "10")
         .set("queued.min.messages", "100000")
         .set("max.partition.fetch.bytes", "10485760")
+        // Consumer lag per partition for metrics and /readyz.
+        .set("statistics.interval.ms", "5000")
         .set_all(&cfg.kafka)
         .create_with_context(ctx)
         .map_err(|source| ProcessorError::Kafka {
@@ -335,12 +364,17 @@ fn consume_loop(
 ) -> Result<(), ProcessorError> {
     let ctx = consumer.context();
     let mut last_report = std::time::Instant::now();
+    let mut last_export = std::time::Instant::now() - Duration::from_secs(5);
     // Where the loop's time goes, for the progress log: waiting in poll, folding (drain), and
     // committing partial batches.
     let (mut t_poll, mut t_drain, mut t_commit) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let topics: Vec<String> = lock(core).inputs.iter().map(|(n, _)| n.clone()).collect();
     let mut polled: Vec<Rec> = Vec::with_capacity(cfg.batch_max_records);
     while !shutdown.load(Ordering::Relaxed) && !halt.load(Ordering::Relaxed) {
+        if last_export.elapsed() >= Duration::from_secs(5) {
+            last_export = std::time::Instant::now();
+            lock(core).store.export_metrics();
+        }
         if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = std::time::Instant::now();
             let c = lock(core);

@@ -19,7 +19,7 @@ mod cache;
 mod store;
 
 pub use cache::ProjectionCache;
-pub use store::{OutboxEntry, Store, StoreConfig, StoreError, StoreStats};
+pub use store::{OutboxEntry, Store, StoreConfig, StoreError, StoreStats, metrics};
 
 /// Where a service stops abruptly, without committing, so tests can prove recovery. Never set
 /// in production. Lives here because both points are defined by the store's batch writes, and

@@ -107,8 +107,49 @@ pub struct Store {
     write_opts: WriteOptions,
     next_seq: AtomicU64,
     pub stats: StoreStats,
-    // Keep the cache alive as long as the DB.
-    _cache: Cache,
+    cache: Cache,
+    /// The options the DB was opened with: they hold RocksDB's statistics (tickers).
+    opts: Options,
+}
+
+/// Store metrics, exported by [`Store::export_metrics`].
+pub mod metrics {
+    pub const MEMORY: &str = "forest_store_memory_bytes";
+    pub const FLUSH_BYTES: &str = "forest_store_flush_bytes_total";
+    pub const COMPACTION_BYTES: &str = "forest_store_compaction_bytes_total";
+    pub const RUNNING_FLUSHES: &str = "forest_store_running_flushes";
+    pub const RUNNING_COMPACTIONS: &str = "forest_store_running_compactions";
+    pub const PENDING_COMPACTION_BYTES: &str = "forest_store_pending_compaction_bytes";
+
+    pub fn describe() {
+        use ::metrics::{Unit, describe_counter, describe_gauge};
+        describe_gauge!(
+            MEMORY,
+            Unit::Bytes,
+            "RocksDB memory by kind: memtables, block_cache (includes index and filter blocks), table_readers."
+        );
+        describe_counter!(
+            FLUSH_BYTES,
+            Unit::Bytes,
+            "Bytes RocksDB wrote flushing memtables to SST files."
+        );
+        describe_counter!(
+            COMPACTION_BYTES,
+            Unit::Bytes,
+            "Bytes RocksDB wrote compacting SST files."
+        );
+        describe_gauge!(
+            RUNNING_FLUSHES,
+            Unit::Count,
+            "Memtable flushes running now."
+        );
+        describe_gauge!(RUNNING_COMPACTIONS, Unit::Count, "Compactions running now.");
+        describe_gauge!(
+            PENDING_COMPACTION_BYTES,
+            Unit::Bytes,
+            "RocksDB's estimate of bytes compaction still has to rewrite (write stalls start when it grows)."
+        );
+    }
 }
 
 fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
@@ -123,6 +164,36 @@ impl Store {
     /// Opens (creating if absent) the store at `path`.
     pub fn open(path: &Path, cfg: &StoreConfig) -> Result<Self, StoreError> {
         Self::open_with(path, cfg, false)
+    }
+
+    /// Sets the RocksDB gauges and counters of [`metrics`] (a few property reads: call it
+    /// every few seconds, not per batch).
+    pub fn export_metrics(&self) {
+        use rocksdb::statistics::Ticker;
+        let sum = |name: &str| -> u64 {
+            [CF_PROJECTIONS, CF_OFFSETS, CF_OUTBOX, CF_META, CF_KV]
+                .iter()
+                .filter_map(|cf| self.db.cf_handle(cf))
+                .filter_map(|cf| self.db.property_int_value_cf(cf, name).ok().flatten())
+                .sum()
+        };
+        let db_prop = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        let m = |kind: &'static str, v: u64| {
+            ::metrics::gauge!(metrics::MEMORY, "kind" => kind).set(v as f64)
+        };
+        m("memtables", sum("rocksdb.cur-size-all-mem-tables"));
+        m("block_cache", self.cache.get_usage() as u64);
+        m("table_readers", sum("rocksdb.estimate-table-readers-mem"));
+        ::metrics::counter!(metrics::FLUSH_BYTES)
+            .absolute(self.opts.get_ticker_count(Ticker::FlushWriteBytes));
+        ::metrics::counter!(metrics::COMPACTION_BYTES)
+            .absolute(self.opts.get_ticker_count(Ticker::CompactWriteBytes));
+        ::metrics::gauge!(metrics::RUNNING_FLUSHES)
+            .set(db_prop("rocksdb.num-running-flushes") as f64);
+        ::metrics::gauge!(metrics::RUNNING_COMPACTIONS)
+            .set(db_prop("rocksdb.num-running-compactions") as f64);
+        ::metrics::gauge!(metrics::PENDING_COMPACTION_BYTES)
+            .set(sum("rocksdb.estimate-pending-compaction-bytes") as f64);
     }
 
     /// Opens an existing store for reading only, even while a service has it open (RocksDB's
@@ -174,6 +245,9 @@ impl Store {
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.set_paranoid_checks(true);
+        // Tickers only (flush and compaction bytes for metrics); no timers on the write path.
+        db_opts.enable_statistics();
+        db_opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptTimers);
         db_opts.set_max_background_jobs(2);
         let wbm = WriteBufferManager::new_write_buffer_manager_with_cache(
             cfg.write_buffer_bytes,
@@ -235,7 +309,8 @@ impl Store {
             write_opts,
             next_seq: AtomicU64::new(next_seq),
             stats: StoreStats::default(),
-            _cache: cache,
+            cache,
+            opts: db_opts,
         })
     }
 
