@@ -87,7 +87,6 @@ fn every_matured_tree_gets_exactly_one_order_across_crashes_and_redelivery() {
 /// order per matured tree.
 #[test]
 fn broker_faults_on_the_mock_cluster_lose_no_order() {
-    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let b = TestBroker::embedded("fulfil-faults");
     let records = produce(&b, workload(14, 60_000, 5_000));
     let rules = cheap_tree_rules();
@@ -98,26 +97,10 @@ fn broker_faults_on_the_mock_cluster_lose_no_order() {
     let mut cfg = b.fulfilment_config(dir.path(), PartnersSource::Builtin);
     cfg.batch_max_records = 100;
     let f = start_fulfilment(cfg);
-    let cluster = b.embedded.as_ref().expect("embedded broker").cluster();
-    let errs = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 20];
-    std::thread::sleep(Duration::from_millis(200));
-    cluster.request_errors(RDKafkaApiKey::Produce, &errs);
-    cluster.request_errors(RDKafkaApiKey::Fetch, &errs);
-    cluster.request_errors(
-        RDKafkaApiKey::OffsetCommit,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 10],
+    inject_broker_faults(
+        b.embedded.as_ref().expect("embedded broker"),
+        Duration::from_millis(200),
     );
-    std::thread::sleep(Duration::from_millis(300));
-    cluster.broker_down(1).expect("broker down");
-    std::thread::sleep(Duration::from_secs(2));
-    cluster.broker_up(1).expect("broker up");
-    cluster
-        .broker_round_trip_time(1, Duration::from_millis(50))
-        .expect("rtt");
-    std::thread::sleep(Duration::from_secs(1));
-    cluster
-        .broker_round_trip_time(1, Duration::ZERO)
-        .expect("rtt");
     wait_fulfilment_at(&f.stats, &ends, WAIT);
     f.stop().expect("graceful stop after faults");
     let (distinct, sent) = check_one_order_per_tree(&b, &want.trees);
@@ -345,13 +328,7 @@ fn orders_per_second() {
     let trees: Vec<(Vec<u8>, Vec<u8>)> = (0..n)
         .map(|i| {
             let user = format!("u{i:07}");
-            let species = [
-                "saxaul",
-                "red_willow",
-                "sand_willow",
-                "mongolian_pine",
-                "populus_euphratica",
-            ][(i % 5) as usize];
+            let species = SPECIES[(i % 5) as usize];
             let t = TreeMatured {
                 tree_id: format!("{user}/1"),
                 user_id: user.clone(),

@@ -128,7 +128,6 @@ fn two_instances_split_the_partitions_and_one_leaves_mid_stream() {
 
 #[test]
 fn broker_faults_on_the_mock_cluster_lose_nothing() {
-    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     // Always the mock cluster, even when FOREST_TEST_BROKERS names a real broker: only the mock
     // cluster can inject these faults.
     let b = TestBroker::embedded("faults");
@@ -139,26 +138,7 @@ fn broker_faults_on_the_mock_cluster_lose_nothing() {
     let mut cfg = b.processor_config(dir.path(), "g");
     cfg.batch_max_records = 500;
     let p = start(cfg);
-    let cluster = embedded.cluster();
-    let errs = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 20];
-    std::thread::sleep(Duration::from_millis(300));
-    cluster.request_errors(RDKafkaApiKey::Produce, &errs);
-    cluster.request_errors(RDKafkaApiKey::Fetch, &errs);
-    cluster.request_errors(
-        RDKafkaApiKey::OffsetCommit,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 10],
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    cluster.broker_down(1).expect("broker down");
-    std::thread::sleep(Duration::from_secs(2));
-    cluster.broker_up(1).expect("broker up");
-    cluster
-        .broker_round_trip_time(1, Duration::from_millis(50))
-        .expect("rtt");
-    std::thread::sleep(Duration::from_secs(1));
-    cluster
-        .broker_round_trip_time(1, Duration::ZERO)
-        .expect("rtt");
+    inject_broker_faults(embedded, Duration::from_millis(300));
     wait_caught_up(&[&p.stats], &end_offsets(&b, &records), CATCH_UP);
     p.stop().expect("graceful stop after faults");
     eprintln!("broker faults: {}", check(&b, dir.path(), &want));

@@ -725,16 +725,18 @@ pub fn partners_file(dir: &std::path::Path, name: &str, capacity: u32) -> std::p
     path
 }
 
+/// The species of the default rules.
+pub const SPECIES: [&str; 5] = [
+    "saxaul",
+    "red_willow",
+    "sand_willow",
+    "mongolian_pine",
+    "populus_euphratica",
+];
+
 /// One partner, two sites, `capacity` per species per site.
 pub fn write_partners(path: &std::path::Path, capacity: u32) {
-    let species = [
-        "saxaul",
-        "red_willow",
-        "sand_willow",
-        "mongolian_pine",
-        "populus_euphratica",
-    ];
-    let cap: Vec<String> = species
+    let cap: Vec<String> = SPECIES
         .iter()
         .map(|s| format!("{s} = {capacity}"))
         .collect();
@@ -749,4 +751,31 @@ pub fn write_partners(path: &std::path::Path, capacity: u32) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write partners");
     std::fs::rename(&tmp, path).expect("rename partners");
+}
+
+/// The mock cluster's faults, in sequence while a service runs: 20 NOT_LEADER errors on
+/// Produce and on Fetch, 10 timeouts on OffsetCommit, the broker down for 2 s, then 1 s of
+/// 50 ms round trips. `settle` is how long to let the service work before the first fault.
+pub fn inject_broker_faults(broker: &EmbeddedBroker, settle: Duration) {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = broker.cluster();
+    let errs = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 20];
+    std::thread::sleep(settle);
+    cluster.request_errors(RDKafkaApiKey::Produce, &errs);
+    cluster.request_errors(RDKafkaApiKey::Fetch, &errs);
+    cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 10],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.broker_down(1).expect("broker down");
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.broker_up(1).expect("broker up");
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(50))
+        .expect("rtt");
+    std::thread::sleep(Duration::from_secs(1));
+    cluster
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("rtt");
 }
