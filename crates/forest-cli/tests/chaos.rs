@@ -758,5 +758,19 @@ fn endpoints_serve_health_readiness_and_sane_metrics_during_a_run() {
     );
     processor.terminate(Duration::from_secs(30));
     fulfilment.terminate(Duration::from_secs(30));
+
+    // A processor of the same group on a new (empty) store: a lost data directory, or a
+    // replica without state. It starts, and says so.
+    let mut lost = Service::new("lost", common("processor", "p-new", "off"), dir.path());
+    lost.start();
+    let log = dir.path().join("lost-1.log");
+    let warned = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::read_to_string(&log).is_ok_and(|l| {
+            l.contains("the store is new but the consumer group has committed offsets")
+        })
+    });
+    lost.terminate(Duration::from_secs(30));
+    assert!(warned, "no warning about the new store:\n{}", lost.tail());
     stop_broker(broker_child);
 }

@@ -457,6 +457,13 @@ pub fn run(
     validate(&cfg)?;
     let (partners, partners_text) = cfg.partners.load()?;
     tracing::info!(version = %partners.version, partners = partners.partners.len(), "partner list loaded");
+    forest_kafka::warn_if_new_store_but_group_progressed(
+        !cfg.store_path.join("CURRENT").exists(),
+        &cfg.store_path,
+        &cfg.brokers,
+        &cfg.group_id,
+        &[&cfg.topics.trees, &cfg.topics.confirmations],
+    );
     let store = Store::open(&cfg.store_path, &cfg.store)?;
     stats.health.set_store_open(true);
     let mut producer = OutboxProducer::new(&cfg.brokers, &cfg.kafka)?;

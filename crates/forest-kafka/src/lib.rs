@@ -13,7 +13,9 @@ mod read;
 
 pub use health::Health;
 pub use outbox::{DeliveryError, OutboxProducer, send_retrying};
-pub use read::{ReadError, Record, Watermarks, end_offsets, read_topic, watermarks};
+pub use read::{
+    ReadError, Record, Watermarks, end_offsets, group_committed, read_topic, watermarks,
+};
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -161,4 +163,36 @@ pub fn ensure_topics(
         }
     }
     Ok(())
+}
+
+/// Logs a warning when a service starts on a new store (`is_new`) although its consumer group
+/// has committed offsets on its inputs: the data directory was lost, `--store` points at the
+/// wrong place, or this is a new replica taking over partitions. The service still starts and
+/// rebuilds its partitions' state from the start of the input log (which needs the inputs'
+/// full history); the warning makes the cause visible. Best effort: a broker that does not
+/// answer within 5 s skips the check.
+pub fn warn_if_new_store_but_group_progressed(
+    is_new: bool,
+    store: &std::path::Path,
+    brokers: &str,
+    group: &str,
+    inputs: &[&str],
+) {
+    if !is_new {
+        return;
+    }
+    match group_committed(brokers, group, inputs, Duration::from_secs(5)) {
+        Ok(committed) => {
+            if let Some((t, p, o)) = committed.iter().find(|(_, _, o)| *o > 0) {
+                tracing::warn!(
+                    store = %store.display(),
+                    group,
+                    example = format!("{t}/{p} at {o}"),
+                    partitions = committed.len(),
+                    "the store is new but the consumer group has committed offsets: the data directory was lost, --store points at the wrong place, or this is a new replica; its partitions are rebuilt from the start of the input log"
+                );
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "could not read the group's committed offsets"),
+    }
 }

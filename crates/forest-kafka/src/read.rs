@@ -51,6 +51,47 @@ pub fn end_offsets(brokers: &str, topic: &str) -> Result<BTreeMap<i32, i64>, Rea
     Watermarks::new(brokers)?.ends(topic)
 }
 
+/// The offsets consumer group `group` has committed on the partitions of `topics` (those
+/// with a committed offset only): what lag tools see. Used at start-up to notice a store that
+/// is new although the group has already made progress.
+pub fn group_committed(
+    brokers: &str,
+    group: &str,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<Vec<(String, i32, i64)>, ReadError> {
+    use rdkafka::TopicPartitionList;
+    let consumer: BaseConsumer = client_config(brokers, &[])
+        .set("group.id", group)
+        .create()
+        .map_err(|source| ReadError::Kafka {
+            op: "create consumer",
+            topic: String::new(),
+            source,
+        })?;
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        for p in marks(&consumer, t)?.keys() {
+            tpl.add_partition(t, *p);
+        }
+    }
+    let got = consumer
+        .committed_offsets(tpl, timeout)
+        .map_err(|source| ReadError::Kafka {
+            op: "fetch committed offsets",
+            topic: topics.join(","),
+            source,
+        })?;
+    Ok(got
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => Some((e.topic().to_string(), e.partition(), o)),
+            _ => None,
+        })
+        .collect())
+}
+
 /// One client for repeated watermark queries (a progress loop), instead of a new client
 /// per query.
 pub struct Watermarks {

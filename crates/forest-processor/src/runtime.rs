@@ -221,6 +221,14 @@ pub fn run(
     stats: Arc<ProcessorStats>,
 ) -> Result<(), ProcessorError> {
     validate(&cfg)?;
+    let t = &cfg.topics;
+    forest_kafka::warn_if_new_store_but_group_progressed(
+        !cfg.store_path.join("CURRENT").exists() && !cfg.dry_run,
+        &cfg.store_path,
+        &cfg.brokers,
+        &cfg.group_id,
+        &[&t.payments, &t.mobility, &t.commands],
+    );
     let store = Arc::new(Store::open(&cfg.store_path, &cfg.store)?);
     stats.health.set_store_open(true);
     // Outputs a previous run left behind go out once, before any worker consumes.
