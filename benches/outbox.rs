@@ -20,6 +20,7 @@ fn bench(c: &mut Criterion) {
     for n in [100usize, 1_000, 10_000] {
         let entries: Vec<OutboxEntry> = (0..n)
             .map(|i| OutboxEntry {
+                partition: None,
                 topic: "bench.trees".into(),
                 key: format!("user-{i:08}").into_bytes(),
                 // A TreeMatured is about 120-150 bytes.

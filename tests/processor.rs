@@ -143,3 +143,52 @@ fn broker_faults_on_the_mock_cluster_lose_nothing() {
     p.stop().expect("graceful stop after faults");
     eprintln!("broker faults: {}", check(&b, dir.path(), &want));
 }
+
+/// State follows a partition to an instance that never had it: instance A writes the
+/// changelog and crashes right after a batch was written but before its outputs (and so its
+/// changelog records) reached Kafka; instance B, on an empty store in the same group, restores
+/// every partition from the changelog, resumes at the checkpointed offsets and finishes. B's
+/// projections, the trees and the dead letters equal the pure fold, and B did not replay the
+/// log from the start.
+#[test]
+fn changelog_moves_state_to_an_instance_with_an_empty_store() {
+    let b = TestBroker::new("changelog");
+    let records = produce(&b, workload(51, 40_000, 4_000));
+    let want = expected(&Default::default(), &records);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut cfg = b.processor_config(dir_a.path(), "g");
+    cfg.changelog = true;
+    cfg.crash_at = Some(CrashPoint::AfterStoreWrite(8));
+    let a = start(cfg);
+    match a.join_within(CATCH_UP) {
+        Err(ProcessorError::InjectedCrash(_)) => {}
+        other => panic!("expected the injected crash, got {other:?}"),
+    }
+    let mut cfg = b.processor_config(dir_b.path(), "g");
+    cfg.changelog = true;
+    let started = Instant::now();
+    let p = start(cfg);
+    wait_caught_up(&[&p.stats], &end_offsets(&b, &records), CATCH_UP);
+    let took = started.elapsed();
+    let stats = p.stats.clone();
+    p.stop().expect("graceful stop");
+    let restored = forest_processor::ProcessorStats::get(&stats.restored_users);
+    let consumed = forest_processor::ProcessorStats::get(&stats.consumed);
+    // Partitions A never checkpointed (it may not have reached them) are replayed instead.
+    let partitions = forest_processor::ProcessorStats::get(&stats.restored_partitions);
+    assert!(
+        restored > 0 && partitions >= 1,
+        "B restored projections from the changelog"
+    );
+    assert!(
+        consumed < records.len() as u64,
+        "B resumed at the checkpoints instead of replaying all {} records (it read {consumed})",
+        records.len()
+    );
+    eprintln!(
+        "changelog: B restored {restored} projections on {partitions} of {PARTITIONS} partitions, read {consumed} of {} records, caught up in {:.1} s; {}",
+        records.len(),
+        took.as_secs_f64(),
+        check(&b, dir_b.path(), &want)
+    );
+}

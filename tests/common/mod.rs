@@ -105,6 +105,7 @@ impl TestBroker {
                     (&t.commands, PARTITIONS),
                     (&t.trees, PARTITIONS),
                     (&t.dlq, PARTITIONS),
+                    (&t.changelog, PARTITIONS),
                     (&f.confirmations, PARTITIONS),
                     (&f.orders, PARTITIONS),
                     (&f.certificates, PARTITIONS),

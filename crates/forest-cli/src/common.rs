@@ -66,6 +66,7 @@ pub fn all_topics(
         t.commands.clone(),
         t.trees.clone(),
         t.dlq.clone(),
+        t.changelog.clone(),
         f.trees.clone(),
         f.dlq.clone(),
         f.confirmations.clone(),

@@ -39,6 +39,11 @@ pub struct ProcessorArgs {
     /// this many records.
     #[arg(long, env = "FOREST_READY_MAX_LAG", default_value_t = 1_000_000)]
     ready_max_lag: i64,
+    /// Write every projection and a per-partition checkpoint to the compacted changelog topic,
+    /// and restore partitions this store lacks from it (state follows partitions between
+    /// instances).
+    #[arg(long, env = "FOREST_CHANGELOG")]
+    changelog: bool,
     /// librdkafka setting passed through, repeatable: --kafka-config key=value.
     #[arg(long = "kafka-config", value_parser = crate::common::parse_kv)]
     kafka_config: Vec<(String, String)>,
@@ -53,6 +58,7 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.topics = Topics::prefixed(&args.topic_prefix);
     cfg.batch_max_records = args.batch_size;
     cfg.workers = args.workers;
+    cfg.changelog = args.changelog;
     cfg.cache_users = args.cache_users;
     cfg.store.block_cache_bytes = args.block_cache_mb << 20;
     cfg.kafka = args.kafka_config;

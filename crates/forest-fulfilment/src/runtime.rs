@@ -230,6 +230,7 @@ impl Service {
                         tracing::debug!(order = %o.order_id, attempt = o.attempt, site = %o.site_id, "re-allocated");
                     }
                     self.pending.push(OutboxEntry {
+                        partition: None,
                         topic: t.orders.clone(),
                         key: o.partner_id.as_bytes().to_vec(),
                         value: o.encode_to_vec(),
@@ -240,6 +241,7 @@ impl Service {
                     self.stats.certificates.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(m::CERTIFICATES).increment(1);
                     self.pending.push(OutboxEntry {
+                        partition: None,
                         topic: t.certificates.clone(),
                         key: c.user_id.as_bytes().to_vec(),
                         value: c.encode_to_vec(),
@@ -264,6 +266,7 @@ impl Service {
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::DLQ_RECORDS, "reason" => reason).increment(1);
         self.pending.push(OutboxEntry {
+            partition: None,
             topic: self.cfg.topics.dlq.clone(),
             key: key.to_vec(),
             value: value.to_vec(),

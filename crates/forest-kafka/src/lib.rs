@@ -14,7 +14,8 @@ mod read;
 pub use health::Health;
 pub use outbox::{DeliveryError, OutboxProducer, send_retrying};
 pub use read::{
-    ReadError, Record, Watermarks, end_offsets, group_committed, read_topic, watermarks,
+    ReadError, Record, Watermarks, end_offsets, group_committed, read_partition, read_topic,
+    watermarks,
 };
 
 use rdkafka::ClientConfig;
@@ -105,6 +106,10 @@ impl ClientConfigExt for ClientConfig {
     }
 }
 
+/// Name suffix of the projection changelog topic (`forest_proto::topics::CHANGELOG`), which
+/// [`ensure_topics`] creates compacted.
+pub const CHANGELOG_SUFFIX: &str = "forest.projections-changelog.v1";
+
 /// Creates topics that do not exist yet. On the embedded broker this uses the mock cluster's
 /// own call (it has no CreateTopics API); on a real broker, the admin API with replication 1
 /// unless `replication` says otherwise.
@@ -134,7 +139,16 @@ pub fn ensure_topics(
         })?;
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(replication)))
+        .map(|(n, p)| {
+            let t = NewTopic::new(n, *p, TopicReplication::Fixed(replication));
+            // The projection changelog keeps the latest state per user: compacted, never
+            // deleted by time.
+            if n.ends_with(CHANGELOG_SUFFIX) {
+                t.set("cleanup.policy", "compact")
+            } else {
+                t
+            }
+        })
         .collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

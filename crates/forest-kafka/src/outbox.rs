@@ -110,7 +110,11 @@ impl OutboxProducer {
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("compression.type", "lz4")
-            .set("queue.buffering.max.messages", "1000000");
+            .set("queue.buffering.max.messages", "1000000")
+            // Keyed outputs land in the partition the input producers use for that key (the
+            // Java client's murmur2): the projection changelog must be partitioned like the
+            // inputs, and trees keyed by user stay with their user.
+            .set("partitioner", "murmur2_random");
         for (k, v) in overrides {
             c.set(k, v);
         }
@@ -148,10 +152,13 @@ impl OutboxProducer {
                     value: Some(v),
                 });
             }
-            let record = BaseRecord::with_opaque_to(&e.topic, Box::new(*seq))
+            let mut record = BaseRecord::with_opaque_to(&e.topic, Box::new(*seq))
                 .key(&e.key)
                 .payload(&e.value)
                 .headers(hdrs);
+            if let Some(p) = e.partition {
+                record = record.partition(p);
+            }
             send_retrying(&self.producer, record).map_err(|source| DeliveryError::Produce {
                 topic: e.topic.clone(),
                 source,

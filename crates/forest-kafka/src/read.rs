@@ -157,6 +157,26 @@ fn marks(consumer: &BaseConsumer, topic: &str) -> Result<BTreeMap<i32, (i64, i64
 /// Reads every record of `topic` from the beginning to its end offsets at the time of the
 /// call (read_uncommitted).
 pub fn read_topic(brokers: &str, topic: &str, timeout: Duration) -> Result<Vec<Record>, ReadError> {
+    read_from(brokers, topic, None, timeout)
+}
+
+/// Reads one partition of `topic` from its beginning to its current end (e.g. restoring state
+/// from a changelog partition).
+pub fn read_partition(
+    brokers: &str,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<Vec<Record>, ReadError> {
+    read_from(brokers, topic, Some(partition), timeout)
+}
+
+fn read_from(
+    brokers: &str,
+    topic: &str,
+    only: Option<i32>,
+    timeout: Duration,
+) -> Result<Vec<Record>, ReadError> {
     let err = |op| {
         move |source| ReadError::Kafka {
             op,
@@ -172,6 +192,7 @@ pub fn read_topic(brokers: &str, topic: &str, timeout: Duration) -> Result<Vec<R
     let ends: BTreeMap<i32, i64> = marks(&consumer, topic)?
         .into_iter()
         .map(|(p, (_, high))| (p, high))
+        .filter(|(p, _)| only.is_none_or(|o| o == *p))
         .collect();
     let mut tpl = TopicPartitionList::new();
     for p in ends.keys() {

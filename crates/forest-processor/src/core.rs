@@ -52,6 +52,9 @@ pub struct Core {
     /// its series up in the registry on every call, which cost more per event than the
     /// increment itself.
     tally: Tally,
+    /// The changelog topic, when the projections are also written there.
+    pub changelog: Option<String>,
+    pub brokers: String,
 }
 
 /// Per-batch counts behind the per-event metrics; label sets are small and bounded, so linear
@@ -146,6 +149,9 @@ impl Core {
             max_in_flight: cfg.max_outputs_in_flight,
             at_least_once: cfg.at_least_once_baseline,
             tally: Tally::default(),
+            changelog: (cfg.changelog && !cfg.dry_run && !cfg.at_least_once_baseline)
+                .then(|| t.changelog.clone()),
+            brokers: cfg.brokers.clone(),
         }
     }
 
@@ -229,6 +235,7 @@ impl Core {
                     self.stats.trees.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(m::TREES_MATURED, "species" => species_label(&tree.species_id)).increment(1);
                     self.pending.push(OutboxEntry {
+                        partition: None,
                         topic: self.trees_topic.clone(),
                         key: tree.user_id.as_bytes().to_vec(),
                         value: tree.encode_to_vec(),
@@ -247,6 +254,7 @@ impl Core {
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     bump(&mut self.tally.dead_lettered, r.code(), 1);
                     self.pending.push(OutboxEntry {
+                        partition: None,
                         topic: self.dlq_topic.clone(),
                         key: rec.key.clone().unwrap_or_default(),
                         value: rec.value.clone().unwrap_or_default(),
@@ -290,6 +298,31 @@ impl Core {
             return Ok(false);
         }
         let started = Instant::now();
+        if let Some(topic) = &self.changelog {
+            // After the batch's trees and dead letters (see the changelog module on why the
+            // order matters): every changed projection, then each advanced partition's
+            // checkpoint.
+            for s in self.cache.dirty_states() {
+                self.pending.push(crate::changelog::projection(topic, s)?);
+            }
+            let mut parts: Vec<i32> = self.offsets.keys().map(|&(_, p)| p).collect();
+            parts.sort_unstable();
+            parts.dedup();
+            for p in parts {
+                let lane = |t: u8| {
+                    self.offsets
+                        .get(&(t, p))
+                        .or_else(|| self.committed.get(&(t, p)))
+                        .copied()
+                        .unwrap_or(-1)
+                };
+                self.pending.push(crate::changelog::checkpoint(
+                    topic,
+                    p,
+                    [lane(0), lane(1), lane(2)],
+                ));
+            }
+        }
         let inputs = &self.inputs;
         let offsets: Vec<(&str, i32, i64)> = self
             .offsets

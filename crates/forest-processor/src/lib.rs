@@ -22,6 +22,7 @@
 //!   store or output topic slows consumption instead of growing memory. Before partitions are
 //!   revoked and on shutdown, every output is acknowledged.
 
+pub mod changelog;
 mod core;
 pub mod merge;
 pub mod metrics;
@@ -46,6 +47,8 @@ pub struct Topics {
     pub commands: String,
     pub trees: String,
     pub dlq: String,
+    /// The projection changelog (written and read only with [`ProcessorConfig::changelog`]).
+    pub changelog: String,
 }
 
 impl Default for Topics {
@@ -57,6 +60,7 @@ impl Default for Topics {
             commands: t::COMMANDS.into(),
             trees: t::TREES.into(),
             dlq: t::DLQ.into(),
+            changelog: t::CHANGELOG.into(),
         }
     }
 }
@@ -72,6 +76,7 @@ impl Topics {
             commands: p(d.commands),
             trees: p(d.trees),
             dlq: p(d.dlq),
+            changelog: p(d.changelog),
         }
     }
 }
@@ -117,6 +122,11 @@ pub struct ProcessorConfig {
     /// Fold and store, but emit nothing: `forest rebuild` replays the log into a fresh store
     /// without re-sending TreeMatured or dead letters.
     pub dry_run: bool,
+    /// Also write every committed projection, and a checkpoint of each partition's input
+    /// offsets, to the compacted changelog topic (through the outbox, in the same batch), and
+    /// restore a newly assigned partition whose offsets this store lacks from it. See
+    /// [`changelog`].
+    pub changelog: bool,
 }
 
 impl ProcessorConfig {
@@ -139,6 +149,7 @@ impl ProcessorConfig {
             workers: 1,
             at_least_once_baseline: false,
             max_outputs_in_flight: 0,
+            changelog: false,
         }
     }
 }
@@ -159,6 +170,8 @@ pub enum ProcessorError {
     Outbox(#[from] forest_kafka::DeliveryError),
     #[error("injected crash at {0:?}")]
     InjectedCrash(CrashPoint),
+    #[error("restoring input partition {partition} from the changelog failed: {reason}")]
+    Restore { partition: i32, reason: String },
 }
 
 impl ProcessorError {
@@ -167,7 +180,8 @@ impl ProcessorError {
             Self::Config(_) => false,
             Self::Store(e) => e.is_retriable(),
             Self::Outbox(e) => e.is_retriable(),
-            Self::Kafka { .. } | Self::InjectedCrash(_) => true,
+            // A restore reads Kafka: a broker back up answers a retry.
+            Self::Kafka { .. } | Self::InjectedCrash(_) | Self::Restore { .. } => true,
         }
     }
 }
@@ -197,6 +211,9 @@ pub struct ProcessorStats {
     pub committed_offsets: std::sync::Mutex<std::collections::BTreeMap<(String, i32), i64>>,
     /// Store open, partitions owned, consumer lag: what `/readyz` reports.
     pub health: forest_kafka::Health,
+    /// Projections restored from the changelog, and partitions restored.
+    pub restored_users: AtomicU64,
+    pub restored_partitions: AtomicU64,
 }
 
 impl ProcessorStats {

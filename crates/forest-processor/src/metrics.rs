@@ -20,9 +20,21 @@ pub const MERGE_BUFFERED: &str = "forest_merge_buffered_records";
 pub const EVENT_LATENCY: &str = "forest_event_latency_seconds";
 pub const OFFSET_GAPS: &str = "forest_input_offset_gaps_total";
 pub const KAFKA_COMMIT: &str = "forest_kafka_commit_duration_seconds";
+pub const RESTORED_USERS: &str = "forest_restored_projections_total";
+pub const RESTORE_DURATION: &str = "forest_restore_duration_seconds";
 
 /// Registers descriptions with the installed recorder (call once at start-up).
 pub fn describe() {
+    describe_counter!(
+        RESTORED_USERS,
+        Unit::Count,
+        "Projections restored from the changelog onto newly assigned partitions."
+    );
+    describe_histogram!(
+        RESTORE_DURATION,
+        Unit::Seconds,
+        "Time to restore one input partition from the changelog."
+    );
     describe_histogram!(
         KAFKA_COMMIT,
         Unit::Seconds,

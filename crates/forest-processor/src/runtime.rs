@@ -62,6 +62,10 @@ impl ConsumerContext for Ctx {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
                 let mut core = lock(&self.core);
+                if let Err(e) = restore_missing(&core, tpl, &self.stats) {
+                    self.fail(e);
+                    return;
+                }
                 let mut starts = Vec::new();
                 for el in tpl.elements() {
                     let Some(idx) = core.topic_index(el.topic()) else {
@@ -146,6 +150,41 @@ impl ConsumerContext for Ctx {
             tracing::debug!(error = %e, "kafka offset commit failed");
         }
     }
+}
+
+/// With the changelog on: restores every assigned partition number for which the store has
+/// no offset on any input lane (a partition this instance never processed, or lost).
+fn restore_missing(
+    core: &Core,
+    tpl: &TopicPartitionList,
+    stats: &ProcessorStats,
+) -> Result<(), ProcessorError> {
+    let Some(changelog) = &core.changelog else {
+        return Ok(());
+    };
+    let inputs = [
+        core.inputs[0].0.as_str(),
+        core.inputs[1].0.as_str(),
+        core.inputs[2].0.as_str(),
+    ];
+    let mut parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    parts.sort_unstable();
+    parts.dedup();
+    for p in parts {
+        let mut known = false;
+        for t in inputs {
+            known |= core.store.offset(t, p)?.is_some();
+        }
+        if known {
+            continue;
+        }
+        let r = crate::changelog::restore(&core.store, &core.brokers, changelog, inputs, p)?;
+        if r.lanes.is_some() {
+            stats.restored_users.fetch_add(r.users, Ordering::Relaxed);
+            stats.restored_partitions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(())
 }
 
 /// Commits the store's offsets to Kafka too, so lag tools see progress.

@@ -26,4 +26,9 @@ pub mod topics {
     pub const PLANTING_ORDERS: &str = "forest.planting-orders.v1";
     pub const PLANTING_CONFIRMATIONS: &str = "forest.planting-confirmations.v1";
     pub const CERTIFICATES: &str = "forest.certificates.v1";
+    /// Compacted: the latest projection of each user, keyed by user id and partitioned like
+    /// the inputs, plus one checkpoint per partition (the input offsets the projections
+    /// reflect). Written by the processor with `--changelog`; read to restore a partition's
+    /// state on an instance that lacks it.
+    pub const CHANGELOG: &str = "forest.projections-changelog.v1";
 }

@@ -68,6 +68,14 @@ impl ProjectionCache {
     }
 
     /// Users changed since the last commit.
+    /// The projections changed since the last commit (what the next commit writes).
+    pub fn dirty_states(&self) -> impl Iterator<Item = &UserState> {
+        self.dirty
+            .iter()
+            .filter_map(|u| self.slots.get(u))
+            .map(|s| &s.state)
+    }
+
     pub fn dirty_len(&self) -> usize {
         self.dirty.len()
     }

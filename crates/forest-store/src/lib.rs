@@ -19,7 +19,9 @@ mod cache;
 mod store;
 
 pub use cache::ProjectionCache;
-pub use store::{OutboxEntry, Store, StoreConfig, StoreError, StoreStats, metrics};
+pub use store::{
+    OutboxEntry, Store, StoreConfig, StoreError, StoreStats, decode_state, encode_state, metrics,
+};
 
 /// Where a service stops abruptly, without committing, so tests can prove recovery. Never set
 /// in production. Lives here because both points are defined by the store's batch writes, and

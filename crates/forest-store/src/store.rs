@@ -21,7 +21,7 @@ const CF_META: &str = "meta";
 const CF_KV: &str = "kv";
 const FORMAT_KEY: &[u8] = b"format";
 /// Bump when the on-disk encoding changes; a store of another format is refused at open.
-const FORMAT: &[u8] = b"forest-store-v2"; // v2: projections keep recent credits
+const FORMAT: &[u8] = b"forest-store-v3"; // v2: projections keep recent credits; v3: outbox entries may pin a partition
 
 /// A store operation that failed. Each variant says whether retrying can help.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +90,9 @@ pub struct OutboxEntry {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// A fixed partition, for records that belong to a partition rather than to a key (the
+    /// changelog's checkpoints); `None`: the key's partition, as the input producers pick it.
+    pub partition: Option<i32>,
 }
 
 /// Counters for metrics and benchmarks.
@@ -110,6 +113,22 @@ pub struct Store {
     cache: Cache,
     /// The options the DB was opened with: they hold RocksDB's statistics (tickers).
     opts: Options,
+}
+
+/// A projection in the store's encoding (postcard), e.g. for the changelog topic.
+pub fn encode_state(s: &UserState) -> Result<Vec<u8>, StoreError> {
+    postcard::to_allocvec(s).map_err(|e| StoreError::Corrupt {
+        key: format!("projections/{}", s.user_id),
+        reason: e.to_string(),
+    })
+}
+
+/// The inverse of [`encode_state`]; `what` names the source in the error.
+pub fn decode_state(bytes: &[u8], what: &str) -> Result<UserState, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        key: what.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Store metrics, exported by [`Store::export_metrics`].
@@ -533,6 +552,7 @@ mod tests {
 
     fn entry(v: u8) -> OutboxEntry {
         OutboxEntry {
+            partition: None,
             topic: "t".into(),
             key: vec![v],
             value: vec![v; 3],

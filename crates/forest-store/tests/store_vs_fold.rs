@@ -62,7 +62,7 @@ proptest! {
             let e = &events[i];
             if let Ok(o) = cache.update(&store, &e.user_id, |s| rules.apply(s, e)).unwrap() {
                 for t in o.trees {
-                    pending.push(OutboxEntry { topic: "trees".into(), key: vec![], value: t.tree_id.into_bytes(), headers: vec![] });
+                    pending.push(OutboxEntry { topic: "trees".into(), key: vec![], value: t.tree_id.into_bytes(), headers: vec![], partition: None });
                 }
             }
             i += 1;

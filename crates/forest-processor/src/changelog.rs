@@ -1,0 +1,154 @@
+//! The projection changelog: state that follows partitions between instances.
+//!
+//! With `ProcessorConfig::changelog`, each committed batch also puts into the outbox (so in
+//! the same RocksDB batch as the state and offsets) the new projection of every user it
+//! changed, keyed by user id (so partitioned like the inputs), and then one **checkpoint** per
+//! input partition it advanced: the next offsets of that partition's three input lanes. The
+//! outbox sends them after the batch's trees and dead letters, in order, with the idempotent
+//! producer, so within a changelog partition a checkpoint follows the projections it covers.
+//!
+//! When an instance is assigned a partition for which its store has no offsets, it restores
+//! the partition from the changelog before consuming: the latest projection of each user (the
+//! topic is compacted) and the latest checkpoint's offsets, written in one batch. Why this is
+//! exact:
+//! - Projections up to the last checkpoint are what that checkpoint's offsets reflect.
+//! - Projections after it (a batch whose checkpoint never reached Kafka: its instance lost its
+//!   disk mid-delivery) are newer than the offsets. The new owner re-reads that batch from the
+//!   checkpoint; for the users already updated, its events are in their dedupe window and are
+//!   rejected as duplicates (their trees were delivered before their projection, by the
+//!   outbox order); the other users get them applied. The result is the state as if every
+//!   event had been applied once.
+//! - Compaction may drop a user's older projection once a newer one exists, so the restore
+//!   never relies on anything but the latest one.
+//! - No checkpoint at all: nothing is restored, and the partition is replayed from the start
+//!   of the log.
+
+use crate::ProcessorError;
+use crate::metrics as m;
+use forest_domain::UserState;
+use forest_store::{OutboxEntry, Store, decode_state, encode_state};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Key of a partition's checkpoint record: not UTF-8, so never a user id.
+pub const CHECKPOINT_KEY: &[u8] = &[0xFF, b'c', b'p'];
+
+/// The changelog record of one projection.
+pub fn projection(topic: &str, s: &UserState) -> Result<OutboxEntry, ProcessorError> {
+    Ok(OutboxEntry {
+        topic: topic.to_string(),
+        key: s.user_id.as_bytes().to_vec(),
+        value: encode_state(s)?,
+        headers: vec![],
+        partition: None,
+    })
+}
+
+/// The checkpoint of input partition `partition`: its lanes' next offsets (-1: unknown).
+pub fn checkpoint(topic: &str, partition: i32, lanes: [i64; 3]) -> OutboxEntry {
+    OutboxEntry {
+        topic: topic.to_string(),
+        key: CHECKPOINT_KEY.to_vec(),
+        value: lanes.iter().flat_map(|o| o.to_le_bytes()).collect(),
+        headers: vec![],
+        partition: Some(partition),
+    }
+}
+
+fn decode_checkpoint(v: &[u8]) -> Option<[i64; 3]> {
+    if v.len() != 24 {
+        return None;
+    }
+    let mut lanes = [0i64; 3];
+    for (i, chunk) in v.chunks_exact(8).enumerate() {
+        lanes[i] = i64::from_le_bytes(chunk.try_into().ok()?);
+    }
+    Some(lanes)
+}
+
+/// What a restore did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Restored {
+    pub users: u64,
+    pub records: u64,
+    pub lanes: Option<[i64; 3]>,
+}
+
+/// Restores input partition `partition` from the changelog into `store`: the latest projection
+/// of each user and the latest checkpoint's offsets for `inputs` (the three input topic
+/// names, in lane order), in one batch. Nothing is written without a checkpoint.
+pub fn restore(
+    store: &Store,
+    brokers: &str,
+    changelog: &str,
+    inputs: [&str; 3],
+    partition: i32,
+) -> Result<Restored, ProcessorError> {
+    let started = Instant::now();
+    let records =
+        forest_kafka::read_partition(brokers, changelog, partition, Duration::from_secs(600))
+            .map_err(|e| ProcessorError::Restore {
+                partition,
+                reason: e.to_string(),
+            })?;
+    let mut latest: HashMap<&[u8], &[u8]> = HashMap::new();
+    let mut lanes = None;
+    for r in &records {
+        if r.key == CHECKPOINT_KEY {
+            lanes = decode_checkpoint(&r.value).or(lanes);
+        } else {
+            latest.insert(&r.key, &r.value);
+        }
+    }
+    let mut done = Restored {
+        users: 0,
+        records: records.len() as u64,
+        lanes,
+    };
+    let Some(lanes) = lanes else {
+        tracing::info!(
+            changelog,
+            partition,
+            records = records.len(),
+            "no changelog checkpoint: the partition is replayed from the start of the log"
+        );
+        return Ok(done);
+    };
+    let states = latest
+        .iter()
+        .map(|(k, v)| {
+            decode_state(
+                v,
+                &format!("{changelog}/{partition}/{}", String::from_utf8_lossy(k)),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let offsets: Vec<(&str, i32, i64)> = inputs
+        .iter()
+        .zip(lanes)
+        .filter(|(_, o)| *o >= 0)
+        .map(|(t, o)| (*t, partition, o))
+        .collect();
+    store.commit(states.iter(), offsets, &[])?;
+    done.users = states.len() as u64;
+    let secs = started.elapsed().as_secs_f64();
+    metrics::counter!(m::RESTORED_USERS).increment(done.users);
+    metrics::histogram!(m::RESTORE_DURATION).record(secs);
+    tracing::info!(changelog, partition, users = done.users, records = done.records, lanes = ?lanes, secs, "partition restored from the changelog");
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_round_trip_and_are_not_user_ids() {
+        let e = checkpoint("c", 3, [10, -1, 7]);
+        assert_eq!(e.partition, Some(3));
+        assert_eq!(decode_checkpoint(&e.value), Some([10, -1, 7]));
+        let key: Vec<u8> = CHECKPOINT_KEY.to_vec();
+        assert!(String::from_utf8(key).is_err(), "never a user id");
+        assert_eq!(decode_checkpoint(b"short"), None);
+    }
+}
