@@ -214,6 +214,8 @@ pub struct ProcessorStats {
     /// Projections restored from the changelog, and partitions restored.
     pub restored_users: AtomicU64,
     pub restored_partitions: AtomicU64,
+    /// Time spent restoring, in milliseconds.
+    pub restore_millis: AtomicU64,
 }
 
 impl ProcessorStats {

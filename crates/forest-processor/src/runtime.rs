@@ -178,10 +178,14 @@ fn restore_missing(
         if known {
             continue;
         }
+        let started = std::time::Instant::now();
         let r = crate::changelog::restore(&core.store, &core.brokers, changelog, inputs, p)?;
         if r.lanes.is_some() {
             stats.restored_users.fetch_add(r.users, Ordering::Relaxed);
             stats.restored_partitions.fetch_add(1, Ordering::Relaxed);
+            stats
+                .restore_millis
+                .fetch_add(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         }
     }
     Ok(())
