@@ -193,27 +193,19 @@ fn stop_broker(child: Option<Child>) {
     }
 }
 
-/// Kafka's committed offsets of a consumer group (what lag tools see).
+/// Kafka's committed offsets of a consumer group (what lag tools see), in the order of
+/// `ends`; 0 where the group committed nothing.
 fn kafka_committed(bootstrap: &str, group: &str, ends: &[(String, i32, i64)]) -> Vec<i64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let c: BaseConsumer = forest_kafka::client_config(bootstrap, &[])
-        .set("group.id", group)
-        .create()
-        .expect("consumer");
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for (t, p, _) in ends {
-        tpl.add_partition(t, *p);
-    }
-    let got = c
-        .committed_offsets(tpl, Duration::from_secs(30))
+    let mut topics: Vec<&str> = ends.iter().map(|(t, _, _)| t.as_str()).collect();
+    topics.dedup();
+    let got = forest_kafka::group_committed(bootstrap, group, &topics, Duration::from_secs(30))
         .expect("committed offsets");
     ends.iter()
-        .map(
-            |(t, p, _)| match got.find_partition(t, *p).map(|e| e.offset()) {
-                Some(rdkafka::Offset::Offset(o)) => o,
-                _ => 0,
-            },
-        )
+        .map(|(t, p, _)| {
+            got.iter()
+                .find(|(gt, gp, _)| gt == t && gp == p)
+                .map_or(0, |(_, _, o)| *o)
+        })
         .collect()
 }
 

@@ -51,6 +51,18 @@ pub fn end_offsets(brokers: &str, topic: &str) -> Result<BTreeMap<i32, i64>, Rea
     Watermarks::new(brokers)?.ends(topic)
 }
 
+/// A consumer for metadata and offset queries under `group` (it never commits).
+fn reader(brokers: &str, group: &str) -> Result<BaseConsumer, ReadError> {
+    client_config(brokers, &[])
+        .set("group.id", group)
+        .create()
+        .map_err(|source| ReadError::Kafka {
+            op: "create consumer",
+            topic: String::new(),
+            source,
+        })
+}
+
 /// The offsets consumer group `group` has committed on the partitions of `topics` (those
 /// with a committed offset only): what lag tools see. Used at start-up to notice a store that
 /// is new although the group has already made progress.
@@ -61,14 +73,7 @@ pub fn group_committed(
     timeout: Duration,
 ) -> Result<Vec<(String, i32, i64)>, ReadError> {
     use rdkafka::TopicPartitionList;
-    let consumer: BaseConsumer = client_config(brokers, &[])
-        .set("group.id", group)
-        .create()
-        .map_err(|source| ReadError::Kafka {
-            op: "create consumer",
-            topic: String::new(),
-            source,
-        })?;
+    let consumer = reader(brokers, group)?;
     let mut tpl = TopicPartitionList::new();
     for t in topics {
         for p in marks(&consumer, t)?.keys() {
@@ -100,15 +105,9 @@ pub struct Watermarks {
 
 impl Watermarks {
     pub fn new(brokers: &str) -> Result<Self, ReadError> {
-        let consumer = client_config(brokers, &[])
-            .set("group.id", "forest-reader")
-            .create()
-            .map_err(|source| ReadError::Kafka {
-                op: "create consumer",
-                topic: String::new(),
-                source,
-            })?;
-        Ok(Self { consumer })
+        Ok(Self {
+            consumer: reader(brokers, "forest-reader")?,
+        })
     }
 
     /// End offset of every partition of `topic`.
