@@ -192,3 +192,123 @@ fn changelog_moves_state_to_an_instance_with_an_empty_store() {
         check(&b, dir_b.path(), &want)
     );
 }
+
+/// Transactions mode: each batch's outputs, changelog records and input offsets commit in one
+/// Kafka transaction, and RocksDB is written after it. A crash right after the transaction
+/// committed leaves the store a batch behind the changelog; the restart notices (the store's
+/// recorded changelog end is not the partition's end), restores those partitions from the
+/// changelog instead of re-reading the batch, and finishes. Read_committed readers then see
+/// every tree and dead letter exactly once, and the projections equal the pure fold.
+#[test]
+fn transactions_mode_outputs_exactly_once_across_a_crash_after_the_kafka_commit() {
+    let b = TestBroker::new("txn");
+    let records = produce(&b, workload(61, 40_000, 4_000));
+    let want = expected(&Default::default(), &records);
+    let dir = tempfile::tempdir().unwrap();
+    let txn = |crash| {
+        let mut cfg = b.processor_config(dir.path(), "g");
+        cfg.exactly_once = forest_processor::ExactlyOnce::Transactions;
+        cfg.batch_max_records = 1_000;
+        cfg.crash_at = crash;
+        cfg
+    };
+    let a = start(txn(Some(CrashPoint::AfterTransaction(6))));
+    match a.join_within(CATCH_UP) {
+        Err(ProcessorError::InjectedCrash(_)) => {}
+        other => panic!("expected the injected crash, got {other:?}"),
+    }
+    let p = start(txn(None));
+    wait_caught_up(&[&p.stats], &end_offsets(&b, &records), CATCH_UP);
+    let stats = p.stats.clone();
+    p.stop().expect("graceful stop");
+    let get = forest_processor::ProcessorStats::get;
+    assert!(
+        get(&stats.restored_partitions) >= 1,
+        "the restart restored the partition(s) the crash left behind"
+    );
+    assert!(
+        get(&stats.transactions) > 0,
+        "batches went through transactions"
+    );
+    let trees = check_outputs_exactly_once(&b);
+    eprintln!(
+        "transactions: {} transactions after the restart, {} partitions restored, {trees} trees each once; {}",
+        get(&stats.transactions),
+        get(&stats.restored_partitions),
+        check(&b, dir.path(), &want)
+    );
+}
+
+/// Scale-out and in with the changelog: A processes the whole log alone, then B joins and takes
+/// half of the partitions (restoring them from A's changelog). After the (short) retention A
+/// deletes the state of the partitions it lost: every user left in its store belongs to a
+/// partition it still has offsets for, and it holds fewer users than the workload has. Then B
+/// leaves: A gets those partitions back, finds no offsets for them, restores them from the
+/// changelog, and ends with every projection equal to the pure fold.
+#[test]
+fn state_of_partitions_owned_elsewhere_is_deleted_after_the_retention_and_restored_on_return() {
+    let b = TestBroker::new("retention");
+    let records = produce(&b, workload(71, 60_000, 6_000));
+    let want = expected(&Default::default(), &records);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg = |dir: &std::path::Path| {
+        let mut c = b.processor_config(dir, "g");
+        c.changelog = true;
+        c.batch_max_records = 300;
+        c.state_retention = Some(Duration::from_millis(500));
+        c
+    };
+    let a = start(cfg(da.path()));
+    wait_caught_up(&[&a.stats], &end_offsets(&b, &records), CATCH_UP);
+    let bb = start(cfg(db.path()));
+    let get = forest_processor::ProcessorStats::get;
+    wait_until("A forgets the partitions B took", CATCH_UP, || {
+        get(&a.stats.forgotten_partitions) >= 1
+    });
+    {
+        // Read-only view of A's store while it runs.
+        let store = forest_store::Store::open_read_only(da.path()).expect("read-only open");
+        let input_parts: std::collections::BTreeSet<i32> =
+            [&b.topics.payments, &b.topics.mobility, &b.topics.commands]
+                .iter()
+                .flat_map(|t| store.partitions(t).expect("offsets"))
+                .collect();
+        let mut users = 0;
+        for id in store.user_ids() {
+            let id = id.expect("user id");
+            let p = forest_kafka::partition_of(&id, PARTITIONS).expect("partitions");
+            assert!(
+                input_parts.contains(&p),
+                "A still holds user {} of partition {p}, whose offsets it dropped",
+                String::from_utf8_lossy(&id)
+            );
+            users += 1;
+        }
+        assert!(
+            users < want.states.len(),
+            "A dropped the users of B's partitions ({users} of {} left)",
+            want.states.len()
+        );
+    }
+    bb.stop().expect("B leaves gracefully");
+    // A's shown offsets still hold what it committed before B came, so wait for the
+    // reassignment itself: every partition of the three inputs back, restored.
+    wait_until("A owns every partition again", CATCH_UP, || {
+        a.stats.health.assigned() == 3 * i64::from(PARTITIONS)
+    });
+    wait_caught_up(&[&a.stats], &end_offsets(&b, &records), CATCH_UP);
+    let stats = a.stats.clone();
+    a.stop().expect("A stops gracefully");
+    assert!(
+        get(&stats.forgotten_users) > 0 && get(&stats.restored_partitions) >= 1,
+        "A forgot users and restored the partitions it had forgotten"
+    );
+    eprintln!(
+        "retention: A forgot {} users on {} partitions, restored {} users on {} partitions; {}",
+        get(&stats.forgotten_users),
+        get(&stats.forgotten_partitions),
+        get(&stats.restored_users),
+        get(&stats.restored_partitions),
+        check(&b, da.path(), &want)
+    );
+}

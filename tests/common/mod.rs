@@ -780,3 +780,34 @@ pub fn inject_broker_faults(broker: &EmbeddedBroker, settle: Duration) {
         .broker_round_trip_time(1, Duration::ZERO)
         .expect("rtt");
 }
+
+/// Transactions mode's promise to read_committed consumers: every tree and every dead letter
+/// appears exactly once in its topic (no re-sent copies, even after a crash). Returns the
+/// number of trees.
+pub fn check_outputs_exactly_once(b: &TestBroker) -> usize {
+    let trees = read_topic(b, &b.topics.trees);
+    let mut ids = BTreeSet::new();
+    for (_, value, _) in &trees {
+        let t =
+            forest_proto::v1::TreeMatured::decode(value.as_slice()).expect("TreeMatured decodes");
+        assert!(
+            ids.insert(t.tree_id.clone()),
+            "tree {} seen twice",
+            t.tree_id
+        );
+    }
+    let dlq = read_topic(b, &b.topics.dlq);
+    let mut coords = BTreeSet::new();
+    for (_, _, hdrs) in &dlq {
+        let src: Vec<&Vec<u8>> = hdrs
+            .iter()
+            .filter(|(k, _)| k.starts_with("forest.source."))
+            .map(|(_, v)| v)
+            .collect();
+        assert!(
+            coords.insert(format!("{src:?}")),
+            "dead letter {src:?} seen twice"
+        );
+    }
+    ids.len()
+}

@@ -32,6 +32,11 @@ pub struct BenchArgs {
     /// Processor workers (consumer-group members on their own threads, sharing the store).
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// The processor's exactly-once mechanism in phases (b) and (c): `outbox` or
+    /// `transactions` (one Kafka transaction per batch, with the changelog); run the bench once
+    /// with each to price transactions.
+    #[arg(long, default_value = "outbox")]
+    exactly_once: forest_processor::ExactlyOnce,
     /// Processor batch size (records per RocksDB batch).
     #[arg(long, default_value_t = 5_000)]
     batch_size: usize,
@@ -256,7 +261,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Ok(t)
     };
     eprintln!(
-        "forest bench on {} ({brokers}): {} events, {} users, {} partitions, batch {}",
+        "forest bench on {} ({brokers}): {} events, {} users, {} partitions, batch {}, exactly-once by {:?}",
         if embedded.is_some() {
             "the embedded broker"
         } else {
@@ -265,7 +270,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         workload.events,
         workload.users,
         args.partitions,
-        args.batch_size
+        args.batch_size,
+        args.exactly_once
     );
 
     // Preload.
@@ -330,6 +336,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Duration::from_secs(3600),
                 false,
                 args.workers,
+                args.exactly_once,
             )
         },
     )?;
@@ -366,6 +373,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Duration::from_secs(3600),
                 true,
                 args.workers,
+                forest_processor::ExactlyOnce::Outbox,
             )
         },
     )?;
@@ -400,9 +408,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     data_dir.join(format!("latency-{i}")),
                     stop.clone(),
                 );
-                let (batch, workers) = (args.batch_size, args.workers);
+                let (batch, workers, mode) = (args.batch_size, args.workers, args.exactly_once);
                 std::thread::spawn(move || {
                     let mut c = ProcessorConfig::new(b, d);
+                    c.exactly_once = mode;
                     c.topics = tt;
                     c.group_id = format!("forest-bench-lat-{}", std::process::id());
                     c.batch_max_records = batch;
@@ -590,8 +599,10 @@ fn run_processor(
     timeout: Duration,
     at_least_once: bool,
     workers: usize,
+    mode: forest_processor::ExactlyOnce,
 ) -> anyhow::Result<Duration> {
     let mut cfg = ProcessorConfig::new(brokers, store);
+    cfg.exactly_once = mode;
     cfg.topics = topics.clone();
     cfg.at_least_once_baseline = at_least_once;
     cfg.workers = workers;

@@ -97,6 +97,7 @@ pub fn install_metrics(addr: &str, ready: Readiness) -> anyhow::Result<()> {
             Matcher::Suffix("_seconds".into()),
             &[
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0, 300.0,
             ],
         )
         .and_then(|b| {

@@ -44,6 +44,20 @@ pub struct ProcessorArgs {
     /// instances).
     #[arg(long, env = "FOREST_CHANGELOG")]
     changelog: bool,
+    /// How outputs, state and input offsets are kept together: `outbox` (effectively once:
+    /// one RocksDB batch, outputs re-sent with the same ids after a crash) or `transactions`
+    /// (exactly once for read_committed consumers: one Kafka transaction per batch with the
+    /// input offsets; implies --changelog).
+    #[arg(long, env = "FOREST_EXACTLY_ONCE", default_value = "outbox")]
+    exactly_once: forest_processor::ExactlyOnce,
+    /// transactional.id prefix in transactions mode (worker i uses PREFIX-i). Must be stable
+    /// per instance and unique between instances; default: group, host name and store path.
+    #[arg(long, env = "FOREST_TRANSACTIONAL_ID")]
+    transactional_id: Option<String>,
+    /// With the changelog: delete local state of partitions owned elsewhere for this many
+    /// seconds (0 keeps it forever).
+    #[arg(long, env = "FOREST_STATE_RETENTION_SECS", default_value_t = 600)]
+    state_retention_secs: u64,
     /// librdkafka setting passed through, repeatable: --kafka-config key=value.
     #[arg(long = "kafka-config", value_parser = crate::common::parse_kv)]
     kafka_config: Vec<(String, String)>,
@@ -59,6 +73,10 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.batch_max_records = args.batch_size;
     cfg.workers = args.workers;
     cfg.changelog = args.changelog;
+    cfg.exactly_once = args.exactly_once;
+    cfg.transactional_id = args.transactional_id;
+    cfg.state_retention = (args.state_retention_secs > 0)
+        .then(|| std::time::Duration::from_secs(args.state_retention_secs));
     cfg.cache_users = args.cache_users;
     cfg.store.block_cache_bytes = args.block_cache_mb << 20;
     cfg.kafka = args.kafka_config;

@@ -56,6 +56,11 @@ impl Health {
         metrics::gauge!(ASSIGNED_PARTITIONS).set(n.max(0) as f64);
     }
 
+    /// Partitions (of all input topics) currently assigned to this process.
+    pub fn assigned(&self) -> i64 {
+        self.assigned.load(Ordering::Relaxed)
+    }
+
     /// Partitions were revoked: forget their lag (its gauge goes to 0 so a moved partition
     /// does not keep reporting a stale lag here).
     pub fn forget_lag(&self) {

@@ -210,3 +210,55 @@ pub fn warn_if_new_store_but_group_progressed(
         Err(e) => tracing::debug!(error = %e, "could not read the group's committed offsets"),
     }
 }
+
+/// The partition a keyed record lands in among `partitions`, computed by librdkafka's own
+/// `murmur2_random` partitioner (the Java client's default for keyed records), which is what
+/// Forest's producers use: the processor uses it to tell which stored users belong to a
+/// partition it no longer owns. `None` if `partitions` is not positive.
+pub fn partition_of(key: &[u8], partitions: i32) -> Option<i32> {
+    if partitions <= 0 {
+        return None;
+    }
+    // SAFETY: for a non-null key the partitioner only hashes `keylen` bytes at `key` (a
+    // slice's pointer is never null, even when empty) and never touches the topic or opaque
+    // pointers.
+    let p = unsafe {
+        rdkafka::bindings::rd_kafka_msg_partitioner_murmur2_random(
+            std::ptr::null(),
+            key.as_ptr().cast(),
+            key.len(),
+            partitions,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+    };
+    Some(p)
+}
+
+#[cfg(test)]
+mod partition_tests {
+    use super::partition_of;
+
+    #[test]
+    fn partitions_match_the_java_clients_murmur2() {
+        // Apache Kafka's UtilsTest.testMurmur2 vectors (Utils.murmur2); the Java partitioner
+        // takes the hash's low 31 bits modulo the partition count, so with i32::MAX
+        // partitions the partition is the masked hash itself.
+        for (key, hash) in [
+            (&b"21"[..], -973932308i32),
+            (b"foobar", -790332482),
+            (b"a-little-bit-long-string", -985981536),
+            (b"a-little-bit-longer-string", -1486304829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
+            (b"abc", 479470107),
+        ] {
+            let want = (hash & 0x7fff_ffff) % i32::MAX;
+            assert_eq!(partition_of(key, i32::MAX), Some(want), "{key:?}");
+            assert_eq!(partition_of(key, 12), Some((hash & 0x7fff_ffff) % 12));
+        }
+        assert_eq!(partition_of(b"x", 0), None);
+    }
+}

@@ -9,8 +9,9 @@
 use crate::client_config;
 use forest_store::{OutboxEntry, Store, StoreError};
 use rdkafka::ClientContext;
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use std::sync::Mutex;
@@ -32,6 +33,13 @@ pub enum DeliveryError {
     Rejected { failed: usize, first: KafkaError },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A step of a Kafka transaction failed; the transaction was aborted (nothing it carried
+    /// is visible to read_committed consumers).
+    #[error("kafka transaction {op} failed: {source}")]
+    Transaction {
+        op: &'static str,
+        source: KafkaError,
+    },
 }
 
 impl DeliveryError {
@@ -41,6 +49,11 @@ impl DeliveryError {
             Self::CreateProducer(_) => false,
             Self::Store(e) => e.is_retriable(),
             Self::Produce { .. } | Self::Timeout { .. } | Self::Rejected { .. } => true,
+            // A fenced producer (another instance took over its id) must not retry.
+            Self::Transaction { source, .. } => !matches!(
+                source,
+                KafkaError::Transaction(e) if e.is_fatal()
+            ),
         }
     }
 }
@@ -48,7 +61,8 @@ impl DeliveryError {
 /// Collects delivery reports: which outbox entries Kafka acknowledged.
 #[derive(Default)]
 pub struct DeliveryCtx {
-    acked: Mutex<Vec<u64>>,
+    /// (outbox sequence, offset Kafka gave the record).
+    acked: Mutex<Vec<(u64, i64)>>,
     failed: Mutex<Vec<(u64, KafkaError)>>,
 }
 
@@ -59,7 +73,7 @@ impl ProducerContext for DeliveryCtx {
 
     fn delivery(&self, result: &DeliveryResult<'_>, seq: Box<u64>) {
         match result {
-            Ok(_) => lock(&self.acked).push(*seq),
+            Ok(m) => lock(&self.acked).push((*seq, m.offset())),
             Err((e, _)) => lock(&self.failed).push((*seq, e.clone())),
         }
     }
@@ -100,6 +114,11 @@ pub struct OutboxProducer {
     /// How long one delivery waits for all its reports before giving up (the entries stay).
     pub timeout: Duration,
     in_flight: usize,
+    /// Whether [`settle`](Self::settle) keeps the acknowledged (sequence, offset) pairs for
+    /// [`take_acked_offsets`](Self::take_acked_offsets) (the processor records where its
+    /// changelog checkpoints landed).
+    pub track_offsets: bool,
+    acked_offsets: Vec<(u64, i64)>,
 }
 
 impl OutboxProducer {
@@ -125,7 +144,86 @@ impl OutboxProducer {
             producer,
             timeout: Duration::from_secs(120),
             in_flight: 0,
+            track_offsets: false,
+            acked_offsets: Vec::new(),
         })
+    }
+
+    /// A transactional producer (`transactional.id` = `id`): outputs are sent between
+    /// [`begin`](Self::begin) and [`commit_transaction`](Self::commit_transaction), which also
+    /// commits the consumer's offsets, so read_committed consumers see a batch's outputs
+    /// exactly when its input offsets move. Initialising fences any earlier producer with the
+    /// same id (a zombie of a crashed instance) and aborts its open transaction.
+    /// `transaction.timeout.ms` is 10 s, so a transaction left open by a crashed instance with
+    /// another id holds read_committed readers of its partitions back for at most that long.
+    pub fn transactional(
+        brokers: &str,
+        overrides: &[(String, String)],
+        id: &str,
+    ) -> Result<Self, DeliveryError> {
+        let mut o = vec![
+            ("transactional.id".to_string(), id.to_string()),
+            ("transaction.timeout.ms".to_string(), "10000".to_string()),
+        ];
+        o.extend(overrides.iter().cloned());
+        let me = Self::new(brokers, &o)?;
+        me.producer
+            .init_transactions(Duration::from_secs(60))
+            .map_err(|source| DeliveryError::Transaction { op: "init", source })?;
+        Ok(me)
+    }
+
+    /// Starts a transaction (transactional producers only).
+    pub fn begin(&self) -> Result<(), DeliveryError> {
+        self.producer
+            .begin_transaction()
+            .map_err(|source| DeliveryError::Transaction {
+                op: "begin",
+                source,
+            })
+    }
+
+    /// Adds the consumer's `offsets` to the open transaction and commits it, then collects
+    /// the delivery reports of everything it carried. On any failure the transaction is
+    /// aborted and the error returned: none of its outputs or offsets become visible.
+    /// Returns how many outputs were delivered.
+    pub fn commit_transaction(
+        &mut self,
+        offsets: &rdkafka::TopicPartitionList,
+        group: &ConsumerGroupMetadata,
+    ) -> Result<usize, DeliveryError> {
+        let t = Duration::from_secs(60);
+        let result = self
+            .producer
+            .send_offsets_to_transaction(offsets, group, t)
+            .map_err(|source| DeliveryError::Transaction {
+                op: "send offsets",
+                source,
+            })
+            .and_then(|()| {
+                self.producer
+                    .commit_transaction(t)
+                    .map_err(|source| DeliveryError::Transaction {
+                        op: "commit",
+                        source,
+                    })
+            });
+        if let Err(e) = result {
+            if let Err(abort) = self.producer.abort_transaction(t) {
+                tracing::warn!(error = %abort, "aborting the failed transaction failed too");
+            }
+            // Reports of the aborted records: discard them.
+            let _ = self.settle(None, 0);
+            self.acked_offsets.clear();
+            return Err(e);
+        }
+        self.settle(None, 0)
+    }
+
+    /// The (sequence, offset) pairs acknowledged since the last call, when
+    /// [`track_offsets`](Self::track_offsets) is on.
+    pub fn take_acked_offsets(&mut self) -> Vec<(u64, i64)> {
+        std::mem::take(&mut self.acked_offsets)
     }
 
     /// Produces `entries`, serves delivery reports on this thread until each has one, and
@@ -201,12 +299,15 @@ impl OutboxProducer {
             }
             self.producer.poll(Duration::from_millis(1));
         }
-        let acked: Vec<u64> = std::mem::take(&mut *lock(&ctx.acked));
+        let acked: Vec<(u64, i64)> = std::mem::take(&mut *lock(&ctx.acked));
         let failed: Vec<(u64, KafkaError)> = std::mem::take(&mut *lock(&ctx.failed));
         self.in_flight -= acked.len() + failed.len();
         let delivered = acked.len();
         if let Some(store) = store {
-            store.remove_outbox(acked)?;
+            store.remove_outbox(acked.iter().map(|&(seq, _)| seq))?;
+        }
+        if self.track_offsets {
+            self.acked_offsets.extend(acked);
         }
         if let Some((_, first)) = failed.first() {
             return Err(DeliveryError::Rejected {

@@ -125,7 +125,10 @@ pub fn watermarks(brokers: &str, topic: &str) -> Result<BTreeMap<i32, (i64, i64)
     marks(&Watermarks::new(brokers)?.consumer, topic)
 }
 
-fn marks(consumer: &BaseConsumer, topic: &str) -> Result<BTreeMap<i32, (i64, i64)>, ReadError> {
+fn marks<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+) -> Result<BTreeMap<i32, (i64, i64)>, ReadError> {
     let err = |op| {
         move |source| ReadError::Kafka {
             op,
@@ -153,21 +156,44 @@ fn marks(consumer: &BaseConsumer, topic: &str) -> Result<BTreeMap<i32, (i64, i64
         .collect()
 }
 
+/// A reader's context: the end-of-partition events it asks for are how it knows it is done,
+/// not errors to log (rdkafka's default context logs every client error at ERROR level).
+struct EofIsNotAnError;
+
+impl rdkafka::ClientContext for EofIsNotAnError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let eof = matches!(
+            error,
+            KafkaError::PartitionEOF(_)
+                | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        );
+        if !eof {
+            tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for EofIsNotAnError {}
+
 /// Reads every record of `topic` from the beginning to its end offsets at the time of the
-/// call (read_uncommitted).
+/// call. Read_committed (librdkafka's default, set explicitly): records of aborted or still
+/// open transactions are skipped, and a partition whose end is a transaction marker (which is
+/// never delivered as a record) counts as read once the consumer reports reaching its end.
 pub fn read_topic(brokers: &str, topic: &str, timeout: Duration) -> Result<Vec<Record>, ReadError> {
-    read_from(brokers, topic, None, timeout)
+    read_from(brokers, topic, None, timeout, &mut |_, _| {})
 }
 
 /// Reads one partition of `topic` from its beginning to its current end (e.g. restoring state
-/// from a changelog partition).
+/// from a changelog partition). `progress(read, end)` is called every 10,000 records and at
+/// the end, with the records read so far and the end offset being read up to.
 pub fn read_partition(
     brokers: &str,
     topic: &str,
     partition: i32,
     timeout: Duration,
+    progress: &mut dyn FnMut(usize, i64),
 ) -> Result<Vec<Record>, ReadError> {
-    read_from(brokers, topic, Some(partition), timeout)
+    read_from(brokers, topic, Some(partition), timeout, progress)
 }
 
 fn read_from(
@@ -175,6 +201,7 @@ fn read_from(
     topic: &str,
     only: Option<i32>,
     timeout: Duration,
+    progress: &mut dyn FnMut(usize, i64),
 ) -> Result<Vec<Record>, ReadError> {
     let err = |op| {
         move |source| ReadError::Kafka {
@@ -183,10 +210,12 @@ fn read_from(
             source,
         }
     };
-    let consumer: BaseConsumer = client_config(brokers, &[])
+    let consumer: BaseConsumer<EofIsNotAnError> = client_config(brokers, &[])
         .set("group.id", "forest-reader")
         .set("enable.auto.commit", "false")
-        .create()
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create_with_context(EofIsNotAnError)
         .map_err(err("create consumer"))?;
     let ends: BTreeMap<i32, i64> = marks(&consumer, topic)?
         .into_iter()
@@ -218,6 +247,9 @@ fn read_from(
                     continue;
                 }
                 pos.insert(m.partition(), m.offset() + 1);
+                if out.len() % 10_000 == 9_999 {
+                    progress(out.len() + 1, want);
+                }
                 out.push(Record {
                     partition: m.partition(),
                     offset: m.offset(),
@@ -234,9 +266,17 @@ fn read_from(
                         .unwrap_or_default(),
                 });
             }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                // Everything below the end offsets was delivered, or is a transaction marker
+                // or an uncommitted record, which read_committed never delivers.
+                if let Some(end) = ends.get(&p) {
+                    pos.insert(p, *end);
+                }
+            }
             Some(Err(e)) => return Err(err("read")(e)),
             None => {}
         }
     }
+    progress(out.len(), want);
     Ok(out)
 }

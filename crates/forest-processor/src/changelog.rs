@@ -85,12 +85,32 @@ pub fn restore(
     partition: i32,
 ) -> Result<Restored, ProcessorError> {
     let started = Instant::now();
-    let records =
-        forest_kafka::read_partition(brokers, changelog, partition, Duration::from_secs(600))
-            .map_err(|e| ProcessorError::Restore {
+    let mut end = 0;
+    let mut progress = |read: usize, until: i64| {
+        end = until;
+        metrics::gauge!(m::RESTORE_READ).set(read as f64);
+        if read > 0 && read % 100_000 == 0 {
+            tracing::info!(
+                changelog,
                 partition,
-                reason: e.to_string(),
-            })?;
+                read,
+                until,
+                "restoring from the changelog"
+            );
+        }
+    };
+    let records = forest_kafka::read_partition(
+        brokers,
+        changelog,
+        partition,
+        Duration::from_secs(600),
+        &mut progress,
+    )
+    .map_err(|e| ProcessorError::Restore {
+        partition,
+        reason: e.to_string(),
+    })?;
+    metrics::gauge!(m::RESTORE_READ).set(0.0);
     let mut latest: HashMap<&[u8], &[u8]> = HashMap::new();
     let mut lanes = None;
     for r in &records {
@@ -123,11 +143,14 @@ pub fn restore(
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // The input offsets the checkpoint reflects, and the changelog end this state reflects
+    // (so the next assignment can tell whether another instance wrote after it).
     let offsets: Vec<(&str, i32, i64)> = inputs
         .iter()
         .zip(lanes)
         .filter(|(_, o)| *o >= 0)
         .map(|(t, o)| (*t, partition, o))
+        .chain(std::iter::once((changelog, partition, end)))
         .collect();
     store.commit(states.iter(), offsets, &[])?;
     done.users = states.len() as u64;

@@ -55,6 +55,14 @@ pub struct Core {
     /// The changelog topic, when the projections are also written there.
     pub changelog: Option<String>,
     pub brokers: String,
+    /// Transactions mode: outputs, changelog and input offsets in one Kafka transaction.
+    pub transactions: bool,
+    /// The consumer's group membership, which a transaction's offsets are committed under
+    /// (so the broker fences a member that was rebalanced out). Set on every assignment.
+    pub group_meta: Option<rdkafka::consumer::ConsumerGroupMetadata>,
+    /// Outbox sequence -> input partition, for changelog checkpoints in flight: once Kafka
+    /// acknowledged one, the store records the changelog end it implies.
+    checkpoint_seqs: FxHashMap<u64, i32>,
 }
 
 /// Per-batch counts behind the per-event metrics; label sets are small and bounded, so linear
@@ -120,6 +128,13 @@ impl Core {
         stats: Arc<ProcessorStats>,
     ) -> Self {
         let t = &cfg.topics;
+        let mut producer = producer;
+        let transactions = cfg.exactly_once == crate::ExactlyOnce::Transactions;
+        let changelog =
+            ((cfg.changelog || transactions) && !cfg.dry_run && !cfg.at_least_once_baseline)
+                .then(|| t.changelog.clone());
+        // Where checkpoints land tells later assignments whether local state is current.
+        producer.track_offsets = changelog.is_some();
         let inputs = vec![
             (t.payments.clone(), InputKind::Payment),
             (t.mobility.clone(), InputKind::Mobility),
@@ -149,9 +164,11 @@ impl Core {
             max_in_flight: cfg.max_outputs_in_flight,
             at_least_once: cfg.at_least_once_baseline,
             tally: Tally::default(),
-            changelog: (cfg.changelog && !cfg.dry_run && !cfg.at_least_once_baseline)
-                .then(|| t.changelog.clone()),
+            changelog,
             brokers: cfg.brokers.clone(),
+            transactions,
+            group_meta: None,
+            checkpoint_seqs: FxHashMap::default(),
         }
     }
 
@@ -298,6 +315,8 @@ impl Core {
             return Ok(false);
         }
         let started = Instant::now();
+        // Index in `pending` of each partition's checkpoint.
+        let mut checkpoints: Vec<(usize, i32)> = Vec::new();
         if let Some(topic) = &self.changelog {
             // After the batch's trees and dead letters (see the changelog module on why the
             // order matters): every changed projection, then each advanced partition's
@@ -316,12 +335,16 @@ impl Core {
                         .copied()
                         .unwrap_or(-1)
                 };
+                checkpoints.push((self.pending.len(), p));
                 self.pending.push(crate::changelog::checkpoint(
                     topic,
                     p,
                     [lane(0), lane(1), lane(2)],
                 ));
             }
+        }
+        if self.transactions {
+            return self.commit_transaction(started, &checkpoints);
         }
         let inputs = &self.inputs;
         let offsets: Vec<(&str, i32, i64)> = self
@@ -368,12 +391,22 @@ impl Core {
         } else {
             seqs.zip(self.pending.drain(..)).collect()
         };
+        for &(i, p) in &checkpoints {
+            self.checkpoint_seqs.insert(entries[i].0, p);
+        }
         if self.crash_at == Some(CrashPoint::AfterStoreWrite(self.batches_in_run)) {
             return Err(ProcessorError::InjectedCrash(CrashPoint::AfterStoreWrite(
                 self.batches_in_run,
             )));
         }
         self.deliver(entries)?;
+        self.finish_batch(started);
+        Ok(true)
+    }
+
+    /// Bookkeeping once a batch is durable and its outputs delivered: batch metrics and the
+    /// produce-to-projection latency of its records.
+    fn finish_batch(&mut self, started: Instant) {
         metrics::histogram!(m::BATCH_DURATION).record(started.elapsed().as_secs_f64());
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -386,7 +419,123 @@ impl Core {
                 .record_ms(now_ms.saturating_sub(ts).max(0) as u64);
         }
         metrics::histogram!(m::EVENT_LATENCY).record((now_ms - oldest).max(0) as f64 / 1000.0);
+    }
+
+    /// Transactions mode: the batch's outputs, changelog records and input offsets go in one
+    /// Kafka transaction; only once it committed are the projections and offsets written to
+    /// RocksDB, with the changelog end the store now reflects. A crash between the two leaves
+    /// the store behind the changelog, and the next assignment restores the partition from it
+    /// (see `runtime::restore_stale`). A failed transaction was aborted: the batch's state is
+    /// dropped and the error stops the worker; a restart resumes from the store, or the
+    /// changelog, and re-reads the batch.
+    fn commit_transaction(
+        &mut self,
+        started: Instant,
+        checkpoints: &[(usize, i32)],
+    ) -> Result<bool, ProcessorError> {
+        let entries: Vec<(u64, OutboxEntry)> = (0..).zip(self.pending.drain(..)).collect();
+        let mut tpl = rdkafka::TopicPartitionList::with_capacity(self.offsets.len());
+        for (&(t, p), &o) in &self.offsets {
+            tpl.add_partition_offset(&self.inputs[t as usize].0, p, rdkafka::Offset::Offset(o))
+                .map_err(|source| ProcessorError::Kafka {
+                    op: "build the transaction's offsets",
+                    source,
+                })?;
+        }
+        let Some(group) = &self.group_meta else {
+            self.cache.discard_dirty();
+            return Err(ProcessorError::Config(
+                "transactions mode: no consumer group membership to commit offsets under".into(),
+            ));
+        };
+        let sent = self
+            .producer
+            .begin()
+            .and_then(|()| self.producer.send(&entries))
+            .and_then(|()| self.producer.commit_transaction(&tpl, group));
+        let delivered = match sent {
+            Ok(n) => n,
+            Err(e) => {
+                self.cache.discard_dirty();
+                return Err(e.into());
+            }
+        };
+        self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::TRANSACTIONS).increment(1);
+        self.stats
+            .outputs_delivered
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        self.batches_in_run += 1;
+        if self.crash_at == Some(CrashPoint::AfterTransaction(self.batches_in_run)) {
+            return Err(ProcessorError::InjectedCrash(CrashPoint::AfterTransaction(
+                self.batches_in_run,
+            )));
+        }
+        // Where each checkpoint landed: the changelog partition ends right after it and the
+        // transaction's commit marker.
+        let acked: FxHashMap<u64, i64> = self.producer.take_acked_offsets().into_iter().collect();
+        let changelog = self.changelog.clone().unwrap_or_default();
+        let mut ends: Vec<(i32, i64)> = Vec::with_capacity(checkpoints.len());
+        for &(i, p) in checkpoints {
+            if let Some(o) = acked.get(&entries[i].0) {
+                ends.push((p, o + 2));
+            }
+        }
+        let inputs = &self.inputs;
+        let offsets: Vec<(&str, i32, i64)> = self
+            .offsets
+            .iter()
+            .map(|(&(t, p), &o)| (inputs[t as usize].0.as_str(), p, o))
+            .chain(ends.iter().map(|&(p, e)| (changelog.as_str(), p, e)))
+            .collect();
+        let writes = (self.cache.dirty_len() + offsets.len()) as u64;
+        if let Err(e) = self.cache.commit(&self.store, offsets, &[]) {
+            self.cache.discard_dirty();
+            return Err(e.into());
+        }
+        self.stats.store_writes.fetch_add(writes, Ordering::Relaxed);
+        metrics::counter!(m::STORE_WRITES).increment(writes);
+        self.tally.emit();
+        {
+            let mut shown = lock(&self.stats.committed_offsets);
+            for (&(t, p), &o) in &self.offsets {
+                shown.insert((self.inputs[t as usize].0.clone(), p), o);
+            }
+        }
+        self.committed.extend(self.offsets.drain());
+        self.stats
+            .committed_records
+            .fetch_add(self.batch_records as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!(m::BATCH_SIZE).record(self.batch_records as f64);
+        self.batch_records = 0;
+        self.batch_started = None;
+        self.finish_batch(started);
         Ok(true)
+    }
+
+    /// Outbox mode with the changelog: records in the store the changelog end each
+    /// acknowledged checkpoint implies (its offset + 1), so a later assignment can tell whether
+    /// another instance wrote the partition's changelog since.
+    fn record_changelog_ends(&mut self) -> Result<(), ProcessorError> {
+        let Some(changelog) = &self.changelog else {
+            return Ok(());
+        };
+        let mut ends: FxHashMap<i32, i64> = FxHashMap::default();
+        for (seq, offset) in self.producer.take_acked_offsets() {
+            if let Some(p) = self.checkpoint_seqs.remove(&seq) {
+                let e = ends.entry(p).or_insert(0);
+                *e = (*e).max(offset + 1);
+            }
+        }
+        if !ends.is_empty() {
+            self.store.commit(
+                std::iter::empty(),
+                ends.iter().map(|(&p, &e)| (changelog.as_str(), p, e)),
+                &[],
+            )?;
+        }
+        Ok(())
     }
 
     /// Forgets every cached projection (all clean after a commit).
@@ -405,7 +554,7 @@ impl Core {
             .outputs_delivered
             .fetch_add(n as u64, Ordering::Relaxed);
         metrics::gauge!(m::OUTBOX_DEPTH).set(self.producer.in_flight() as f64);
-        Ok(())
+        self.record_changelog_ends()
     }
 
     /// Waits until every output sent is acknowledged: before partitions are revoked and on
@@ -417,7 +566,7 @@ impl Core {
             .outputs_delivered
             .fetch_add(n as u64, Ordering::Relaxed);
         metrics::gauge!(m::OUTBOX_DEPTH).set(0.0);
-        Ok(())
+        self.record_changelog_ends()
     }
 }
 

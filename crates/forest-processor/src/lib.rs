@@ -127,6 +127,46 @@ pub struct ProcessorConfig {
     /// restore a newly assigned partition whose offsets this store lacks from it. See
     /// [`changelog`].
     pub changelog: bool,
+    /// How outputs, state and input offsets are kept together. See [`ExactlyOnce`].
+    pub exactly_once: ExactlyOnce,
+    /// `transactional.id` prefix for [`ExactlyOnce::Transactions`]; worker `i` uses
+    /// `{prefix}-{i}`. It must be stable across restarts of one instance (so the restarted
+    /// instance fences its predecessor) and differ between instances. `None`: derived from the
+    /// group, the host name and the store path, which is both in a StatefulSet.
+    pub transactional_id: Option<String>,
+    /// With the changelog on, the local state of a partition no worker of this process owns
+    /// is deleted once it has been unowned this long (another instance owns it, and the
+    /// changelog has it). `None` keeps it forever. Without the changelog local state is the
+    /// only copy and is never deleted.
+    pub state_retention: Option<Duration>,
+}
+
+/// The delivery guarantee's mechanism.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExactlyOnce {
+    /// Effectively once: state, offsets and outputs in one RocksDB batch, outputs then sent
+    /// from the outbox by an idempotent producer. Downstream may see an output twice after a
+    /// crash (same id, so it dedupes).
+    #[default]
+    Outbox,
+    /// Exactly once for read_committed consumers: each batch's outputs, changelog records and
+    /// input offsets go in one Kafka transaction; RocksDB is written after it commits and, if
+    /// a crash lands in between, the partition is restored from the changelog. Implies the
+    /// changelog.
+    Transactions,
+}
+
+impl std::str::FromStr for ExactlyOnce {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "outbox" => Ok(Self::Outbox),
+            "transactions" => Ok(Self::Transactions),
+            other => Err(format!(
+                "unknown exactly-once mode {other:?}: use `outbox` or `transactions`"
+            )),
+        }
+    }
 }
 
 impl ProcessorConfig {
@@ -150,6 +190,9 @@ impl ProcessorConfig {
             at_least_once_baseline: false,
             max_outputs_in_flight: 0,
             changelog: false,
+            exactly_once: ExactlyOnce::Outbox,
+            transactional_id: None,
+            state_retention: Some(Duration::from_secs(600)),
         }
     }
 }
@@ -216,6 +259,11 @@ pub struct ProcessorStats {
     pub restored_partitions: AtomicU64,
     /// Time spent restoring, in milliseconds.
     pub restore_millis: AtomicU64,
+    /// Partitions whose local state was deleted after `state_retention`, and their users.
+    pub forgotten_partitions: AtomicU64,
+    pub forgotten_users: AtomicU64,
+    /// Kafka transactions committed ([`ExactlyOnce::Transactions`]).
+    pub transactions: AtomicU64,
 }
 
 impl ProcessorStats {

@@ -22,9 +22,27 @@ pub const OFFSET_GAPS: &str = "forest_input_offset_gaps_total";
 pub const KAFKA_COMMIT: &str = "forest_kafka_commit_duration_seconds";
 pub const RESTORED_USERS: &str = "forest_restored_projections_total";
 pub const RESTORE_DURATION: &str = "forest_restore_duration_seconds";
+pub const TRANSACTIONS: &str = "forest_transactions_total";
+pub const FORGOTTEN_USERS: &str = "forest_forgotten_projections_total";
+pub const RESTORE_READ: &str = "forest_restore_read_records";
 
 /// Registers descriptions with the installed recorder (call once at start-up).
 pub fn describe() {
+    describe_counter!(
+        TRANSACTIONS,
+        Unit::Count,
+        "Kafka transactions committed (--exactly-once=transactions): one per batch."
+    );
+    describe_counter!(
+        FORGOTTEN_USERS,
+        Unit::Count,
+        "Projections deleted from the local store because their partition has been owned elsewhere for longer than the state retention."
+    );
+    describe_gauge!(
+        RESTORE_READ,
+        Unit::Count,
+        "Changelog records read so far by the restore in progress (0 when none runs)."
+    );
     describe_counter!(
         RESTORED_USERS,
         Unit::Count,

@@ -11,10 +11,62 @@ use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rustc_hash::FxHashMap;
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Which input partitions (by number) some worker of this process owns, and since when each
+/// other partition the store has state for has been unowned: the state retention's clock.
+/// Shared by the workers. The assign callback holds its lock while it restores and seeks, and
+/// the cleanup while it deletes, so a partition is never deleted while it is being assigned.
+#[derive(Default)]
+pub(crate) struct Ownership {
+    owners: FxHashMap<i32, usize>,
+    released: FxHashMap<i32, Instant>,
+}
+
+impl Ownership {
+    fn acquire(&mut self, parts: &[i32]) {
+        for p in parts {
+            *self.owners.entry(*p).or_insert(0) += 1;
+            self.released.remove(p);
+        }
+    }
+
+    fn release(&mut self, parts: &[i32], now: Instant) {
+        for p in parts {
+            if let Some(n) = self.owners.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.owners.remove(p);
+                    self.released.insert(*p, now);
+                }
+            }
+        }
+    }
+
+    /// Partitions unowned for at least `retention`.
+    fn due(&self, retention: Duration) -> Vec<i32> {
+        let mut due: Vec<i32> = self
+            .released
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= retention)
+            .map(|(p, _)| *p)
+            .collect();
+        due.sort_unstable();
+        due
+    }
+}
+
+/// The distinct partition numbers in a rebalance's list.
+fn partition_numbers(tpl: &TopicPartitionList) -> Vec<i32> {
+    let mut parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+    parts.sort_unstable();
+    parts.dedup();
+    parts
+}
 
 struct Ctx {
     core: Arc<Mutex<Core>>,
@@ -27,6 +79,7 @@ struct Ctx {
     generation: std::sync::atomic::AtomicU64,
     /// When the oldest unanswered Kafka offset commit was sent (for its latency histogram).
     commit_started: Mutex<Option<std::time::Instant>>,
+    ownership: Arc<Mutex<Ownership>>,
 }
 
 impl Ctx {
@@ -61,8 +114,10 @@ impl ConsumerContext for Ctx {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
+                let mut ownership = lock(&self.ownership);
+                ownership.acquire(&partition_numbers(tpl));
                 let mut core = lock(&self.core);
-                if let Err(e) = restore_missing(&core, tpl, &self.stats) {
+                if let Err(e) = restore_stale(&core, tpl, &self.stats) {
                     self.fail(e);
                     return;
                 }
@@ -109,6 +164,10 @@ impl ConsumerContext for Ctx {
                         source: e,
                     });
                 }
+                // The membership a transaction commits offsets under changes with every
+                // rebalance.
+                lock(&self.core).group_meta = consumer.group_metadata();
+                drop(ownership);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 metrics::counter!(m::REBALANCES, "kind" => "revoke").increment(1);
@@ -128,6 +187,7 @@ impl ConsumerContext for Ctx {
                         "partitions revoked after committing"
                     );
                 }
+                lock(&self.ownership).release(&partition_numbers(tpl), Instant::now());
                 self.stats.health.add_assigned(-(tpl.count() as i64));
                 self.stats.health.forget_lag();
                 if let Err(e) = consumer.unassign() {
@@ -152,9 +212,14 @@ impl ConsumerContext for Ctx {
     }
 }
 
-/// With the changelog on: restores every assigned partition number for which the store has
-/// no offset on any input lane (a partition this instance never processed, or lost).
-fn restore_missing(
+/// With the changelog on: restores every assigned partition number whose local state is not
+/// the latest, before any of its records is consumed. Local state is the latest when the store
+/// has input offsets for the partition and records, as the changelog end it reflects, the
+/// changelog partition's current end (nobody wrote to it since this store did). Otherwise (a
+/// partition this store never had, had and forgot, or that another instance advanced since,
+/// or a crash in transactions mode between the Kafka commit and the store write) the
+/// changelog's latest projections and checkpoint replace it.
+fn restore_stale(
     core: &Core,
     tpl: &TopicPartitionList,
     stats: &ProcessorStats,
@@ -167,16 +232,30 @@ fn restore_missing(
         core.inputs[1].0.as_str(),
         core.inputs[2].0.as_str(),
     ];
-    let mut parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-    parts.sort_unstable();
-    parts.dedup();
+    let parts = partition_numbers(tpl);
+    let ends = forest_kafka::end_offsets(&core.brokers, changelog).map_err(|e| {
+        ProcessorError::Restore {
+            partition: parts.first().copied().unwrap_or(-1),
+            reason: format!("reading the changelog's end offsets: {e}"),
+        }
+    })?;
     for p in parts {
         let mut known = false;
         for t in inputs {
             known |= core.store.offset(t, p)?.is_some();
         }
-        if known {
+        let end = ends.get(&p).copied().unwrap_or(0);
+        let reflected = core.store.offset(changelog, p)?;
+        if known && (end == 0 || reflected == Some(end)) {
             continue;
+        }
+        if known {
+            tracing::info!(
+                partition = p,
+                changelog_end = end,
+                reflected = ?reflected,
+                "local state of the partition is behind its changelog: restoring"
+            );
         }
         let started = std::time::Instant::now();
         let r = crate::changelog::restore(&core.store, &core.brokers, changelog, inputs, p)?;
@@ -191,9 +270,82 @@ fn restore_missing(
     Ok(())
 }
 
+/// Deletes the local state (projections and offsets) of every partition no worker of this
+/// process has owned for `retention`: another instance owns it now and the changelog has its
+/// state, which a later assignment restores. Users are matched to partitions with the
+/// producers' partitioner over the input topics' partition count.
+fn forget_unowned(
+    core: &Arc<Mutex<Core>>,
+    ownership: &Mutex<Ownership>,
+    consumer: &BaseConsumer<Ctx>,
+    retention: Duration,
+    stats: &ProcessorStats,
+) -> Result<(), ProcessorError> {
+    let mut own = lock(ownership);
+    let due = own.due(retention);
+    if due.is_empty() {
+        return Ok(());
+    }
+    let (store, topics) = {
+        let c = lock(core);
+        let Some(changelog) = c.changelog.clone() else {
+            return Ok(());
+        };
+        let mut topics: Vec<String> = c.inputs.iter().map(|(n, _)| n.clone()).collect();
+        topics.push(changelog);
+        (c.store.clone(), topics)
+    };
+    let md = consumer
+        .fetch_metadata(Some(&topics[0]), Duration::from_secs(10))
+        .map_err(|source| ProcessorError::Kafka {
+            op: "fetch input partition count",
+            source,
+        })?;
+    let Some(n) = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topics[0])
+        .map(|t| t.partitions().len() as i32)
+        .filter(|n| *n > 0)
+    else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    let mut users = Vec::new();
+    for id in store.user_ids() {
+        let id = id?;
+        if forest_kafka::partition_of(&id, n).is_some_and(|p| due.binary_search(&p).is_ok()) {
+            users.push(id);
+        }
+    }
+    let offsets: Vec<(&str, i32)> = topics
+        .iter()
+        .flat_map(|t| due.iter().map(move |p| (t.as_str(), *p)))
+        .collect();
+    let forgotten = store.forget(&users, offsets)?;
+    for p in &due {
+        own.released.remove(p);
+    }
+    stats
+        .forgotten_partitions
+        .fetch_add(due.len() as u64, Ordering::Relaxed);
+    stats
+        .forgotten_users
+        .fetch_add(forgotten as u64, Ordering::Relaxed);
+    metrics::counter!(m::FORGOTTEN_USERS).increment(forgotten as u64);
+    tracing::info!(
+        partitions = ?due,
+        users = forgotten,
+        secs = started.elapsed().as_secs_f64(),
+        "deleted the local state of partitions owned elsewhere for longer than the retention"
+    );
+    Ok(())
+}
+
 /// Commits the store's offsets to Kafka too, so lag tools see progress.
 fn commit_kafka(consumer: &BaseConsumer<Ctx>, core: &Core, mode: CommitMode) {
-    if core.committed.is_empty() {
+    // In transactions mode the offsets were committed inside each batch's transaction.
+    if core.committed.is_empty() || core.transactions {
         return;
     }
     let mut tpl = TopicPartitionList::with_capacity(core.committed.len());
@@ -254,7 +406,40 @@ fn validate(cfg: &ProcessorConfig) -> Result<(), ProcessorError> {
     if cfg.group_id.is_empty() {
         return bad("the consumer group id must not be empty");
     }
+    if cfg.exactly_once == crate::ExactlyOnce::Transactions {
+        if cfg.dry_run || cfg.at_least_once_baseline {
+            return bad(
+                "transactions mode cannot be combined with a dry run or the at-least-once baseline",
+            );
+        }
+        if cfg.max_outputs_in_flight > 0 {
+            return bad(
+                "transactions mode sends each batch in its own transaction: outputs in flight must be 0",
+            );
+        }
+        if cfg.transactional_id.as_deref() == Some("") {
+            return bad("the transactional id prefix must not be empty");
+        }
+    }
     Ok(())
+}
+
+/// The `transactional.id` of worker `worker`: stable across restarts of one instance (so a
+/// restarted instance fences its predecessor's producer and aborts its open transaction),
+/// different between instances. Derived, unless configured, from the group, the host name
+/// (a StatefulSet pod's stable name) and the store path (two instances on one host have
+/// two stores).
+fn transactional_id(cfg: &ProcessorConfig, worker: usize) -> String {
+    let prefix = cfg.transactional_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_default();
+        let path = std::fs::canonicalize(&cfg.store_path).unwrap_or(cfg.store_path.clone());
+        let h = xxhash_rust::xxh3::xxh3_64(format!("{host}\0{}", path.display()).as_bytes());
+        format!("{}-{host}-{h:016x}", cfg.group_id)
+    });
+    format!("{prefix}-{worker}")
 }
 
 /// Runs the processor until `shutdown` is set (then commits and returns `Ok`) or a fatal error.
@@ -281,8 +466,18 @@ pub fn run(
         .outputs_delivered
         .fetch_add(n as u64, Ordering::Relaxed);
     drop(leftovers);
+    // Partitions this store has state for start unowned: the retention clock of those the
+    // group gives to other instances starts now.
+    let mut ownership = Ownership::default();
+    let now = Instant::now();
+    for t in [&t.payments, &t.mobility, &t.commands] {
+        for p in store.partitions(t)? {
+            ownership.released.insert(p, now);
+        }
+    }
+    let ownership = Arc::new(Mutex::new(ownership));
     let halt = AtomicBool::new(false);
-    let result = run_workers(&cfg, store, &shutdown, &halt, &stats);
+    let result = run_workers(&cfg, store, &shutdown, &halt, &stats, &ownership);
     stats.health.set_store_open(false);
     result
 }
@@ -293,9 +488,18 @@ fn run_workers(
     shutdown: &AtomicBool,
     halt: &AtomicBool,
     stats: &Arc<ProcessorStats>,
+    ownership: &Arc<Mutex<Ownership>>,
 ) -> Result<(), ProcessorError> {
     if cfg.workers <= 1 {
-        return run_worker(cfg, store, shutdown, halt, stats.clone(), 0);
+        return run_worker(
+            cfg,
+            store,
+            shutdown,
+            halt,
+            stats.clone(),
+            0,
+            ownership.clone(),
+        );
     }
     // Workers are members of the same consumer group sharing one store: the range assignor
     // splits the partition numbers between them, and a partition that moves between them
@@ -303,9 +507,9 @@ fn run_workers(
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..cfg.workers)
             .map(|i| {
-                let (store, stats) = (store.clone(), stats.clone());
+                let (store, stats, own) = (store.clone(), stats.clone(), ownership.clone());
                 s.spawn(move || {
-                    let r = run_worker(cfg, store, shutdown, halt, stats, i);
+                    let r = run_worker(cfg, store, shutdown, halt, stats, i, own);
                     if r.is_err() {
                         // One worker failed: stop the others (they commit what they did).
                         halt.store(true, Ordering::Relaxed);
@@ -336,8 +540,15 @@ fn run_worker(
     halt: &AtomicBool,
     stats: Arc<ProcessorStats>,
     worker: usize,
+    ownership: Arc<Mutex<Ownership>>,
 ) -> Result<(), ProcessorError> {
-    let producer = forest_kafka::OutboxProducer::new(&cfg.brokers, &cfg.kafka)?;
+    let producer = if cfg.exactly_once == crate::ExactlyOnce::Transactions {
+        let id = transactional_id(cfg, worker);
+        tracing::info!(transactional_id = %id, "transactions mode");
+        forest_kafka::OutboxProducer::transactional(&cfg.brokers, &cfg.kafka, &id)?
+    } else {
+        forest_kafka::OutboxProducer::new(&cfg.brokers, &cfg.kafka)?
+    };
     let core = Core::new(cfg, store, producer, stats.clone());
     let topics: Vec<String> = core.inputs.iter().map(|(n, _)| n.clone()).collect();
     let ctopics: Vec<CString> = topics
@@ -354,6 +565,7 @@ fn run_worker(
         stats: stats.clone(),
         generation: std::sync::atomic::AtomicU64::new(0),
         commit_started: Mutex::new(None),
+        ownership: ownership.clone(),
     };
 
     let consumer: BaseConsumer<Ctx> = client_config(&cfg.brokers, &[])
@@ -385,7 +597,13 @@ fn run_worker(
         })?;
     tracing::info!(group = %cfg.group_id, topics = ?topics, store = %cfg.store_path.display(), "processor started");
 
-    let result = consume_loop(cfg, &consumer, &core, &ctopics, shutdown, halt);
+    // One worker deletes the state of partitions owned elsewhere for longer than the
+    // retention; only with the changelog, which keeps every partition's state.
+    let cleanup = (worker == 0 && lock(&core).changelog.is_some())
+        .then_some(cfg.state_retention)
+        .flatten()
+        .map(|retention| (retention, ownership));
+    let result = consume_loop(cfg, &consumer, &core, &ctopics, shutdown, halt, cleanup);
     if let Err(e) = &result {
         // Stop the close-time revoke from committing anything after a failure.
         consumer
@@ -412,8 +630,10 @@ fn consume_loop(
     ctopics: &[CString],
     shutdown: &AtomicBool,
     halt: &AtomicBool,
+    cleanup: Option<(Duration, Arc<Mutex<Ownership>>)>,
 ) -> Result<(), ProcessorError> {
     let ctx = consumer.context();
+    let mut last_cleanup = Instant::now();
     let mut last_report = std::time::Instant::now();
     let mut last_export = std::time::Instant::now() - Duration::from_secs(5);
     // Where the loop's time goes, for the progress log: waiting in poll, folding (drain), and
@@ -425,6 +645,14 @@ fn consume_loop(
         if last_export.elapsed() >= Duration::from_secs(5) {
             last_export = std::time::Instant::now();
             lock(core).store.export_metrics();
+        }
+        if let Some((retention, ownership)) = &cleanup {
+            if last_cleanup.elapsed()
+                >= (*retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+            {
+                last_cleanup = Instant::now();
+                forget_unowned(core, ownership, consumer, *retention, &ctx.stats)?;
+            }
         }
         if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = std::time::Instant::now();

@@ -32,4 +32,7 @@ pub enum CrashPoint {
     AfterApplied(u64),
     /// Right after the N-th batch (1-based) is written to the store, before its outbox is sent.
     AfterStoreWrite(u64),
+    /// Processor in transactions mode: right after the N-th batch's Kafka transaction
+    /// committed, before the store is written (the window the changelog restore covers).
+    AfterTransaction(u64),
 }

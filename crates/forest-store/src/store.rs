@@ -374,6 +374,55 @@ impl Store {
             })
     }
 
+    /// Every stored user id, in byte order, without decoding the projections (a scan for
+    /// [`Store::forget`]).
+    pub fn user_ids(&self) -> impl Iterator<Item = Result<Vec<u8>, StoreError>> + '_ {
+        self.db
+            .iterator_cf(self.cf(CF_PROJECTIONS), IteratorMode::Start)
+            .map(|item| item.map(|(k, _)| k.into_vec()).map_err(StoreError::Read))
+    }
+
+    /// Deletes `users`' projections and the `offsets` entries in one batch: the state of
+    /// partitions another instance now owns. Offsets and users go together, so the store never
+    /// claims a position whose state it dropped. Returns how many users were deleted.
+    pub fn forget<'o>(
+        &self,
+        users: &[Vec<u8>],
+        offsets: impl IntoIterator<Item = (&'o str, i32)>,
+    ) -> Result<usize, StoreError> {
+        let mut batch = WriteBatch::default();
+        let proj = self.cf(CF_PROJECTIONS);
+        for u in users {
+            batch.delete_cf(proj, u);
+        }
+        let offs = self.cf(CF_OFFSETS);
+        for (topic, partition) in offsets {
+            batch.delete_cf(offs, offset_key(topic, partition));
+        }
+        self.db
+            .write_opt(batch, &self.write_opts)
+            .map_err(StoreError::Write)?;
+        Ok(users.len())
+    }
+
+    /// The partitions of `topic` this store has an offset for.
+    pub fn partitions(&self, topic: &str) -> Result<Vec<i32>, StoreError> {
+        let mut prefix = topic.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        let mode = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_OFFSETS), mode) {
+            let (k, _) = item.map_err(StoreError::Read)?;
+            let Some(rest) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            if let Ok(b) = <[u8; 4]>::try_from(rest) {
+                out.push(i32::from_be_bytes(b));
+            }
+        }
+        Ok(out)
+    }
+
     /// The next offset to consume for a partition, if this store has processed it before.
     pub fn offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
         match self
