@@ -571,18 +571,31 @@ pub fn check_projections(store: &forest_store::Store, want: &Expected) -> usize 
         .map(|s| (s.user_id.clone(), s))
         .collect();
     let mut wrong = 0;
+    // Differences by input partition and by kind: the first thing to look at when this fails.
+    let mut by_partition: BTreeMap<i32, usize> = BTreeMap::new();
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
     for (u, s) in &want.states {
-        if got.get(u) != Some(s) {
+        let g = got.get(u);
+        if g != Some(s) {
             if wrong < 3 {
-                eprintln!("user {u}: want {s:?}\n got {:?}", got.get(u));
+                eprintln!("user {u}: want {s:?}\n got {g:?}");
             }
             wrong += 1;
+            let p = forest_kafka::partition_of(u.as_bytes(), PARTITIONS).unwrap_or(-1);
+            *by_partition.entry(p).or_default() += 1;
+            let kind = match g {
+                None => "missing",
+                Some(g) if g.lifetime_g > s.lifetime_g => "more credit",
+                Some(g) if g.lifetime_g < s.lifetime_g => "less credit",
+                Some(_) => "same credit, other fields",
+            };
+            *kinds.entry(kind).or_default() += 1;
         }
     }
     assert_eq!(
         wrong,
         0,
-        "{wrong} of {} projections differ from the pure fold",
+        "{wrong} of {} projections differ from the pure fold (by partition {by_partition:?}, by kind {kinds:?})",
         want.states.len()
     );
     assert_eq!(got.len(), want.states.len(), "stored users");

@@ -73,6 +73,8 @@ fn main() -> anyhow::Result<()> {
     };
     let cli = Cli::parse_from(args);
     tracing_subscriber::fmt()
+        // Colour only on a terminal: log files and collectors get plain `key=value` text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FOREST_LOG")
                 // The demo prints its own progress and summary; services log their lifecycle.

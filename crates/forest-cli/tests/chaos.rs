@@ -766,3 +766,250 @@ fn endpoints_serve_health_readiness_and_sane_metrics_during_a_run() {
     assert!(warned, "no warning about the new store:\n{}", lost.tail());
     stop_broker(broker_child);
 }
+
+/// Every "partition restored from the changelog" line of a service's logs: (users, seconds).
+fn restores_logged(logs: &Path, name: &str) -> Vec<(u64, f64)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(logs).expect("log dir").flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if !file.starts_with(name) || !file.ends_with(".log") {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in text
+            .lines()
+            .filter(|l| l.contains("partition restored from the changelog"))
+        {
+            let field = |k: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .and_then(|v| v.parse::<f64>().ok())
+            };
+            if let (Some(users), Some(secs)) = (field("users="), field("secs=")) {
+                out.push((users as u64, secs));
+            }
+        }
+    }
+    out
+}
+
+/// Scale-out on real Kafka: three processor instances (separate processes, each with its own
+/// store, one consumer group, the changelog on) work through a preloaded log while partitions
+/// move again and again: instances join, one is SIGKILLed and comes back on its old store,
+/// one leaves with SIGTERM, one is SIGKILLed and comes back with its store deleted (a lost
+/// disk). Then the last instance standing alone takes every partition, restores from the
+/// changelog what its store lacks or has stale, and finishes. Its projections must equal the
+/// pure fold of the log, the trees and dead letters must match it (in transactions mode each
+/// exactly once for read_committed readers), and the restore times are reported.
+fn scale_out_campaign(mode: &str) {
+    let Ok(bootstrap) = std::env::var("FOREST_TEST_BROKERS") else {
+        eprintln!(
+            "scale-out campaign ({mode}): skipped, it needs real Kafka (FOREST_TEST_BROKERS)"
+        );
+        return;
+    };
+    let events = env_or("FOREST_SCALE_EVENTS", 200_000);
+    let prefix = unique_prefix(&format!("scale-{mode}"));
+    let b = TestBroker::external(&prefix, &bootstrap, true);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let group = format!("{}processor", b.prefix());
+    let stores: Vec<PathBuf> = (0..3)
+        .map(|i| dir.path().join(format!("store-{i}")))
+        .collect();
+    let args = |i: usize| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "processor",
+            "--brokers",
+            &bootstrap,
+            "--topic-prefix",
+            b.prefix(),
+            "--store",
+            stores[i].to_str().unwrap(),
+            "--group",
+            &group,
+            "--changelog",
+            "--exactly-once",
+            mode,
+            "--batch-size",
+            // A transaction per batch costs ~100 ms on this broker (send_offsets and commit
+            // markers): tiny transactions would leave librdkafka's prefetched queue, and the
+            // rebalance events queued behind it, minutes long.
+            // Small batches keep the instances busy through every move.
+            if mode == "transactions" { "200" } else { "10" },
+            "--state-retention-secs",
+            "3",
+            "--metrics-addr",
+            "off",
+            "--kafka-config",
+            "session.timeout.ms=6000",
+            "--kafka-config",
+            "heartbeat.interval.ms=500",
+        ]
+        .map(String::from)
+        .to_vec();
+        // Each instance its own transactional id (they share a host).
+        a.extend(["--transactional-id".to_string(), format!("{group}-{i}")]);
+        a
+    };
+    let names = ["p0", "p1", "p2"];
+    let mut p: Vec<Service> = (0..3)
+        .map(|i| Service::new(names[i], args(i), dir.path()))
+        .collect();
+
+    let mut loadgen = Service::new(
+        "loadgen",
+        [
+            "loadgen",
+            "--brokers",
+            &bootstrap,
+            "--topic-prefix",
+            b.prefix(),
+            "--events",
+            &events.to_string(),
+            "--users",
+            "3000",
+            "--seed",
+            "9",
+            "--days",
+            "20",
+            "--malformed-rate",
+            "0.01",
+        ]
+        .map(String::from)
+        .to_vec(),
+        dir.path(),
+    );
+    loadgen.start();
+    let st = loadgen
+        .child
+        .take()
+        .expect("loadgen")
+        .wait()
+        .expect("loadgen runs");
+    assert!(st.success(), "loadgen failed:\n{}", loadgen.tail());
+
+    let input_ends = ends(
+        &b,
+        &[&b.topics.payments, &b.topics.mobility, &b.topics.commands],
+    );
+    let total: i64 = input_ends.iter().map(|(_, _, e)| e).sum();
+    // The group's committed input offsets (after each batch in outbox mode, inside each
+    // transaction in transactions mode): how much of the log is done. -1 while they cannot be
+    // read (a transaction of a killed instance still pending).
+    let progress = || -> i64 {
+        let mut topics: Vec<&str> = input_ends.iter().map(|(t, _, _)| t.as_str()).collect();
+        topics.dedup();
+        match forest_kafka::group_committed(&bootstrap, &group, &topics, Duration::from_secs(5)) {
+            Ok(got) => got.iter().map(|(_, _, o)| o).sum(),
+            Err(_) => -1,
+        }
+    };
+    let started = Instant::now();
+    let step = |what: &str| {
+        eprintln!(
+            "{:6.1}s {what} (progress {})",
+            started.elapsed().as_secs_f64(),
+            progress()
+        );
+    };
+    let wait_moving = |p: &mut Vec<Service>, secs: u64| {
+        let until = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < until {
+            for s in p.iter_mut().filter(|s| s.child.is_some()) {
+                s.assert_running();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    p[0].start();
+    step("p0 started");
+    while progress() <= 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "p0 never made progress:\n{}",
+            p[0].tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    p[1].start();
+    step("p1 joins");
+    wait_moving(&mut p, 4);
+    p[2].start();
+    step("p2 joins");
+    wait_moving(&mut p, 5);
+    p[0].kill();
+    step("p0 SIGKILLed");
+    wait_moving(&mut p, 4);
+    p[1].terminate(Duration::from_secs(30));
+    step("p1 leaves (SIGTERM)");
+    wait_moving(&mut p, 2);
+    p[0].start();
+    step("p0 back on its old store");
+    wait_moving(&mut p, 5);
+    p[2].kill();
+    std::fs::remove_dir_all(&stores[2]).expect("delete p2's store");
+    p[2].start();
+    step("p2 SIGKILLed, back with its store deleted");
+    wait_moving(&mut p, 5);
+    let moved_at = progress();
+    p[0].terminate(Duration::from_secs(30));
+    p[2].terminate(Duration::from_secs(30));
+    step("p0 and p2 leave");
+    p[1].start();
+    step("p1 back alone on its old store");
+
+    assert!(
+        (0..total).contains(&moved_at),
+        "the moves happened under load: {moved_at} of {total} input offsets were done after the last"
+    );
+    while !stored_offsets_reach(&stores[1], &input_ends) {
+        p[1].assert_running();
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "p1 did not catch up; log:\n{}",
+            p[1].tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    p[1].terminate(Duration::from_secs(30));
+    step("p1 caught up and stopped");
+
+    let records = input_records(&b);
+    assert_eq!(
+        records.len() as u64,
+        events,
+        "every generated record is in Kafka"
+    );
+    let want = expected(&Default::default(), &records);
+    let summary = check(&b, &stores[1], &want);
+    if mode == "transactions" {
+        check_outputs_exactly_once(&b);
+    }
+    let restores: Vec<(u64, f64)> = names
+        .iter()
+        .flat_map(|n| restores_logged(dir.path(), n))
+        .collect();
+    assert!(
+        !restores.is_empty(),
+        "partitions were restored from the changelog"
+    );
+    let mut secs: Vec<f64> = restores.iter().map(|r| r.1).collect();
+    secs.sort_by(f64::total_cmp);
+    eprintln!(
+        "scale-out ({mode}) on Apache Kafka: {} restores of {} projections in all, restore time median {:.3} s, max {:.3} s; moves done with {moved_at} of {total} input offsets processed; {summary}",
+        restores.len(),
+        restores.iter().map(|r| r.0).sum::<u64>(),
+        secs[secs.len() / 2],
+        secs[secs.len() - 1],
+    );
+}
+
+#[test]
+fn three_instances_join_leave_and_crash_with_the_changelog() {
+    scale_out_campaign("outbox");
+}
+
+#[test]
+fn three_instances_join_leave_and_crash_in_transactions_mode() {
+    scale_out_campaign("transactions");
+}

@@ -52,9 +52,12 @@ pub fn end_offsets(brokers: &str, topic: &str) -> Result<BTreeMap<i32, i64>, Rea
 }
 
 /// A consumer for metadata and offset queries under `group` (it never commits).
+/// Read_uncommitted, so that end offsets are high watermarks (not last stable offsets) and
+/// committed offsets are answered at once, not after a pending transaction settles.
 fn reader(brokers: &str, group: &str) -> Result<BaseConsumer, ReadError> {
     client_config(brokers, &[])
         .set("group.id", group)
+        .set("isolation.level", "read_uncommitted")
         .create()
         .map_err(|source| ReadError::Kafka {
             op: "create consumer",

@@ -194,10 +194,13 @@ impl Core {
         caught_up: impl FnMut(u8, i32, i64) -> bool,
         max_idle: Duration,
         max_buffered: usize,
+        consumer_idle: bool,
     ) -> Result<bool, ProcessorError> {
         let mut ready = Vec::new();
         self.merger
-            .drain(caught_up, max_idle, max_buffered, |r| ready.push(r));
+            .drain(caught_up, max_idle, max_buffered, consumer_idle, |r| {
+                ready.push(r)
+            });
         metrics::gauge!(m::MERGE_BUFFERED).set(self.merger.buffered() as f64);
         let mut committed = false;
         for rec in ready {

@@ -11,9 +11,14 @@
 //! Live, a lane that is caught up does not hold the others back, so a record produced later
 //! with an older timestamp is applied when it arrives (as Kafka Streams does with
 //! `max.task.idle.ms` = 0). A lane that is behind its high watermark but not delivering (broker
-//! trouble) blocks its partition for up to `max_idle` (30 s by default), then stops blocking;
-//! so does every lane once the merge buffer is over its bound: memory and latency stay bounded,
-//! at the cost of the canonical order in those cases.
+//! trouble) blocks its partition for up to `max_idle` (30 s by default) of polling that found
+//! the consumer's local queue empty, then stops blocking; so does every lane once the merge
+//! buffer is over its bound: memory and latency stay bounded, at the cost of the canonical
+//! order in those cases. The idle clock only runs while the consumer has nothing queued: a
+//! busy processor (slow batches, small polls) whose lane's records are still queued locally
+//! behind other partitions' is not waiting on the broker. (It once was counted so: with 50-record
+//! transactions, lanes "idled" 30 s while their records sat in the local queue, the merge gave
+//! up, and late-applied events were rejected as too late.)
 
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
@@ -141,12 +146,15 @@ impl Merger {
     }
 
     /// Hands every record that is ready, in merge order, to `f`. `caught_up(topic, partition,
-    /// position)` says whether a lane has been read to its high watermark.
+    /// position)` says whether a lane has been read to its high watermark; `consumer_idle`
+    /// whether the last poll emptied the consumer's local queue (only then does an empty lane's
+    /// idle clock run).
     pub fn drain(
         &mut self,
         mut caught_up: impl FnMut(u8, i32, i64) -> bool,
         max_idle: Duration,
         max_buffered: usize,
+        consumer_idle: bool,
         mut f: impl FnMut(Rec),
     ) {
         let now = Instant::now();
@@ -164,6 +172,10 @@ impl Merger {
                     }
                     if force || caught_up(t as u8, partition, lane.position) {
                         lane.starved_since = None;
+                    } else if !consumer_idle {
+                        // Its records may be queued locally behind others': not idle.
+                        lane.starved_since = None;
+                        blocked = true;
                     } else {
                         let since = *lane.starved_since.get_or_insert(now);
                         blocked |= now.duration_since(since) < max_idle;
@@ -213,6 +225,7 @@ mod tests {
             |_, _, _| caught_up,
             Duration::from_secs(60),
             1_000,
+            true,
             |r| out.push((r.topic, r.offset)),
         );
         out
@@ -259,10 +272,21 @@ mod tests {
         m.assign(1, 0, 0);
         m.push(rec(0, 0, 1));
         let mut out = vec![];
+        // While the consumer still has records queued locally, the lane is not idle, however
+        // long it has been empty.
         m.drain(
             |_, _, _| false,
             Duration::ZERO,
             1_000,
+            false,
+            |r| out.push(r.offset),
+        );
+        assert!(out.is_empty());
+        m.drain(
+            |_, _, _| false,
+            Duration::ZERO,
+            1_000,
+            true,
             |r| out.push(r.offset),
         );
         assert_eq!(out, [0]);

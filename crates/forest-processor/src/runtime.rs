@@ -682,7 +682,11 @@ fn consume_loop(
         .min(Duration::from_millis(50));
         polled.clear();
         let mut generation = ctx.generation.load(Ordering::SeqCst);
-        for _ in 0..cfg.batch_max_records {
+        // Whether this round emptied the consumer's local queue (the merge's idle clock only
+        // runs then). A round reads at least a few thousand records even with small batches,
+        // so every lane's queued records reach the merge.
+        let mut consumer_idle = false;
+        for _ in 0..cfg.batch_max_records.max(5_000) {
             // The rebalance callback runs inside poll; the core lock is not held here (it is
             // taken once per poll round below, not per record).
             let got = consumer.poll(timeout);
@@ -694,7 +698,10 @@ fn consume_loop(
                 generation = now;
             }
             match got {
-                None => break,
+                None => {
+                    consumer_idle = true;
+                    break;
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");
                     break;
@@ -729,6 +736,7 @@ fn consume_loop(
             },
             cfg.max_idle,
             cfg.max_buffered,
+            consumer_idle,
         )?;
         let t2 = std::time::Instant::now();
         t_drain += t2 - t1;
