@@ -7,13 +7,15 @@ use crate::rules::{Cap, CapLimit, CapPeriod, RuleSet};
 use chrono::{Datelike, Offset, TimeZone};
 use chrono_tz::Tz;
 use forest_proto::v1::TreeMatured;
-use rustc_hash::FxHashSet;
 use serde::{Deserialize, Serialize};
+use std::cell::Cell;
 use std::collections::VecDeque;
 
 const DAY_MS: i64 = 86_400_000;
 /// Below this many remembered ids a linear scan beats hashing; above it an index is built.
 const INDEX_THRESHOLD: usize = 32;
+/// Caps per rule whose counter positions the fold remembers between checking and updating.
+const MAX_CAPS_REMEMBERED: usize = 4;
 
 /// A calendar bucket in the user's timezone. Days count from 0001-01-01 (chrono's CE days);
 /// months are `year * 12 + month0`.
@@ -42,7 +44,9 @@ impl<T> PartialEq for Derived<T> {
 }
 impl<T> Eq for Derived<T> {}
 
-/// The UTC span of the local day last looked up, so most events skip the timezone lookup.
+/// The UTC span of one local day and its (day, month) buckets, so most events skip the
+/// timezone lookup. Only days whose UTC offset is the same all day (no DST switch inside) are
+/// cached.
 #[derive(Debug, Clone, Copy, Default)]
 struct DayCache {
     tz: Option<Tz>,
@@ -50,6 +54,207 @@ struct DayCache {
     end_ms: i64,
     day: i32,
     month: i32,
+}
+
+impl DayCache {
+    const EMPTY: Self = Self {
+        tz: None,
+        start_ms: 0,
+        end_ms: 0,
+        day: 0,
+        month: 0,
+    };
+
+    fn get(&self, tz: Tz, ms: i64) -> Option<(i32, i32)> {
+        (self.tz == Some(tz) && ms >= self.start_ms && ms < self.end_ms)
+            .then_some((self.day, self.month))
+    }
+}
+
+/// Local (day, month) of `ms` in `tz`, `None` if it cannot be placed on a calendar; with the
+/// local day's span when it may be cached.
+fn day_of(tz: Tz, ms: i64) -> Option<((i32, i32), Option<DayCache>)> {
+    let offset_at = |t: i64| -> Option<i64> {
+        let utc = chrono::DateTime::from_timestamp_millis(t)?.naive_utc();
+        Some(i64::from(tz.offset_from_utc_datetime(&utc).fix().local_minus_utc()) * 1000)
+    };
+    let offset = offset_at(ms)?;
+    let local_ms = ms.checked_add(offset)?;
+    let date = chrono::DateTime::from_timestamp_millis(local_ms)?.date_naive();
+    let day = date.num_days_from_ce();
+    let month = date.year() * 12 + date.month0() as i32;
+    // Cache the day only if the UTC offset is the same all day (no DST switch inside it).
+    let start_ms = local_ms - local_ms.rem_euclid(DAY_MS) - offset;
+    let end_ms = start_ms + DAY_MS;
+    let span = (offset_at(start_ms) == Some(offset) && offset_at(end_ms - 1) == Some(offset))
+        .then_some(DayCache {
+            tz: Some(tz),
+            start_ms,
+            end_ms,
+            day,
+            month,
+        });
+    Some(((day, month), span))
+}
+
+/// Slots of the per-thread memo of local days (a power of two).
+const SHARED_DAYS: usize = 16;
+
+thread_local! {
+    /// Local days this thread looked up recently, for any user: new and rarely active users,
+    /// late events and counter pruning find their day here instead of in chrono-tz. A memo of
+    /// the pure function [`day_of`], so it cannot change a result. Direct-mapped by UTC day and
+    /// timezone.
+    static SHARED: [Cell<DayCache>; SHARED_DAYS] =
+        const { [const { Cell::new(DayCache::EMPTY) }; SHARED_DAYS] };
+}
+
+/// [`day_of`] through the per-thread memo.
+fn shared_day_of(tz: Tz, ms: i64) -> Option<((i32, i32), Option<DayCache>)> {
+    let slot = (ms.div_euclid(DAY_MS) as u64 ^ (tz as u64).wrapping_mul(0x9E37_79B9)) as usize
+        % SHARED_DAYS;
+    let cached = SHARED.with(|days| days[slot].get());
+    if let Some(b) = cached.get(tz, ms) {
+        return Some((b, Some(cached)));
+    }
+    let found = day_of(tz, ms)?;
+    if let Some(span) = found.1 {
+        SHARED.with(|days| days[slot].set(span));
+    }
+    Some(found)
+}
+
+/// Asks the CPU to load `p`'s cache line; it does not wait for it.
+#[inline(always)]
+fn prefetch<T>(p: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that reads nothing and never faults; `p` is a valid reference
+    // anyway. (`unsafe` is needed before Rust 1.87, the workspace's MSRV is 1.85.)
+    #[allow(unused_unsafe)]
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(p).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// The set of remembered id hashes once a user has more than [`INDEX_THRESHOLD`] of them.
+///
+/// Open addressing with linear probing and backward-shift deletion: the dedupe window's steady
+/// churn (about one insert and one remove per accepted event) leaves no tombstones behind, so
+/// probes stay short and the table never needs a rehash to clean up. 0 marks an empty slot;
+/// the id hash 0 is kept in a flag of its own.
+#[derive(Debug, Clone)]
+struct IdIndex {
+    slots: Box<[u64]>,
+    /// `64 - log2(slots.len())`: the shift that takes a slot number from the top bits.
+    shift: u32,
+    /// Non-zero hashes held.
+    len: usize,
+    has_zero: bool,
+}
+
+impl IdIndex {
+    fn from_ids(ids: impl Iterator<Item = u64>, n: usize) -> Self {
+        let mut ix = Self::with_slots((2 * n).next_power_of_two().max(64));
+        for h in ids {
+            ix.insert(h);
+        }
+        ix
+    }
+
+    fn with_slots(n: usize) -> Self {
+        debug_assert!(n.is_power_of_two());
+        Self {
+            slots: vec![0; n].into_boxed_slice(),
+            shift: 64 - n.trailing_zeros(),
+            len: 0,
+            has_zero: false,
+        }
+    }
+
+    #[inline]
+    fn mask(&self) -> usize {
+        self.slots.len() - 1
+    }
+
+    /// A hash's home slot. The multiply spreads ids whose xxh3 hashes differ only in some bits.
+    #[inline]
+    fn home(&self, h: u64) -> usize {
+        (h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
+    }
+
+    /// The slot holding `h` (non-zero), or the empty slot ending its probe.
+    #[inline]
+    fn probe(&self, h: u64) -> (usize, bool) {
+        let mask = self.mask();
+        let mut i = self.home(h);
+        loop {
+            match self.slots[i] {
+                s if s == h => return (i, true),
+                0 => return (i, false),
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    fn contains(&self, h: u64) -> bool {
+        if h == 0 {
+            return self.has_zero;
+        }
+        self.probe(h).1
+    }
+
+    fn insert(&mut self, h: u64) {
+        if h == 0 {
+            self.has_zero = true;
+            return;
+        }
+        // At most half full.
+        if 2 * (self.len + 1) > self.slots.len() {
+            let mut bigger = Self::with_slots(2 * self.slots.len());
+            bigger.has_zero = self.has_zero;
+            for &s in self.slots.iter().filter(|&&s| s != 0) {
+                bigger.insert(s);
+            }
+            *self = bigger;
+        }
+        let (i, found) = self.probe(h);
+        if !found {
+            self.slots[i] = h;
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, h: u64) {
+        if h == 0 {
+            self.has_zero = false;
+            return;
+        }
+        let (mut hole, found) = self.probe(h);
+        if !found {
+            return;
+        }
+        // Backward shift: pull later entries of the cluster into the hole when the hole lies
+        // between their home slot and where they sit, so every probe still finds them.
+        let mask = self.mask();
+        let mut j = (hole + 1) & mask;
+        loop {
+            let s = self.slots[j];
+            if s == 0 {
+                break;
+            }
+            let home = self.home(s);
+            if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(hole) & mask) {
+                self.slots[hole] = s;
+                hole = j;
+            }
+            j = (j + 1) & mask;
+        }
+        self.slots[hole] = 0;
+        self.len -= 1;
+    }
 }
 
 /// The projection of one user: what Forest stores per user.
@@ -88,10 +293,16 @@ pub struct UserState {
     /// a balance. Small and fixed-size, so it costs little in every stored projection.
     pub recent_credits: VecDeque<CreditNote>,
     #[serde(skip)]
-    index: Derived<Option<FxHashSet<u64>>>,
+    index: Derived<Option<IdIndex>>,
     #[serde(skip)]
     day_cache: Derived<DayCache>,
+    /// Per behaviour and cap period, where that counter was last found in `counters`: a hint,
+    /// checked before use.
+    #[serde(skip)]
+    counter_hints: Derived<[u8; COUNTER_HINTS]>,
 }
+
+const COUNTER_HINTS: usize = 2 * Behaviour::COUNT;
 
 /// How many credits a projection keeps for explanations.
 pub const RECENT_CREDITS: usize = 5;
@@ -201,10 +412,18 @@ impl UserState {
             .unwrap_or(rules.default_species())
     }
 
-    fn counter(&self, behaviour: Behaviour, bucket: Bucket) -> Option<&Counter> {
-        self.counters
-            .iter()
-            .find(|c| c.behaviour == behaviour && c.bucket == bucket)
+    /// Where the counter of `behaviour` in `bucket` is. There is at most one per pair, and the
+    /// current buckets' counters were opened last: search from the end.
+    fn counter_index(&mut self, behaviour: Behaviour, bucket: Bucket) -> Option<usize> {
+        let is = |c: &Counter| c.behaviour == behaviour && c.bucket == bucket;
+        let slot = 2 * behaviour.index() + usize::from(matches!(bucket, Bucket::Month(_)));
+        let hint = usize::from(self.counter_hints.0[slot]);
+        if self.counters.get(hint).is_some_and(is) {
+            return Some(hint);
+        }
+        let found = self.counters.iter().rposition(is)?;
+        self.counter_hints.0[slot] = u8::try_from(found).unwrap_or(u8::MAX);
+        Some(found)
     }
 
     fn seen(&mut self, hash: u64) -> bool {
@@ -214,8 +433,8 @@ impl UserState {
         let ids = &self.recent_ids;
         self.index
             .0
-            .get_or_insert_with(|| ids.iter().map(|&(_, h)| h).collect())
-            .contains(&hash)
+            .get_or_insert_with(|| IdIndex::from_ids(ids.iter().map(|&(_, h)| h), ids.len()))
+            .contains(hash)
     }
 
     fn remember(&mut self, at_ms: i64, hash: u64, max_ids: usize) {
@@ -227,7 +446,7 @@ impl UserState {
             if let Some((t, h)) = self.recent_ids.pop_front() {
                 self.dedupe_floor_ms = Some(self.dedupe_floor_ms.map_or(t, |f| f.max(t)));
                 if let Some(ix) = self.index.0.as_mut() {
-                    ix.remove(&h);
+                    ix.remove(h);
                 }
             }
         }
@@ -241,14 +460,16 @@ impl UserState {
             }
             self.recent_ids.pop_front();
             if let Some(ix) = self.index.0.as_mut() {
-                ix.remove(&h);
+                ix.remove(h);
             }
         }
     }
 
     /// Forget counters of buckets that end before the horizon: no acceptable event falls in them.
     fn prune_counters(&mut self, horizon_ms: i64, tz: Tz) {
-        if let Some((day, month)) = self.buckets(tz, horizon_ms) {
+        // Not through `buckets`: the horizon's day would evict the current day from the
+        // user's cache.
+        if let Some(((day, month), _)) = shared_day_of(tz, horizon_ms) {
             self.counters.retain(|c| match c.bucket {
                 Bucket::Day(d) => d >= day,
                 Bucket::Month(m) => m >= month,
@@ -256,34 +477,32 @@ impl UserState {
         }
     }
 
+    /// Starts loading the cold parts of the projection that applying `event` will touch late:
+    /// the oldest remembered id (pruned or evicted by most accepted events) and the counter of
+    /// the event's behaviour. The misses then overlap instead of following one another.
+    #[inline]
+    fn prefetch(&self, event: &Event) {
+        if let Some(front) = self.recent_ids.front() {
+            prefetch(front);
+        }
+        if let Action::Credit { behaviour, .. } = event.action {
+            let hint = usize::from(self.counter_hints.0[2 * behaviour.index()]);
+            if let Some(c) = self.counters.get(hint) {
+                prefetch(c);
+            }
+        }
+    }
+
     /// Local (day, month) of `ms` in `tz`, `None` if it cannot be placed on a calendar.
     fn buckets(&mut self, tz: Tz, ms: i64) -> Option<(i32, i32)> {
-        let c = &self.day_cache.0;
-        if c.tz == Some(tz) && ms >= c.start_ms && ms < c.end_ms {
-            return Some((c.day, c.month));
+        if let Some(b) = self.day_cache.0.get(tz, ms) {
+            return Some(b);
         }
-        let offset_at = |t: i64| -> Option<i64> {
-            let utc = chrono::DateTime::from_timestamp_millis(t)?.naive_utc();
-            Some(i64::from(tz.offset_from_utc_datetime(&utc).fix().local_minus_utc()) * 1000)
-        };
-        let offset = offset_at(ms)?;
-        let local_ms = ms.checked_add(offset)?;
-        let date = chrono::DateTime::from_timestamp_millis(local_ms)?.date_naive();
-        let day = date.num_days_from_ce();
-        let month = date.year() * 12 + date.month0() as i32;
-        // Cache the day only if the UTC offset is the same all day (no DST switch inside it).
-        let start_ms = local_ms - local_ms.rem_euclid(DAY_MS) - offset;
-        let end_ms = start_ms + DAY_MS;
-        if offset_at(start_ms) == Some(offset) && offset_at(end_ms - 1) == Some(offset) {
-            self.day_cache.0 = DayCache {
-                tz: Some(tz),
-                start_ms,
-                end_ms,
-                day,
-                month,
-            };
+        let (b, span) = shared_day_of(tz, ms)?;
+        if let Some(span) = span {
+            self.day_cache.0 = span;
         }
-        Some((day, month))
+        Some(b)
     }
 }
 
@@ -304,6 +523,7 @@ impl RuleSet {
             }
             .into());
         }
+        state.prefetch(event);
         let t = event.occurred_at_ms;
         let rule = match &event.action {
             Action::Credit { behaviour, .. } => match self.rule(*behaviour) {
@@ -384,14 +604,21 @@ impl RuleSet {
                 let raw = rule.raw_grams(*quantity);
                 let mut credited = raw;
                 let mut limited_by = (raw == 0).then_some(Limit::BelowMinimum);
-                for cap in &rule.caps {
+                // Counter positions found while checking the caps, reused to update them.
+                let mut found = [None; MAX_CAPS_REMEMBERED];
+                for (i, cap) in rule.caps.iter().enumerate() {
                     let bucket = match cap.period {
                         CapPeriod::Day => Bucket::Day(day),
                         CapPeriod::Month => Bucket::Month(month),
                     };
-                    let (events, grams) = state
-                        .counter(*behaviour, bucket)
-                        .map_or((0, 0), |c| (c.events, c.grams));
+                    let ix = state.counter_index(*behaviour, bucket);
+                    if let Some(f) = found.get_mut(i) {
+                        *f = ix;
+                    }
+                    let (events, grams) = ix.map_or((0, 0), |ix| {
+                        let c = &state.counters[ix];
+                        (c.events, c.grams)
+                    });
                     let room = match cap.limit {
                         CapLimit::Events(n) if events >= n => 0,
                         CapLimit::Events(_) => credited,
@@ -403,17 +630,21 @@ impl RuleSet {
                     }
                 }
                 if credited > 0 {
-                    for cap in &rule.caps {
+                    for (i, cap) in rule.caps.iter().enumerate() {
                         let bucket = match cap.period {
                             CapPeriod::Day => Bucket::Day(day),
                             CapPeriod::Month => Bucket::Month(month),
                         };
-                        match state
-                            .counters
-                            .iter_mut()
-                            .find(|c| c.behaviour == *behaviour && c.bucket == bucket)
-                        {
-                            Some(c) => {
+                        // Counters are only appended in this loop, so a position found above
+                        // still holds; one not found then may have been opened by an earlier
+                        // cap of the same period, so look again.
+                        let ix = match found.get(i) {
+                            Some(Some(ix)) => Some(*ix),
+                            _ => state.counter_index(*behaviour, bucket),
+                        };
+                        match ix {
+                            Some(ix) => {
+                                let c = &mut state.counters[ix];
                                 c.events += 1;
                                 c.grams += credited;
                             }
@@ -433,6 +664,9 @@ impl RuleSet {
                 }
                 if state.recent_credits.len() >= RECENT_CREDITS {
                     state.recent_credits.pop_front();
+                } else if state.recent_credits.capacity() == 0 {
+                    // It fills up to exactly this size: allocate once.
+                    state.recent_credits.reserve_exact(RECENT_CREDITS);
                 }
                 state.recent_credits.push_back(CreditNote {
                     event_ms: t,
@@ -908,6 +1142,62 @@ mod tests {
             500,
         );
         assert_eq!(r.apply(&mut back, &dup).unwrap_err(), Rejection::Duplicate);
+    }
+
+    #[test]
+    fn the_id_index_is_a_set() {
+        // Against a std set, through growth and heavy churn (backward-shift deletion), with
+        // hashes that collide in their slot and the hash 0.
+        let mut ix = IdIndex::from_ids([7, 0, 9].into_iter(), 3);
+        let mut set: std::collections::HashSet<u64> = [7, 0, 9].into();
+        let mut x = 1u64;
+        for i in 0..200_000u64 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            // Few distinct values: the table fills, grows and churns.
+            let h = match x >> 62 {
+                0 => 0,
+                1 => ((x >> 40) % 16) << 60,
+                _ => (x >> 30) % 3_000,
+            };
+            if i % 3 == 0 {
+                assert_eq!(ix.contains(h), set.contains(&h), "{h}");
+            } else if (x >> 20) % 2 == 0 {
+                ix.insert(h);
+                set.insert(h);
+            } else {
+                ix.remove(h);
+                set.remove(&h);
+            }
+            assert_eq!(ix.len + usize::from(ix.has_zero), set.len());
+        }
+        for h in 0..3_000 {
+            assert_eq!(ix.contains(h), set.contains(&h), "{h}");
+        }
+    }
+
+    #[test]
+    fn cached_days_match_chrono_tz() {
+        // Hours across DST switches (London, New York, Lord Howe's 30 min, Chatham) and a
+        // fixed zone, in and out of order: through both caches, the answer of `day_of`.
+        let mut s = UserState::new("u");
+        let zones = [
+            chrono_tz::Europe::London,
+            chrono_tz::America::New_York,
+            chrono_tz::Australia::Lord_Howe,
+            chrono_tz::Pacific::Chatham,
+            chrono_tz::Asia::Shanghai,
+        ];
+        let start = 1_740_000_000_000i64;
+        for step in 0..(400 * 24 * 4) {
+            let ms = start + step * 15 * 60_000 + (step * 7_919) % 60_000;
+            for tz in zones {
+                let want = day_of(tz, ms).map(|(b, _)| b);
+                assert_eq!(s.buckets(tz, ms), want, "{tz} {ms}");
+                assert_eq!(shared_day_of(tz, ms - 73 * H).map(|(b, _)| b), {
+                    day_of(tz, ms - 73 * H).map(|(b, _)| b)
+                });
+            }
+        }
     }
 
     /// A serde round trip through TOML, to test `#[serde(skip)]` of the derived fields.
