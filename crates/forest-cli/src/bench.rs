@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// with each to price transactions.
     #[arg(long, default_value = "outbox")]
     exactly_once: forest_processor::ExactlyOnce,
+    /// Write the projection changelog in phases (b) and (c) (transactions mode always does):
+    /// compare `outbox` with it against `transactions` to price the transactions alone.
+    #[arg(long)]
+    changelog: bool,
     /// Processor batch size (records per RocksDB batch).
     #[arg(long, default_value_t = 5_000)]
     batch_size: usize,
@@ -261,7 +265,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Ok(t)
     };
     eprintln!(
-        "forest bench on {} ({brokers}): {} events, {} users, {} partitions, batch {}, exactly-once by {:?}",
+        "forest bench on {} ({brokers}): {} events, {} users, {} partitions, batch {}, exactly-once by {:?}{}",
         if embedded.is_some() {
             "the embedded broker"
         } else {
@@ -271,7 +275,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         workload.users,
         args.partitions,
         args.batch_size,
-        args.exactly_once
+        args.exactly_once,
+        if args.changelog {
+            ", with the changelog"
+        } else {
+            ""
+        }
     );
 
     // Preload.
@@ -337,6 +346,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 false,
                 args.workers,
                 args.exactly_once,
+                args.changelog,
             )
         },
     )?;
@@ -374,6 +384,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 true,
                 args.workers,
                 forest_processor::ExactlyOnce::Outbox,
+                false,
             )
         },
     )?;
@@ -408,10 +419,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     data_dir.join(format!("latency-{i}")),
                     stop.clone(),
                 );
-                let (batch, workers, mode) = (args.batch_size, args.workers, args.exactly_once);
+                let (batch, workers, mode, changelog) = (
+                    args.batch_size,
+                    args.workers,
+                    args.exactly_once,
+                    args.changelog,
+                );
                 std::thread::spawn(move || {
                     let mut c = ProcessorConfig::new(b, d);
                     c.exactly_once = mode;
+                    c.changelog = changelog;
                     c.topics = tt;
                     c.group_id = format!("forest-bench-lat-{}", std::process::id());
                     c.batch_max_records = batch;
@@ -600,9 +617,11 @@ fn run_processor(
     at_least_once: bool,
     workers: usize,
     mode: forest_processor::ExactlyOnce,
+    changelog: bool,
 ) -> anyhow::Result<Duration> {
     let mut cfg = ProcessorConfig::new(brokers, store);
     cfg.exactly_once = mode;
+    cfg.changelog = changelog;
     cfg.topics = topics.clone();
     cfg.at_least_once_baseline = at_least_once;
     cfg.workers = workers;
