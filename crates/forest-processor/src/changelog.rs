@@ -22,6 +22,20 @@
 //!   never relies on anything but the latest one.
 //! - No checkpoint at all: nothing is restored, and the partition is replayed from the start
 //!   of the log.
+//!
+//! When is local state stale? The store records, next to the input offsets, the changelog end
+//! its state reflects: the offset after this instance's last acknowledged checkpoint of the
+//! partition (after its transaction's commit marker in transactions mode), or the end a
+//! restore read to. On assignment, a partition whose recorded end is not the changelog
+//! partition's current end was written by someone else since (another owner; or, in
+//! transactions mode, this instance's own transaction that committed before a crash kept the
+//! store from recording it) and is restored. An end that cannot be recorded (a crash after the
+//! delivery) only costs an unnecessary restore.
+//!
+//! Transactions mode (`ExactlyOnce::Transactions`): the projections and checkpoints go in the
+//! batch's Kafka transaction, and restores read `read_committed` up to the last stable offset,
+//! so a restore never sees projections after the last committed checkpoint, nor a killed
+//! instance's open or aborted transaction.
 
 use crate::ProcessorError;
 use crate::metrics as m;

@@ -17,6 +17,14 @@
 //!   not dead-lettered: a producer retry is not bad input.
 //! - The input topics are merged per partition number in a deterministic order (see
 //!   [`merge`]), so a replay folds one user's events in the same order.
+//! - With [`ExactlyOnce::Transactions`], outputs are exactly once for read_committed
+//!   consumers instead: each batch's outputs, changelog records and input offsets commit in one
+//!   Kafka transaction, RocksDB is written after it, and a crash in between is repaired from
+//!   the changelog (see [`changelog`]).
+//! - With the changelog ([`ProcessorConfig::changelog`]), state follows partitions between
+//!   instances: a newly assigned partition whose local state is missing or behind is restored
+//!   from the compacted changelog topic first, and local state of partitions owned elsewhere is
+//!   deleted after [`ProcessorConfig::state_retention`].
 //! - Backpressure: a batch is written and its outputs acknowledged before the next batch is
 //!   read (optionally, `max_outputs_in_flight` lets outputs overlap the next batch), so a slow
 //!   store or output topic slows consumption instead of growing memory. Before partitions are
