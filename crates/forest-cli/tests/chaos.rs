@@ -140,6 +140,26 @@ fn stored_offsets_reach(store: &Path, ends: &[(String, i32, i64)]) -> bool {
         .all(|(t, p, end)| *end == 0 || s.offset(t, *p).ok().flatten().is_some_and(|o| o >= *end))
 }
 
+/// Waits until `store` has stored offsets at `ends`; fails with the service's log if it exits
+/// or the deadline passes.
+fn wait_store_reaches(
+    service: &mut Service,
+    store: &Path,
+    ends: &[(String, i32, i64)],
+    deadline: Instant,
+) {
+    while !stored_offsets_reach(store, ends) {
+        service.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "{} did not catch up; log:\n{}",
+            service.name,
+            service.tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Sum of a store's next offsets over every partition of `topics` (0 if it cannot be read
 /// yet): a progress counter.
 fn stored_sum(store: &Path, topics: &[String]) -> i64 {
@@ -529,28 +549,22 @@ fn sigkill_campaign_loses_nothing_and_doubles_nothing() {
         &[&b.topics.payments, &b.topics.mobility, &b.topics.commands],
     );
     let catch_up = Instant::now();
-    while !stored_offsets_reach(&proc_store, &input_ends) {
-        services[0].assert_running();
-        assert!(
-            catch_up.elapsed() < Duration::from_secs(300),
-            "processor did not catch up; log:\n{}",
-            services[0].tail()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_store_reaches(
+        &mut services[0],
+        &proc_store,
+        &input_ends,
+        catch_up + Duration::from_secs(300),
+    );
     // The processor delivers its outbox right after each batch; give the last one time to land
     // by stopping it before reading the trees topic's end.
     services[0].terminate(Duration::from_secs(30));
     let tree_ends = ends(&b, &[&b.topics.trees]);
-    while !stored_offsets_reach(&ful_store, &tree_ends) {
-        services[1].assert_running();
-        assert!(
-            catch_up.elapsed() < Duration::from_secs(300),
-            "fulfilment did not catch up; log:\n{}",
-            services[1].tail()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_store_reaches(
+        &mut services[1],
+        &ful_store,
+        &tree_ends,
+        catch_up + Duration::from_secs(300),
+    );
     services[1].terminate(Duration::from_secs(30));
 
     // The invariants, against the pure fold of what is in the input topics.
@@ -962,15 +976,12 @@ fn scale_out_campaign(mode: &str) {
         (0..total).contains(&moved_at),
         "the moves happened under load: {moved_at} of {total} input offsets were done after the last"
     );
-    while !stored_offsets_reach(&stores[1], &input_ends) {
-        p[1].assert_running();
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "p1 did not catch up; log:\n{}",
-            p[1].tail()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_store_reaches(
+        &mut p[1],
+        &stores[1],
+        &input_ends,
+        started + Duration::from_secs(600),
+    );
     p[1].terminate(Duration::from_secs(30));
     step("p1 caught up and stopped");
 

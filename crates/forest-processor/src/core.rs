@@ -371,23 +371,7 @@ impl Core {
                 return Err(e.into());
             }
         };
-        self.stats.store_writes.fetch_add(writes, Ordering::Relaxed);
-        metrics::counter!(m::STORE_WRITES).increment(writes);
-        self.tally.emit();
-        {
-            let mut shown = lock(&self.stats.committed_offsets);
-            for (&(t, p), &o) in &self.offsets {
-                shown.insert((self.inputs[t as usize].0.clone(), p), o);
-            }
-        }
-        self.committed.extend(self.offsets.drain());
-        self.stats
-            .committed_records
-            .fetch_add(self.batch_records as u64, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        metrics::histogram!(m::BATCH_SIZE).record(self.batch_records as f64);
-        self.batch_records = 0;
-        self.batch_started = None;
+        self.batch_durable(writes);
         self.batches_in_run += 1;
         let entries: Vec<(u64, OutboxEntry)> = if self.at_least_once {
             (0..).zip(self.pending.drain(..)).collect()
@@ -405,6 +389,28 @@ impl Core {
         self.deliver(entries)?;
         self.finish_batch(started);
         Ok(true)
+    }
+
+    /// Bookkeeping once a batch's store write (of `writes` keys) succeeded: metrics, the
+    /// offsets shown and committed to Kafka, and a fresh batch.
+    fn batch_durable(&mut self, writes: u64) {
+        self.stats.store_writes.fetch_add(writes, Ordering::Relaxed);
+        metrics::counter!(m::STORE_WRITES).increment(writes);
+        self.tally.emit();
+        {
+            let mut shown = lock(&self.stats.committed_offsets);
+            for (&(t, p), &o) in &self.offsets {
+                shown.insert((self.inputs[t as usize].0.clone(), p), o);
+            }
+        }
+        self.committed.extend(self.offsets.drain());
+        self.stats
+            .committed_records
+            .fetch_add(self.batch_records as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!(m::BATCH_SIZE).record(self.batch_records as f64);
+        self.batch_records = 0;
+        self.batch_started = None;
     }
 
     /// Bookkeeping once a batch is durable and its outputs delivered: batch metrics and the
@@ -496,23 +502,7 @@ impl Core {
             self.cache.discard_dirty();
             return Err(e.into());
         }
-        self.stats.store_writes.fetch_add(writes, Ordering::Relaxed);
-        metrics::counter!(m::STORE_WRITES).increment(writes);
-        self.tally.emit();
-        {
-            let mut shown = lock(&self.stats.committed_offsets);
-            for (&(t, p), &o) in &self.offsets {
-                shown.insert((self.inputs[t as usize].0.clone(), p), o);
-            }
-        }
-        self.committed.extend(self.offsets.drain());
-        self.stats
-            .committed_records
-            .fetch_add(self.batch_records as u64, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        metrics::histogram!(m::BATCH_SIZE).record(self.batch_records as f64);
-        self.batch_records = 0;
-        self.batch_started = None;
+        self.batch_durable(writes);
         self.finish_batch(started);
         Ok(true)
     }
