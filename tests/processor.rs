@@ -312,3 +312,32 @@ fn state_of_partitions_owned_elsewhere_is_deleted_after_the_retention_and_restor
         check(&b, da.path(), &want)
     );
 }
+
+/// Wrong changelog set-up fails at start-up with what to fix, before anything is consumed: a
+/// missing changelog topic, and one whose partition count differs from the inputs' (a restore
+/// of partition N reads changelog partition N).
+#[test]
+fn a_missing_or_mispartitioned_changelog_topic_fails_at_start_up() {
+    let b = TestBroker::new("badchangelog");
+    let dir = tempfile::tempdir().unwrap();
+    let missing = format!("{}missing.{}", b.prefix(), forest_kafka::CHANGELOG_SUFFIX);
+    let narrow = format!("{}narrow.{}", b.prefix(), forest_kafka::CHANGELOG_SUFFIX);
+    forest_kafka::ensure_topics(b.embedded.as_ref(), &b.bootstrap, &[], &[(&narrow, 1)], 1)
+        .expect("create the one-partition changelog");
+    for (topic, why) in [(&missing, "does not exist"), (&narrow, "has 1 partitions")] {
+        let mut cfg = b.processor_config(dir.path(), "g");
+        cfg.changelog = true;
+        cfg.topics.changelog = topic.clone();
+        match start(cfg).join_within(CATCH_UP) {
+            Err(ProcessorError::Config(msg)) => {
+                assert!(
+                    msg.contains(topic.as_str())
+                        && msg.contains(why)
+                        && msg.contains(&format!("create it with {PARTITIONS} partitions")),
+                    "{msg}"
+                );
+            }
+            other => panic!("expected a configuration error for {topic}, got {other:?}"),
+        }
+    }
+}

@@ -442,6 +442,46 @@ fn transactional_id(cfg: &ProcessorConfig, worker: usize) -> String {
     format!("{prefix}-{worker}")
 }
 
+/// With the changelog on, the changelog topic must exist with the input topics' partition
+/// count: a projection goes to its user's partition number, and a restore of partition N
+/// reads changelog partition N. (Auto-creation would give it the broker's default count and
+/// no compaction, so it is checked here, at start-up, with what to do.)
+fn check_changelog_topic(cfg: &ProcessorConfig) -> Result<(), ProcessorError> {
+    let on = (cfg.changelog || cfg.exactly_once == crate::ExactlyOnce::Transactions)
+        && !cfg.dry_run
+        && !cfg.at_least_once_baseline;
+    if !on {
+        return Ok(());
+    }
+    let t = &cfg.topics;
+    let inputs = match forest_kafka::end_offsets(&cfg.brokers, &t.payments) {
+        Ok(ends) => ends.len(),
+        // Inputs that do not exist yet: nothing to compare with (the group waits for them).
+        Err(forest_kafka::ReadError::NoTopic(_)) => return Ok(()),
+        Err(e) => {
+            return Err(ProcessorError::Restore {
+                partition: -1,
+                reason: format!("reading {}'s partitions: {e}", t.payments),
+            });
+        }
+    };
+    let fix = |what: &str| {
+        ProcessorError::Config(format!(
+            "the changelog topic {} {what}: create it with {inputs} partitions (as many as {}) and cleanup.policy=compact, or run without --changelog",
+            t.changelog, t.payments
+        ))
+    };
+    match forest_kafka::end_offsets(&cfg.brokers, &t.changelog) {
+        Ok(ends) if ends.len() == inputs => Ok(()),
+        Ok(ends) => Err(fix(&format!("has {} partitions", ends.len()))),
+        Err(forest_kafka::ReadError::NoTopic(_)) => Err(fix("does not exist")),
+        Err(e) => Err(ProcessorError::Restore {
+            partition: -1,
+            reason: format!("reading {}'s partitions: {e}", t.changelog),
+        }),
+    }
+}
+
 /// Runs the processor until `shutdown` is set (then commits and returns `Ok`) or a fatal error.
 pub fn run(
     cfg: ProcessorConfig,
@@ -450,6 +490,7 @@ pub fn run(
 ) -> Result<(), ProcessorError> {
     validate(&cfg)?;
     let t = &cfg.topics;
+    check_changelog_topic(&cfg)?;
     forest_kafka::warn_if_new_store_but_group_progressed(
         !cfg.store_path.join("CURRENT").exists() && !cfg.dry_run,
         &cfg.store_path,
