@@ -186,29 +186,45 @@ impl Core {
         self.merger.push(rec);
     }
 
-    /// Applies every record the merge releases, committing whenever a batch is full (so a
-    /// batch never exceeds the configured size, however much the merge releases at once).
+    /// Applies the records the merge releases, committing whenever a batch is full (so a
+    /// batch never exceeds the configured size, however much the merge has ready). Between
+    /// full batches it asks `stop` whether to return early (shutdown): a backlog in the merge
+    /// buffer can be minutes of work, and records stay in the merge until they are applied.
     /// Returns whether anything was committed.
     pub fn drain(
         &mut self,
-        caught_up: impl FnMut(u8, i32, i64) -> bool,
+        mut caught_up: impl FnMut(u8, i32, i64) -> bool,
         max_idle: Duration,
         max_buffered: usize,
         consumer_idle: bool,
+        stop: impl Fn() -> bool,
     ) -> Result<bool, ProcessorError> {
-        let mut ready = Vec::new();
-        self.merger
-            .drain(caught_up, max_idle, max_buffered, consumer_idle, |r| {
-                ready.push(r)
-            });
-        metrics::gauge!(m::MERGE_BUFFERED).set(self.merger.buffered() as f64);
         let mut committed = false;
-        for rec in ready {
-            self.process(rec)?;
+        let mut ready = Vec::new();
+        loop {
+            let room = self.batch_max.saturating_sub(self.batch_records).max(1);
+            self.merger.drain(
+                &mut caught_up,
+                max_idle,
+                max_buffered,
+                consumer_idle,
+                room,
+                |r| ready.push(r),
+            );
+            if ready.is_empty() {
+                break;
+            }
+            for rec in ready.drain(..) {
+                self.process(rec)?;
+            }
             if self.batch_records >= self.batch_max {
                 committed |= self.commit()?;
+                if stop() {
+                    break;
+                }
             }
         }
+        metrics::gauge!(m::MERGE_BUFFERED).set(self.merger.buffered() as f64);
         Ok(committed)
     }
 

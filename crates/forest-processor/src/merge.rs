@@ -145,7 +145,7 @@ impl Merger {
         true
     }
 
-    /// Hands every record that is ready, in merge order, to `f`. `caught_up(topic, partition,
+    /// Hands the records that are ready, in merge order and at most `max` of them, to `f`. `caught_up(topic, partition,
     /// position)` says whether a lane has been read to its high watermark; `consumer_idle`
     /// whether the last poll emptied the consumer's local queue (only then does an empty lane's
     /// idle clock run).
@@ -155,9 +155,11 @@ impl Merger {
         max_idle: Duration,
         max_buffered: usize,
         consumer_idle: bool,
+        max: usize,
         mut f: impl FnMut(Rec),
     ) {
         let now = Instant::now();
+        let mut released = 0;
         let force = self.buffered > max_buffered;
         let Self {
             groups, buffered, ..
@@ -199,6 +201,10 @@ impl Merger {
                 };
                 *buffered -= 1;
                 f(rec);
+                released += 1;
+                if released >= max {
+                    return;
+                }
             }
         }
     }
@@ -226,6 +232,7 @@ mod tests {
             Duration::from_secs(60),
             1_000,
             true,
+            usize::MAX,
             |r| out.push((r.topic, r.offset)),
         );
         out
@@ -279,6 +286,7 @@ mod tests {
             Duration::ZERO,
             1_000,
             false,
+            usize::MAX,
             |r| out.push(r.offset),
         );
         assert!(out.is_empty());
@@ -287,6 +295,7 @@ mod tests {
             Duration::ZERO,
             1_000,
             true,
+            1,
             |r| out.push(r.offset),
         );
         assert_eq!(out, [0]);

@@ -778,6 +778,7 @@ fn consume_loop(
             cfg.max_idle,
             cfg.max_buffered,
             consumer_idle,
+            || shutdown.load(Ordering::Relaxed) || halt.load(Ordering::Relaxed),
         )?;
         let t2 = std::time::Instant::now();
         t_drain += t2 - t1;
