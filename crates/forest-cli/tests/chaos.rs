@@ -68,6 +68,13 @@ impl Service {
         self.child = Some(child);
     }
 
+    /// Starts the service and waits for it to exit successfully (the load generator).
+    fn run_to_completion(&mut self) {
+        self.start();
+        let st = self.child.take().expect("started").wait().expect("it runs");
+        assert!(st.success(), "{} failed:\n{}", self.name, self.tail());
+    }
+
     fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
@@ -443,14 +450,7 @@ fn sigkill_campaign_loses_nothing_and_doubles_nothing() {
     // compares with is that function. Small batches keep the services busy long enough to be
     // killed mid-work many times.
     let mut loadgen = Service::new("loadgen", loadgen_args, dir.path());
-    loadgen.start();
-    let st = loadgen
-        .child
-        .take()
-        .expect("loadgen")
-        .wait()
-        .expect("loadgen runs");
-    assert!(st.success(), "loadgen failed:\n{}", loadgen.tail());
+    loadgen.run_to_completion();
     for s in &mut services {
         s.start();
     }
@@ -893,14 +893,7 @@ fn scale_out_campaign(mode: &str) {
         .to_vec(),
         dir.path(),
     );
-    loadgen.start();
-    let st = loadgen
-        .child
-        .take()
-        .expect("loadgen")
-        .wait()
-        .expect("loadgen runs");
-    assert!(st.success(), "loadgen failed:\n{}", loadgen.tail());
+    loadgen.run_to_completion();
 
     let input_ends = ends(
         &b,
