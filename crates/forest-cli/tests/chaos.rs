@@ -25,6 +25,32 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Short consumer-group sessions: a killed member leaves the group after 6 s instead of 45 s.
+const FAST_GROUP: [&str; 4] = [
+    "--kafka-config",
+    "session.timeout.ms=6000",
+    "--kafka-config",
+    "heartbeat.interval.ms=500",
+];
+
+/// `forest loadgen`'s workload flags shared by the campaigns: 20 days of events with 1 %
+/// malformed records.
+fn loadgen_workload(events: u64, users: u64, seed: u64) -> Vec<String> {
+    [
+        "--events".to_string(),
+        events.to_string(),
+        "--users".into(),
+        users.to_string(),
+        "--seed".into(),
+        seed.to_string(),
+        "--days".into(),
+        "20".into(),
+        "--malformed-rate".into(),
+        "0.01".into(),
+    ]
+    .to_vec()
+}
+
 fn forest() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_forest"));
     c.env_remove("FOREST_BROKERS")
@@ -382,13 +408,6 @@ fn sigkill_campaign_loses_nothing_and_doubles_nothing() {
         a.extend(["--brokers", &bootstrap, "--topic-prefix", b.prefix()].map(String::from));
         a
     };
-    // Short sessions: a killed member leaves the group after 6 s instead of 45 s.
-    let fast_group = [
-        "--kafka-config",
-        "session.timeout.ms=6000",
-        "--kafka-config",
-        "heartbeat.interval.ms=500",
-    ];
     let mut processor_args = common("processor");
     processor_args.extend(
         [
@@ -403,7 +422,7 @@ fn sigkill_campaign_loses_nothing_and_doubles_nothing() {
         ]
         .map(String::from),
     );
-    processor_args.extend(fast_group.map(String::from));
+    processor_args.extend(FAST_GROUP.map(String::from));
 
     let mut fulfilment_args = common("fulfilment");
     fulfilment_args.extend(
@@ -421,23 +440,9 @@ fn sigkill_campaign_loses_nothing_and_doubles_nothing() {
         ]
         .map(String::from),
     );
-    fulfilment_args.extend(fast_group.map(String::from));
+    fulfilment_args.extend(FAST_GROUP.map(String::from));
     let mut loadgen_args = common("loadgen");
-    loadgen_args.extend(
-        [
-            "--events",
-            &events.to_string(),
-            "--users",
-            "2000",
-            "--seed",
-            &seed.to_string(),
-            "--days",
-            "20",
-            "--malformed-rate",
-            "0.01",
-        ]
-        .map(String::from),
-    );
+    loadgen_args.extend(loadgen_workload(events, 2_000, seed));
 
     let mut services = [
         Service::new("processor", processor_args, dir.path()),
@@ -854,13 +859,10 @@ fn scale_out_campaign(mode: &str) {
             "3",
             "--metrics-addr",
             "off",
-            "--kafka-config",
-            "session.timeout.ms=6000",
-            "--kafka-config",
-            "heartbeat.interval.ms=500",
         ]
         .map(String::from)
         .to_vec();
+        a.extend(FAST_GROUP.map(String::from));
         // Each instance its own transactional id (they share a host).
         a.extend(["--transactional-id".to_string(), format!("{group}-{i}")]);
         a
@@ -878,19 +880,11 @@ fn scale_out_campaign(mode: &str) {
             &bootstrap,
             "--topic-prefix",
             b.prefix(),
-            "--events",
-            &events.to_string(),
-            "--users",
-            "3000",
-            "--seed",
-            "9",
-            "--days",
-            "20",
-            "--malformed-rate",
-            "0.01",
         ]
         .map(String::from)
-        .to_vec(),
+        .into_iter()
+        .chain(loadgen_workload(events, 3_000, 9))
+        .collect(),
         dir.path(),
     );
     loadgen.run_to_completion();
