@@ -3,35 +3,59 @@
 
 use forest_processor::{CrashPoint, ProcessorError};
 use forest_tests::*;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 const CATCH_UP: Duration = Duration::from_secs(300);
 
+/// The end-to-end test: a few hundred thousand events from 40,000 users, every
+/// behaviour, duplicates, late and malformed records; one processor, no crash. Projections,
+/// trees and dead letters equal the pure fold, each tree and dead letter is on its topic
+/// exactly once, and the processor's counters equal the fold's.
 #[test]
 fn projections_trees_and_dead_letters_match_the_pure_fold() {
     let b = TestBroker::new("e2e");
-    let records = produce(&b, workload(1, 200_000, 20_000));
+    let t0 = Instant::now();
+    let records = produce(&b, workload(1, 400_000, 40_000));
+    let produced_s = t0.elapsed().as_secs_f64();
     let want = expected(&Default::default(), &records);
+    assert_eq!(records.len(), 400_000);
+    want.assert_covers_the_workload();
     assert!(
-        !want.trees.is_empty() && !want.dead_letters.is_empty() && want.duplicates > 0,
-        "workload exercises everything"
+        want.states.len() >= 30_000,
+        "many users: {} have a projection",
+        want.states.len()
     );
     let dir = tempfile::tempdir().unwrap();
     let started = Instant::now();
     let p = start(b.processor_config(dir.path(), "g"));
-    wait_caught_up(&[&p.stats], &end_offsets(&b, &records), CATCH_UP);
+    let ends = end_offsets(&b, &records);
+    // Records consumed but not yet durably committed, at its largest (for the backpressure
+    // test's bound).
+    let mut max_uncommitted = 0;
+    wait_until("the processor caught up", CATCH_UP, || {
+        let get = forest_processor::ProcessorStats::get;
+        max_uncommitted = max_uncommitted
+            .max(get(&p.stats.consumed).saturating_sub(get(&p.stats.committed_records)));
+        offsets_total(&p.stats.committed_offsets(), &ends) == offsets_total(&ends, &ends)
+    });
     let secs = started.elapsed().as_secs_f64();
+    let stats = p.stats.clone();
     p.stop().expect("graceful stop");
-    let summary = check(&b, dir.path(), &want);
+    check_stats(&stats, &want, records.len());
+    let summary = check_exact(&b, dir.path(), &want);
     eprintln!(
-        "e2e on {}: {} records in {secs:.1} s = {:.0} records/s; {summary}",
+        "e2e on {}: {} records ({} users with a projection; produced in {produced_s:.1} s) processed in {secs:.1} s = {:.0} records/s, at most {max_uncommitted} consumed and uncommitted; rejections {:?}; {summary}; whole test {:.1} s",
         if b.is_real() {
             "Apache Kafka"
         } else {
             "mock cluster"
         },
         records.len(),
-        records.len() as f64 / secs
+        want.states.len(),
+        records.len() as f64 / secs,
+        want.rejections,
+        t0.elapsed().as_secs_f64(),
     );
 }
 
@@ -56,12 +80,26 @@ fn two_workers_in_one_process_share_the_store_and_match_the_pure_fold() {
     eprintln!("two workers: {}", check(&b, dir.path(), &want));
 }
 
+/// Crashes at several points, then a restart on the same store: projections, trees and dead
+/// letters equal the pure fold; a re-sent tree or dead letter is byte-identical to its first
+/// copy. A crash right after a batch's store write leaves that batch's outputs in the outbox,
+/// and the next run delivers them. Before every restart the group's Kafka offsets are moved to
+/// the topic ends, ahead of the store's: a restart that trusted Kafka's committed offsets
+/// would skip the rest of the input and miss it.
 #[test]
 fn crash_at_several_points_then_restart_loses_and_doubles_nothing() {
     let b = TestBroker::new("crash");
+    let started = Instant::now();
     let records = produce(&b, workload(2, 60_000, 5_000));
     let want = expected(&Default::default(), &records);
+    let ends = end_offsets(&b, &records);
     let dir = tempfile::tempdir().unwrap();
+    let group = b.processor_config(dir.path(), "g").group_id;
+    let get = forest_processor::ProcessorStats::get;
+    // Outbox entries crashes left behind, and how many the next run had to deliver first.
+    let mut leftovers: Vec<forest_store::OutboxEntry> = Vec::new();
+    let mut left_by_last_crash = 0;
+    let mut first = true;
     // Each run stops abruptly: mid-batch (applied, nothing written), and right after a batch
     // was written but before its outputs were sent.
     for crash in [
@@ -71,33 +109,91 @@ fn crash_at_several_points_then_restart_loses_and_doubles_nothing() {
         CrashPoint::AfterStoreWrite(1),
         CrashPoint::AfterApplied(12_345),
     ] {
+        if !first {
+            commit_kafka_offsets(&b, &group, &ends);
+        }
+        first = false;
         let mut cfg = b.processor_config(dir.path(), "g");
         cfg.crash_at = Some(crash);
         let p = start(cfg);
-        let deadline = Instant::now() + CATCH_UP;
-        while !p.handle.is_finished() {
-            assert!(
-                Instant::now() < deadline,
-                "crash point {crash:?} never reached"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        match p.handle.join().unwrap() {
+        let stats = p.stats.clone();
+        match p.join_within(CATCH_UP) {
             Err(ProcessorError::InjectedCrash(c)) => assert_eq!(c, crash),
             other => panic!("expected the injected crash {crash:?}, got {other:?}"),
         }
+        assert!(
+            get(&stats.outputs_delivered) >= left_by_last_crash,
+            "the run after a crash delivered the {left_by_last_crash} outputs it left ({} delivered)",
+            get(&stats.outputs_delivered)
+        );
+        let store = forest_store::Store::open_read_only(dir.path()).expect("read-only open");
+        let outbox: Vec<_> = store
+            .outbox(usize::MAX)
+            .expect("outbox")
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect();
+        drop(store);
+        if matches!(crash, CrashPoint::AfterStoreWrite(_)) {
+            assert!(
+                !outbox.is_empty(),
+                "{crash:?} left the written batch's outputs in the outbox"
+            );
+        } else {
+            // Mid-batch: every earlier batch's outputs were acknowledged, and so deleted.
+            assert!(
+                outbox.is_empty(),
+                "{crash:?} left {} delivered outputs in the outbox",
+                outbox.len()
+            );
+        }
+        left_by_last_crash = outbox.len() as u64;
+        leftovers.extend(outbox);
     }
+    commit_kafka_offsets(&b, &group, &ends);
     let p = start(b.processor_config(dir.path(), "g"));
-    wait_caught_up(&[&p.stats], &end_offsets(&b, &records), CATCH_UP);
+    wait_caught_up(&[&p.stats], &ends, CATCH_UP);
+    let stats = p.stats.clone();
     p.stop().expect("graceful stop");
-    eprintln!("crash recovery: {}", check(&b, dir.path(), &want));
+    assert!(
+        get(&stats.outputs_delivered) >= left_by_last_crash,
+        "the restart delivered the leftovers"
+    );
+    // Everything re-delivered from the outbox is on its topic.
+    let mut on_topics = BTreeSet::new();
+    for topic in [&b.topics.trees, &b.topics.dlq] {
+        for (k, v, h) in read_topic(&b, topic) {
+            on_topics.insert((topic.clone(), k, v, h));
+        }
+    }
+    for e in &leftovers {
+        assert!(
+            on_topics.contains(&(
+                e.topic.clone(),
+                e.key.clone(),
+                e.value.clone(),
+                e.headers.clone()
+            )),
+            "an output left in the outbox by a crash never reached {}",
+            e.topic
+        );
+    }
+    let summary = check(&b, dir.path(), &want);
+    eprintln!(
+        "crash recovery: {} outbox entries left by crashes and re-delivered, Kafka offsets set to the ends before each restart; {summary}; {:.1} s",
+        leftovers.len(),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
 fn two_instances_split_the_partitions_and_one_leaves_mid_stream() {
     let b = TestBroker::new("rebalance");
+    let started = Instant::now();
     let records = produce(&b, workload(3, 100_000, 10_000));
     let want = expected(&Default::default(), &records);
+    let ends = end_offsets(&b, &records);
+    let total = offsets_total(&ends, &ends);
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut ca = b.processor_config(da.path(), "g");
     let mut cb = b.processor_config(db.path(), "g");
@@ -108,22 +204,44 @@ fn two_instances_split_the_partitions_and_one_leaves_mid_stream() {
     let bb = start(cb);
     // Wait until both own partitions and have committed something.
     let deadline = Instant::now() + CATCH_UP;
-    while a.stats.committed_offsets().is_empty() || bb.stats.committed_offsets().is_empty() {
+    while a.stats.committed_offsets().is_empty()
+        || bb.stats.committed_offsets().is_empty()
+        || a.stats.health.assigned() == 0
+        || bb.stats.health.assigned() == 0
+    {
         assert!(
             Instant::now() < deadline,
             "both instances never got partitions"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    let a_owned = a.stats.health.assigned();
+    let a_stats = a.stats.clone();
     a.stop().expect("A leaves gracefully");
-    wait_caught_up(&[&bb.stats], &end_offsets(&b, &records), CATCH_UP);
+    // At A's stop (its last batch committed) the group had not finished: A left mid-stream.
+    let at_stop = offsets_total(&committed_union(&[&a_stats, &bb.stats]), &ends);
+    assert!(
+        at_stop < total,
+        "A left mid-stream: the group had committed {at_stop} of {total} records when it left"
+    );
+    // B takes over every partition.
+    wait_until(
+        "B owns every input partition after A left",
+        CATCH_UP,
+        || bb.stats.health.assigned() == 3 * i64::from(PARTITIONS),
+    );
+    wait_caught_up(&[&bb.stats], &ends, CATCH_UP);
     let rebalances = forest_processor::ProcessorStats::get(&bb.stats.rebalances);
     bb.stop().expect("B stops gracefully");
     assert!(
         rebalances >= 3,
         "B saw assign, revoke, assign: {rebalances}"
     );
-    eprintln!("rebalance: {}", check(&b, db.path(), &want));
+    eprintln!(
+        "rebalance: A owned {a_owned} partitions and left at {at_stop} of {total} records; {}; {:.1} s",
+        check(&b, db.path(), &want),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
@@ -131,17 +249,141 @@ fn broker_faults_on_the_mock_cluster_lose_nothing() {
     // Always the mock cluster, even when FOREST_TEST_BROKERS names a real broker: only the mock
     // cluster can inject these faults.
     let b = TestBroker::embedded("faults");
+    let started = Instant::now();
     let embedded = b.embedded.as_ref().expect("embedded broker");
-    let records = produce(&b, workload(4, 60_000, 5_000));
+    // Enough input that the processor (small batches) is still busy when every fault hits.
+    let records = produce(&b, workload(4, 200_000, 10_000));
     let want = expected(&Default::default(), &records);
+    let ends = end_offsets(&b, &records);
+    let total = offsets_total(&ends, &ends);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = b.processor_config(dir.path(), "g");
     cfg.batch_max_records = 500;
     let p = start(cfg);
-    inject_broker_faults(embedded, Duration::from_millis(300));
-    wait_caught_up(&[&p.stats], &end_offsets(&b, &records), CATCH_UP);
+    let mut seen = Vec::new();
+    inject_broker_faults_observed(embedded, Duration::from_millis(300), |f| {
+        seen.push((f, offsets_total(&p.stats.committed_offsets(), &ends)));
+    });
+    wait_caught_up(&[&p.stats], &ends, CATCH_UP);
     p.stop().expect("graceful stop after faults");
-    eprintln!("broker faults: {}", check(&b, dir.path(), &want));
+    // Every fault hit a processor that still had input to process.
+    for (fault, done) in &seen {
+        if *fault != Fault::Cleared {
+            assert!(
+                *done < total,
+                "{fault:?} was injected after the processor had finished ({done} of {total})"
+            );
+        }
+    }
+    eprintln!(
+        "broker faults: committed records when each fault began {seen:?} of {total}; {}; {:.1} s",
+        check(&b, dir.path(), &want),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Backpressure: the output topics' broker becomes slow (1 s round trips) for 12 s while
+/// plenty of input is waiting. The processor waits for each batch's outputs before reading
+/// on, so the records it has consumed but not committed stay within what its configuration
+/// allows (a batch, the merge buffer's bound and one poll round), and the process's memory
+/// does not grow with the backlog. Afterwards it catches up and every invariant holds.
+#[test]
+fn a_slow_output_broker_holds_consumption_back_and_memory_stays_bounded() {
+    use rdkafka::mocking::MockCoordinator;
+    // Always the mock cluster (two brokers: inputs and the group on broker 1, outputs on 2).
+    let b = TestBroker::embedded_cluster("backpressure", 2);
+    let started = Instant::now();
+    let cluster = b.embedded.as_ref().expect("embedded broker").cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = b.processor_config(dir.path(), "g");
+    cfg.max_buffered = 50_000;
+    for (topics, broker) in [
+        (
+            vec![&b.topics.payments, &b.topics.mobility, &b.topics.commands],
+            1,
+        ),
+        (vec![&b.topics.trees, &b.topics.dlq, &b.topics.changelog], 2),
+    ] {
+        for t in topics {
+            for p in 0..PARTITIONS {
+                cluster
+                    .partition_leader(t, p, Some(broker))
+                    .expect("partition leader");
+            }
+        }
+    }
+    cluster
+        .coordinator(MockCoordinator::Group(cfg.group_id.clone()), 1)
+        .expect("group coordinator");
+    let records = produce(&b, workload(81, 300_000, 30_000));
+    let want = expected(&Default::default(), &records);
+    let ends = end_offsets(&b, &records);
+    // Consumed but not durably committed, at most: the open batch, the merge buffer's bound
+    // and one poll round (the consumer loop reads up to max(batch, 5,000) records per round).
+    let bound =
+        (cfg.batch_max_records + cfg.max_buffered + cfg.batch_max_records.max(5_000)) as u64;
+    // Memory: librdkafka's prefetch queue is bounded (64 MB by default) and the processor's
+    // buffers by `bound` records; allow that plus slack, far below what buffering the whole
+    // backlog would take.
+    const RSS_GROWTH_BOUND: u64 = 160 << 20;
+    let get = forest_processor::ProcessorStats::get;
+    let p = start(cfg);
+    wait_until("the processor is under way", CATCH_UP, || {
+        get(&p.stats.committed_records) >= 20_000
+    });
+    let rss0 = rss_bytes();
+    let committed0 = get(&p.stats.committed_records);
+    cluster
+        .broker_round_trip_time(2, Duration::from_millis(1_000))
+        .expect("slow output broker");
+    let slow = Instant::now();
+    let (mut max_lag, mut max_rss, mut samples) = (0u64, rss0, 0);
+    while slow.elapsed() < Duration::from_secs(12) {
+        let lag = get(&p.stats.consumed).saturating_sub(get(&p.stats.committed_records));
+        max_lag = max_lag.max(lag);
+        max_rss = max_rss.max(rss_bytes());
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let committed1 = get(&p.stats.committed_records);
+    let consumed1 = get(&p.stats.consumed);
+    cluster
+        .broker_round_trip_time(2, Duration::ZERO)
+        .expect("output broker back to normal");
+    wait_caught_up(&[&p.stats], &ends, CATCH_UP);
+    let stats = p.stats.clone();
+    p.stop().expect("graceful stop");
+    eprintln!(
+        "backpressure: {samples} samples in 12 s of 1 s output round trips: committed {committed0} -> {committed1}, consumed {consumed1} of {}; consumed-uncommitted at most {max_lag} (bound {bound}); RSS {} MB -> at most {} MB (growth bound {} MB)",
+        records.len(),
+        rss0 >> 20,
+        max_rss >> 20,
+        RSS_GROWTH_BOUND >> 20
+    );
+    assert!(
+        consumed1 < records.len() as u64 && committed1 < records.len() as u64,
+        "the slow phase ended with input still waiting (consumed {consumed1})"
+    );
+    assert!(
+        committed1 - committed0 < (records.len() as u64 - committed0) / 2,
+        "the output broker was slow: {} records committed in 12 s",
+        committed1 - committed0
+    );
+    assert!(
+        max_lag <= bound,
+        "consumed but uncommitted records reached {max_lag}, above {bound}"
+    );
+    assert!(
+        max_rss.saturating_sub(rss0) <= RSS_GROWTH_BOUND,
+        "RSS grew by {} MB while the output was slow",
+        (max_rss - rss0) >> 20
+    );
+    check_stats(&stats, &want, records.len());
+    eprintln!(
+        "backpressure: {}; {:.1} s",
+        check_exact(&b, dir.path(), &want),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// State follows a partition to an instance that never had it: instance A writes the

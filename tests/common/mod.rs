@@ -6,15 +6,16 @@
 //! processor, by folding the produced records with the pure domain in the documented merge
 //! order.
 
-use forest_domain::{Event, InputKind, Malformed, Rejection, RuleSet, UserState};
+use forest_domain::{Behaviour, Event, InputKind, Malformed, Rejection, RuleSet, UserState};
 use forest_fulfilment::{FulfilmentConfig, FulfilmentStats, FulfilmentTopics, PartnersSource};
-use forest_kafka::{EmbeddedBroker, client_config, ensure_topics, headers};
+use forest_kafka::{client_config, ensure_topics, headers, EmbeddedBroker};
 use forest_processor::{ProcessorConfig, ProcessorStats, Shutdown, Topics};
 use forest_workload::{Generator, WorkloadConfig};
 use prost::Message as _;
-use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,6 +56,11 @@ impl TestBroker {
         Self::create(test, true)
     }
 
+    /// A new embedded cluster of `brokers` brokers (for faults that hit one broker only).
+    pub fn embedded_cluster(test: &str, brokers: i32) -> Self {
+        Self::create_on_cluster(unique_prefix(test), None, true, brokers)
+    }
+
     /// A broker running in another process, with this test's topics under `prefix` (from
     /// [`unique_prefix`]). `create_topics`: false when that broker created them itself
     /// (`forest broker --topic-prefix`; the mock cluster has no CreateTopics API).
@@ -79,12 +85,21 @@ impl TestBroker {
     }
 
     fn create_on(unique: String, bootstrap: Option<String>, create_topics: bool) -> Self {
+        Self::create_on_cluster(unique, bootstrap, create_topics, 1)
+    }
+
+    fn create_on_cluster(
+        unique: String,
+        bootstrap: Option<String>,
+        create_topics: bool,
+        brokers: i32,
+    ) -> Self {
         init_logs();
         let topics = Topics::prefixed(&unique);
         let (embedded, bootstrap) = match bootstrap {
             Some(b) => (None, b),
             None => {
-                let e = EmbeddedBroker::start(1).expect("embedded broker starts");
+                let e = EmbeddedBroker::start(brokers).expect("embedded broker starts");
                 let b = e.bootstrap_servers();
                 (Some(e), b)
             }
@@ -264,6 +279,55 @@ pub struct Expected {
     /// (source topic kind, partition, offset) of every record that must be dead-lettered.
     pub dead_letters: BTreeSet<(u8, i32, i64)>,
     pub duplicates: u64,
+    /// Records the fold applied (credits and commands).
+    pub applied: u64,
+    /// Trees the fold matured, counting repeats (equals `trees.len()`: tree ids are unique).
+    pub tree_count: u64,
+    /// Rejected records by reason code, duplicates included (as `ProcessorStats::rejections`).
+    pub rejections: BTreeMap<&'static str, u64>,
+    /// Applied credit events by behaviour.
+    pub credits_by_behaviour: BTreeMap<Behaviour, u64>,
+}
+
+impl Expected {
+    /// Asserts the workload exercises what the issue asks for: every behaviour among the
+    /// applied credits, duplicates, too-late events and each kind of malformed record the
+    /// generator makes, and some trees.
+    pub fn assert_covers_the_workload(&self) {
+        let missing: Vec<_> = Behaviour::ALL
+            .iter()
+            .filter(|b| self.credits_by_behaviour.get(b).copied().unwrap_or(0) == 0)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "behaviours never credited: {missing:?} (credited: {:?})",
+            self.credits_by_behaviour
+        );
+        for code in [
+            "duplicate",
+            "too_late",
+            "undecodable",
+            "malformed",
+            "negative_amount",
+            "absurd_value",
+            "unknown_behaviour",
+        ] {
+            assert!(
+                self.rejections.get(code).copied().unwrap_or(0) > 0,
+                "the workload has no {code} rejection: {:?}",
+                self.rejections
+            );
+        }
+        assert_eq!(
+            self.rejections.get("duplicate").copied().unwrap_or(0),
+            self.duplicates
+        );
+        assert!(!self.trees.is_empty(), "the workload matures trees");
+        assert!(
+            !self.dead_letters.is_empty(),
+            "the workload has dead letters"
+        );
+    }
 }
 
 pub fn expected(rules: &RuleSet, records: &[Produced]) -> Expected {
@@ -301,6 +365,9 @@ pub fn expected(rules: &RuleSet, records: &[Produced]) -> Expected {
     let mut trees = BTreeSet::new();
     let mut dead_letters = BTreeSet::new();
     let mut duplicates = 0;
+    let (mut applied, mut tree_count) = (0u64, 0u64);
+    let mut rejections: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut credits_by_behaviour: BTreeMap<Behaviour, u64> = BTreeMap::new();
     for r in sorted {
         let decoded = Event::decode(r.kind, &r.value, r.timestamp).and_then(|e| {
             if e.user_id.as_bytes() == r.key.as_slice() {
@@ -316,13 +383,32 @@ pub fn expected(rules: &RuleSet, records: &[Produced]) -> Expected {
             let s = states
                 .entry(e.user_id.clone())
                 .or_insert_with(|| UserState::new(e.user_id.clone()));
-            rules.apply(s, &e).map(|o| o.trees)
+            rules
+                .apply(s, &e)
+                .map(|o| (o.credit.map(|c| c.behaviour), o.trees))
         });
         match result {
-            Ok(t) => trees.extend(t.into_iter().map(|t| t.tree_id)),
-            Err(Rejection::Duplicate) => duplicates += 1,
-            Err(_) => {
-                dead_letters.insert((kind_index(r.kind), r.partition, r.offset));
+            Ok((credit, t)) => {
+                applied += 1;
+                if let Some(b) = credit {
+                    *credits_by_behaviour.entry(b).or_default() += 1;
+                }
+                for t in t {
+                    tree_count += 1;
+                    assert!(
+                        trees.insert(t.tree_id.clone()),
+                        "the fold matured tree {} twice",
+                        t.tree_id
+                    );
+                }
+            }
+            Err(e) => {
+                *rejections.entry(e.code()).or_default() += 1;
+                if e == Rejection::Duplicate {
+                    duplicates += 1;
+                } else {
+                    dead_letters.insert((kind_index(r.kind), r.partition, r.offset));
+                }
             }
         }
     }
@@ -332,7 +418,43 @@ pub fn expected(rules: &RuleSet, records: &[Produced]) -> Expected {
         trees,
         dead_letters,
         duplicates,
+        applied,
+        tree_count,
+        rejections,
+        credits_by_behaviour,
     }
+}
+
+/// Asserts a single uninterrupted run's counters equal what the pure fold predicts: every
+/// record consumed, applied, rejected (by reason), deduplicated and dead-lettered exactly once,
+/// every tree counted once, every record committed.
+pub fn check_stats(stats: &ProcessorStats, want: &Expected, records: usize) {
+    let get = ProcessorStats::get;
+    let rejections = stats
+        .rejections
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let got = [
+        ("consumed", get(&stats.consumed)),
+        ("committed_records", get(&stats.committed_records)),
+        ("applied", get(&stats.applied)),
+        ("rejected", get(&stats.rejected)),
+        ("deduplicated", get(&stats.deduplicated)),
+        ("dead_lettered", get(&stats.dead_lettered)),
+        ("trees", get(&stats.trees)),
+    ];
+    let want_counts = [
+        ("consumed", records as u64),
+        ("committed_records", records as u64),
+        ("applied", want.applied),
+        ("rejected", want.rejections.values().sum()),
+        ("deduplicated", want.duplicates),
+        ("dead_lettered", want.dead_letters.len() as u64),
+        ("trees", want.tree_count),
+    ];
+    assert_eq!(got, want_counts, "processor counters vs the pure fold");
+    assert_eq!(rejections, want.rejections, "rejections by reason");
 }
 
 /// A service (processor by default, or fulfilment) running in a thread.
@@ -546,6 +668,102 @@ pub fn wait_caught_up(
     }
 }
 
+/// Sum of the offsets in `offsets` over the partitions of `ends` (a partition missing from
+/// `offsets` counts as 0): with `ends` itself, the total to reach.
+pub fn offsets_total(
+    offsets: &BTreeMap<(String, i32), i64>,
+    ends: &BTreeMap<(String, i32), i64>,
+) -> i64 {
+    ends.keys()
+        .map(|tp| offsets.get(tp).copied().unwrap_or(0).max(0))
+        .sum()
+}
+
+/// The best committed offset per partition over several instances' stats.
+pub fn committed_union(instances: &[&Arc<ProcessorStats>]) -> BTreeMap<(String, i32), i64> {
+    let mut all: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for s in instances {
+        for (tp, o) in s.committed_offsets() {
+            let e = all.entry(tp).or_insert(o);
+            *e = (*e).max(o);
+        }
+    }
+    all
+}
+
+/// A plain consumer in `group` (not subscribed): reads and writes the group's Kafka offsets.
+fn group_client(b: &TestBroker, group: &str) -> BaseConsumer {
+    client_config(&b.bootstrap, &[])
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("group client")
+}
+
+/// The offsets Kafka holds for `group` on the partitions of `ends` (missing when none).
+pub fn kafka_committed_offsets(
+    b: &TestBroker,
+    group: &str,
+    ends: &BTreeMap<(String, i32), i64>,
+) -> BTreeMap<(String, i32), i64> {
+    let c = group_client(b, group);
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (t, p) in ends.keys() {
+        tpl.add_partition(t, *p);
+    }
+    let got = c
+        .committed_offsets(tpl, Duration::from_secs(30))
+        .expect("read the group's committed offsets");
+    got.elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Commits `offsets` to Kafka for `group`, from outside the group (so only once the group has
+/// no live member: retried until then), and reads them back.
+pub fn commit_kafka_offsets(b: &TestBroker, group: &str, offsets: &BTreeMap<(String, i32), i64>) {
+    let c = group_client(b, group);
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for ((t, p), o) in offsets {
+        tpl.add_partition_offset(t, *p, rdkafka::Offset::Offset(*o))
+            .expect("offset");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match c.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "could not commit offsets for {group}: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    drop(c);
+    assert_eq!(
+        &kafka_committed_offsets(b, group, offsets),
+        offsets,
+        "the group's Kafka offsets read back"
+    );
+}
+
+/// This process's resident set size in bytes (`VmRSS` of /proc/self/status).
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS in /proc/self/status")
+        * 1024
+}
+
 /// Reads a whole topic from the beginning to its current end: (key, value, headers).
 pub fn read_topic(b: &TestBroker, topic: &str) -> Vec<(Vec<u8>, Vec<u8>, Vec<(String, Vec<u8>)>)> {
     forest_kafka::read_topic(&b.bootstrap, topic, Duration::from_secs(60))
@@ -556,11 +774,37 @@ pub fn read_topic(b: &TestBroker, topic: &str) -> Vec<(Vec<u8>, Vec<u8>, Vec<(St
 }
 
 /// Checks every invariant of the processor against the expectation; returns a summary line.
+/// Outputs may repeat (a crash re-sends the outbox), but every repeated tree or dead letter
+/// must be byte-identical to its first copy.
 pub fn check(b: &TestBroker, store_dir: &std::path::Path, want: &Expected) -> String {
+    check_with(b, store_dir, want, Copies::IdenticalRepeats)
+}
+
+/// [`check`] for a run without crashes: additionally, each tree and each dead letter is on its
+/// topic exactly once (tree records == distinct tree ids, DLQ records == expected dead letters).
+pub fn check_exact(b: &TestBroker, store_dir: &std::path::Path, want: &Expected) -> String {
+    check_with(b, store_dir, want, Copies::ExactlyOnce)
+}
+
+/// How many copies of an output a run may leave on its topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copies {
+    /// No crash: one record per tree and per dead letter.
+    ExactlyOnce,
+    /// After crashes: repeats allowed, each byte-identical to the first copy.
+    IdenticalRepeats,
+}
+
+pub fn check_with(
+    b: &TestBroker,
+    store_dir: &std::path::Path,
+    want: &Expected,
+    copies: Copies,
+) -> String {
     let store = forest_store::Store::open(store_dir, &Default::default()).expect("store opens");
     let users = check_projections(&store, want);
     assert_eq!(store.outbox_len().expect("outbox"), 0, "outbox drained");
-    check_outputs(b, want, users)
+    check_outputs(b, want, users, copies)
 }
 
 /// Checks that the store's projections are exactly the expected ones; returns how many.
@@ -603,9 +847,10 @@ pub fn check_projections(store: &forest_store::Store, want: &Expected) -> usize 
 }
 
 /// Checks the trees topic and the DLQ against the expectation; returns a summary line.
-fn check_outputs(b: &TestBroker, want: &Expected, users: usize) -> String {
+fn check_outputs(b: &TestBroker, want: &Expected, users: usize, copies: Copies) -> String {
     let trees = read_topic(b, &b.topics.trees);
-    let mut ids = BTreeSet::new();
+    // First copy of each tree: (key, value).
+    let mut first: BTreeMap<String, (&[u8], &[u8])> = BTreeMap::new();
     for (key, value, _) in &trees {
         let t =
             forest_proto::v1::TreeMatured::decode(value.as_slice()).expect("TreeMatured decodes");
@@ -614,13 +859,22 @@ fn check_outputs(b: &TestBroker, want: &Expected, users: usize) -> String {
             t.user_id.as_bytes(),
             "trees are keyed by user"
         );
-        ids.insert(t.tree_id);
+        if let Some(prev) = first.insert(t.tree_id.clone(), (key, value)) {
+            assert_eq!(
+                prev,
+                (key.as_slice(), value.as_slice()),
+                "tree {} was re-sent with different bytes",
+                t.tree_id
+            );
+        }
     }
+    let ids: BTreeSet<String> = first.into_keys().collect();
     assert_eq!(ids, want.trees, "tree ids after dedupe");
 
     let dlq = read_topic(b, &b.topics.dlq);
-    let mut coords = BTreeSet::new();
-    for (_, _, hdrs) in &dlq {
+    let mut coords: BTreeMap<(u8, i32, i64), (&[u8], &[u8], &[(String, Vec<u8>)])> =
+        BTreeMap::new();
+    for (key, value, hdrs) in &dlq {
         let h = |k: &str| {
             String::from_utf8(
                 hdrs.iter()
@@ -636,16 +890,36 @@ fn check_outputs(b: &TestBroker, want: &Expected, users: usize) -> String {
             .iter()
             .position(|t| **t == h(headers::SOURCE_TOPIC))
             .expect("DLQ source topic is an input") as u8;
-        coords.insert((
+        let at = (
             kind,
             h(headers::SOURCE_PARTITION).parse().expect("partition"),
             h(headers::SOURCE_OFFSET).parse().expect("offset"),
-        ));
+        );
+        let this = (key.as_slice(), value.as_slice(), hdrs.as_slice());
+        if let Some(prev) = coords.insert(at, this) {
+            assert_eq!(
+                prev, this,
+                "dead letter {at:?} was re-sent with different bytes"
+            );
+        }
     }
+    let coords: BTreeSet<(u8, i32, i64)> = coords.into_keys().collect();
     assert_eq!(
         coords, want.dead_letters,
         "dead letters (by source coordinates)"
     );
+    if copies == Copies::ExactlyOnce {
+        assert_eq!(
+            trees.len(),
+            ids.len(),
+            "tree records on the topic vs distinct tree ids (a run without crashes sends each once)"
+        );
+        assert_eq!(
+            dlq.len(),
+            want.dead_letters.len(),
+            "DLQ records vs expected dead letters (a run without crashes sends each once)"
+        );
+    }
     format!(
         "{} users, {} trees ({} records, {} re-sent), {} dead letters ({} records), {} duplicates",
         users,
@@ -771,10 +1045,31 @@ pub fn write_partners(path: &std::path::Path, capacity: u32) {
 /// Produce and on Fetch, 10 timeouts on OffsetCommit, the broker down for 2 s, then 1 s of
 /// 50 ms round trips. `settle` is how long to let the service work before the first fault.
 pub fn inject_broker_faults(broker: &EmbeddedBroker, settle: Duration) {
+    inject_broker_faults_observed(broker, settle, |_| {});
+}
+
+/// A fault of [`inject_broker_faults`], announced to its observer just before it is injected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    RequestErrors,
+    BrokerDown,
+    BrokerUp,
+    SlowRoundTrips,
+    Cleared,
+}
+
+/// [`inject_broker_faults`], calling `before` just before each fault is injected (and once
+/// after the last one cleared), so a test can check the service was mid-stream then.
+pub fn inject_broker_faults_observed(
+    broker: &EmbeddedBroker,
+    settle: Duration,
+    mut before: impl FnMut(Fault),
+) {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let cluster = broker.cluster();
     let errs = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 20];
     std::thread::sleep(settle);
+    before(Fault::RequestErrors);
     cluster.request_errors(RDKafkaApiKey::Produce, &errs);
     cluster.request_errors(RDKafkaApiKey::Fetch, &errs);
     cluster.request_errors(
@@ -782,9 +1077,12 @@ pub fn inject_broker_faults(broker: &EmbeddedBroker, settle: Duration) {
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 10],
     );
     std::thread::sleep(Duration::from_millis(500));
+    before(Fault::BrokerDown);
     cluster.broker_down(1).expect("broker down");
     std::thread::sleep(Duration::from_secs(2));
+    before(Fault::BrokerUp);
     cluster.broker_up(1).expect("broker up");
+    before(Fault::SlowRoundTrips);
     cluster
         .broker_round_trip_time(1, Duration::from_millis(50))
         .expect("rtt");
@@ -792,6 +1090,7 @@ pub fn inject_broker_faults(broker: &EmbeddedBroker, settle: Duration) {
     cluster
         .broker_round_trip_time(1, Duration::ZERO)
         .expect("rtt");
+    before(Fault::Cleared);
 }
 
 /// Transactions mode's promise to read_committed consumers: every tree and every dead letter
