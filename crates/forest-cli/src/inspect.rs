@@ -41,7 +41,10 @@ pub fn user(args: UserArgs, rules: &RuleSet) -> anyhow::Result<()> {
 
 fn print_user(s: &UserState, rules: &RuleSet) {
     let (species, to_go) = s.progress(rules);
-    println!("user {} (rules {})", s.user_id, rules.version);
+    println!(
+        "user {} (progress and timezone under the loaded rules {})",
+        s.user_id, rules.version
+    );
     println!(
         "  balance        {} g; next tree {} ({} g), {} g to go",
         s.balance_g, species.id, species.cost_g, to_go
@@ -65,24 +68,42 @@ fn print_user(s: &UserState, rules: &RuleSet) {
             when(f)
         );
     }
-    println!("  recent credits (oldest first):");
+    println!("  recent credits (oldest first; rule and rules version as stored with each credit):");
     if s.recent_credits.is_empty() {
         println!("    none");
     }
     for c in &s.recent_credits {
-        let rule = rules.rule(c.behaviour).map_or("-", |r| r.id.as_str());
+        // The rule that made the credit, as stored with it: the loaded rules file may be a later
+        // version that names or numbers rules differently.
+        let (rule, version) = s.note_rule(c).map_or(("?", "?"), |r| {
+            (r.rule_id.as_str(), r.rules_version.as_str())
+        });
         let why = match c.limited_by {
             None => "full credit".to_string(),
             Some(l) => format!("limited: {l}"),
         };
         println!(
-            "    {}  {:<22} rule {:<24} {:>6} g of {:>6} g  {why}",
+            "    {}  {:<22} rule {:<24} rules {:<12} {:>6} g of {:>6} g  {why}",
             when(c.event_ms),
             c.behaviour.to_string(),
             rule,
+            version,
             c.credited_g,
             c.raw_g
         );
+    }
+    if !s.day_quantities.is_empty() {
+        println!("  day quantities (counted once per local day):");
+        for q in &s.day_quantities {
+            println!(
+                "    {:<22} day {}: {} (interval sum {}, largest day total {})",
+                q.behaviour.to_string(),
+                q.day,
+                q.quantity(),
+                q.added,
+                q.day_total
+            );
+        }
     }
     println!("  cap counters:");
     for c in &s.counters {

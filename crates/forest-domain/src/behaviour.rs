@@ -21,6 +21,11 @@ pub enum Behaviour {
     EReceipt,
     ReusableCup,
     EStatement,
+    // Appended, not inserted: the stored projection encodes a behaviour by its position.
+    /// A shared ride-hailing trip (carpool) with another passenger, per metre.
+    CarpoolRide,
+    /// A shared electric-bike (e-bike) ride, per metre.
+    EBikeRide,
 }
 
 /// What an event's `quantity` counts, per behaviour.
@@ -33,7 +38,7 @@ pub enum Unit {
 }
 
 impl Behaviour {
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 17;
 
     pub const ALL: [Behaviour; Self::COUNT] = [
         Self::Walking,
@@ -51,6 +56,8 @@ impl Behaviour {
         Self::EReceipt,
         Self::ReusableCup,
         Self::EStatement,
+        Self::CarpoolRide,
+        Self::EBikeRide,
     ];
 
     /// Dense index, for per-behaviour tables.
@@ -58,12 +65,16 @@ impl Behaviour {
         self as usize
     }
 
-    /// The unit of the event's quantity. Rides carry an optional distance in metres; every
-    /// payment carries an amount in minor units.
+    /// The unit of the event's quantity. Rides carry a distance in metres (optional for bus and
+    /// subway); every payment carries an amount in minor units.
     pub fn unit(self) -> Unit {
         match self {
             Self::Walking => Unit::Step,
-            Self::BusRide | Self::SubwayRide | Self::BikeRide => Unit::Metre,
+            Self::BusRide
+            | Self::SubwayRide
+            | Self::BikeRide
+            | Self::CarpoolRide
+            | Self::EBikeRide => Unit::Metre,
             _ => Unit::MinorUnit,
         }
     }
@@ -86,6 +97,8 @@ impl Behaviour {
             Self::EReceipt => "e_receipt",
             Self::ReusableCup => "reusable_cup",
             Self::EStatement => "e_statement",
+            Self::CarpoolRide => "carpool_ride",
+            Self::EBikeRide => "e_bike_ride",
         }
     }
 }
@@ -104,6 +117,21 @@ mod tests {
     fn all_is_dense_and_in_index_order() {
         for (i, b) in Behaviour::ALL.iter().enumerate() {
             assert_eq!(b.index(), i, "{b}");
+        }
+    }
+
+    #[test]
+    fn names_are_distinct_and_round_trip_through_serde() {
+        let names: std::collections::BTreeSet<_> =
+            Behaviour::ALL.iter().map(|b| b.as_str()).collect();
+        assert_eq!(names.len(), Behaviour::COUNT);
+        for b in Behaviour::ALL {
+            #[derive(Deserialize)]
+            struct W {
+                b: Behaviour,
+            }
+            let w: W = toml::from_str(&format!("b = \"{b}\"")).unwrap();
+            assert_eq!(w.b, b);
         }
     }
 }

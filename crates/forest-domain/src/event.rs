@@ -37,6 +37,21 @@ pub struct Event {
     pub action: Action,
 }
 
+/// How a report's quantity relates to the other reports of the same user and local day.
+///
+/// It matters only for rules whose `quantity_scope` is `day` (walking in the default rules):
+/// there the day's quantity is kept, so that a step counter that reports both a day total and
+/// intervals, or re-sends its day total with a new event id, is not credited twice for the same
+/// steps. For every other rule each report is credited on its own and this is ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tally {
+    /// The quantity comes on top of what the day already has (an interval's steps, a ride).
+    Add,
+    /// The quantity is the day's cumulative total so far (`Walking.PERIOD_DAY`): only what it
+    /// adds over the day's quantity already counted earns energy.
+    DayTotal,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// A behaviour to credit. `quantity` is in the behaviour's [`crate::behaviour::Unit`]:
@@ -44,6 +59,7 @@ pub enum Action {
     Credit {
         behaviour: Behaviour,
         quantity: i64,
+        tally: Tally,
     },
     ChooseSpecies {
         species_id: String,
@@ -161,6 +177,7 @@ impl Event {
             Action::Credit {
                 behaviour,
                 quantity,
+                tally: Tally::Add,
             },
         ))
     }
@@ -168,24 +185,27 @@ impl Event {
     pub fn from_mobility(m: pb::MobilityEvent, received_at_ms: i64) -> Result<Self, Rejection> {
         use pb::mobility_event::Activity;
         let h = envelope(m.envelope)?;
-        let (behaviour, quantity) = match m.activity {
+        let (behaviour, quantity, tally) = match m.activity {
             None => return Err(Malformed::MissingVariant("activity").into()),
             Some(Activity::Walking(w)) => {
-                match pb::walking::Period::try_from(w.period) {
-                    Ok(pb::walking::Period::Day | pb::walking::Period::Interval) => {}
+                let tally = match pb::walking::Period::try_from(w.period) {
+                    Ok(pb::walking::Period::Day) => Tally::DayTotal,
+                    Ok(pb::walking::Period::Interval) => Tally::Add,
                     _ => return Err(Malformed::WalkingPeriod(w.period).into()),
-                }
-                (Behaviour::Walking, w.steps)
+                };
+                (Behaviour::Walking, w.steps, tally)
             }
             Some(Activity::BusRide(r)) => {
                 check_text("bus_ride.line", &r.line, MAX_TEXT_BYTES, false)?;
-                (Behaviour::BusRide, r.distance_m)
+                (Behaviour::BusRide, r.distance_m, Tally::Add)
             }
             Some(Activity::SubwayRide(r)) => {
                 check_text("subway_ride.line", &r.line, MAX_TEXT_BYTES, false)?;
-                (Behaviour::SubwayRide, r.distance_m)
+                (Behaviour::SubwayRide, r.distance_m, Tally::Add)
             }
-            Some(Activity::BikeRide(r)) => (Behaviour::BikeRide, r.distance_m),
+            Some(Activity::BikeRide(r)) => (Behaviour::BikeRide, r.distance_m, Tally::Add),
+            Some(Activity::CarpoolRide(r)) => (Behaviour::CarpoolRide, r.distance_m, Tally::Add),
+            Some(Activity::EBikeRide(r)) => (Behaviour::EBikeRide, r.distance_m, Tally::Add),
         };
         let quantity = non_negative(behaviour, quantity)?;
         Ok(Self::new(
@@ -194,6 +214,7 @@ impl Event {
             Action::Credit {
                 behaviour,
                 quantity,
+                tally,
             },
         ))
     }
@@ -251,7 +272,8 @@ mod tests {
             e.action,
             Action::Credit {
                 behaviour: Behaviour::UtilityBill,
-                quantity: 500
+                quantity: 500,
+                tally: Tally::Add,
             }
         );
         assert_eq!((e.user_id.as_str(), e.received_at_ms), ("u1", 7));
@@ -332,7 +354,17 @@ mod tests {
             ok.action,
             Action::Credit {
                 behaviour: Behaviour::Walking,
-                quantity: 3000
+                quantity: 3000,
+                tally: Tally::DayTotal,
+            }
+        );
+        let ok = Event::from_mobility(walk(400, 2), 0).unwrap();
+        assert_eq!(
+            ok.action,
+            Action::Credit {
+                behaviour: Behaviour::Walking,
+                quantity: 400,
+                tally: Tally::Add,
             }
         );
         assert_eq!(
@@ -342,6 +374,60 @@ mod tests {
         assert_eq!(
             Event::from_mobility(walk(-5, 2), 0).unwrap_err().code(),
             "negative_amount"
+        );
+        let ride = |activity| {
+            Event::from_mobility(
+                pb::MobilityEvent {
+                    envelope: env(),
+                    activity: Some(activity),
+                },
+                0,
+            )
+        };
+        assert_eq!(
+            ride(Activity::CarpoolRide(pb::CarpoolRide {
+                distance_m: 12_000
+            }))
+            .unwrap()
+            .action,
+            Action::Credit {
+                behaviour: Behaviour::CarpoolRide,
+                quantity: 12_000,
+                tally: Tally::Add,
+            }
+        );
+        assert_eq!(
+            ride(Activity::EBikeRide(pb::EBikeRide { distance_m: 2_500 }))
+                .unwrap()
+                .action,
+            Action::Credit {
+                behaviour: Behaviour::EBikeRide,
+                quantity: 2_500,
+                tally: Tally::Add,
+            }
+        );
+        assert_eq!(
+            ride(Activity::EBikeRide(pb::EBikeRide { distance_m: -1 }))
+                .unwrap_err()
+                .code(),
+            "negative_amount"
+        );
+        // Line names: up to MAX_TEXT_BYTES (128), as mobility.proto says.
+        let bus = |len: usize| {
+            ride(Activity::BusRide(pb::BusRide {
+                line: "x".repeat(len),
+                distance_m: 0,
+            }))
+        };
+        assert!(bus(MAX_TEXT_BYTES).is_ok());
+        assert_eq!(
+            bus(MAX_TEXT_BYTES + 1).unwrap_err(),
+            Malformed::TooLong {
+                field: "bus_ride.line",
+                len: MAX_TEXT_BYTES + 1,
+                max: MAX_TEXT_BYTES
+            }
+            .into()
         );
         let none = pb::MobilityEvent {
             envelope: env(),

@@ -12,7 +12,10 @@
 //! - no cap in the rules file is ever exceeded;
 //! - conservation: `lifetime_g == balance_g + spent_g`;
 //! - an event id is credited at most once per user (see [`UserState`] for the bound);
-//! - a tree's id is `<user_id>/<seq>`, so a replay re-emits the same tree ids.
+//! - a tree's id is `<user_id>/<seq>`, so a replay re-emits the same tree ids;
+//! - a day-scoped rule (walking) credits a user's day once: a day total and interval reports
+//!   of the same steps are not both credited, and the day's quantity never exceeds the rule's
+//!   `max_quantity` (see [`QuantityScope::Day`]).
 
 mod behaviour;
 mod event;
@@ -21,12 +24,13 @@ mod rules;
 mod state;
 
 pub use behaviour::{Behaviour, Unit};
-pub use event::{Action, Event, InputKind, MAX_ID_BYTES, MAX_SOURCE_BYTES, MAX_TEXT_BYTES};
+pub use event::{Action, Event, InputKind, MAX_ID_BYTES, MAX_SOURCE_BYTES, MAX_TEXT_BYTES, Tally};
 pub use rejection::{Malformed, Rejection};
 pub use rules::{
-    Cap, CapLimit, CapPeriod, DEFAULT_RULES_TOML, Earn, Rule, RuleSet, RulesError, Species,
+    Cap, CapLimit, CapPeriod, DEFAULT_RULES_TOML, Earn, QuantityScope, Rule, RuleSet, RulesError,
+    Species,
 };
 pub use state::{
-    Bucket, CapKind, Counter, Credit, CreditNote, Limit, NoteLimit, Outcome, RECENT_CREDITS,
-    UserState, tree_id,
+    Bucket, CapKind, Counter, Credit, CreditNote, DayQuantity, Limit, NoteLimit, NoteRule, Outcome,
+    RECENT_CREDITS, UserState, tree_id,
 };

@@ -1,9 +1,9 @@
 //! The per-user projection and the fold that updates it.
 
 use crate::Behaviour;
-use crate::event::{Action, Event};
+use crate::event::{Action, Event, Tally};
 use crate::rejection::{Malformed, Rejection};
-use crate::rules::{Cap, CapLimit, CapPeriod, RuleSet};
+use crate::rules::{Cap, CapLimit, CapPeriod, QuantityScope, Rule, RuleSet, note_key};
 use chrono::{Datelike, Offset, TimeZone};
 use chrono_tz::Tz;
 use forest_proto::v1::TreeMatured;
@@ -32,6 +32,27 @@ pub struct Counter {
     pub bucket: Bucket,
     pub events: u32,
     pub grams: u64,
+}
+
+/// The quantity of one behaviour on one local day, for a rule whose `quantity_scope` is `day`
+/// (walking by default): see [`crate::QuantityScope::Day`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DayQuantity {
+    pub behaviour: Behaviour,
+    /// Local day, as in [`Bucket::Day`].
+    pub day: i32,
+    /// Sum of the day's accepted `Tally::Add` reports (intervals).
+    pub added: i64,
+    /// Largest accepted `Tally::DayTotal` report (the day's cumulative total).
+    pub day_total: i64,
+}
+
+impl DayQuantity {
+    /// The day's quantity: both kinds of report count the same steps, so the larger view wins
+    /// (`max` and `+` commute, so the order of the day's reports does not change it).
+    pub fn quantity(&self) -> i64 {
+        self.added.max(self.day_total)
+    }
 }
 
 /// Cached values derived from other fields: never serialised, never compared.
@@ -292,6 +313,15 @@ pub struct UserState {
     /// The last [`RECENT_CREDITS`] credits, oldest first: what `forest user` shows to explain
     /// a balance. Small and fixed-size, so it costs little in every stored projection.
     pub recent_credits: VecDeque<CreditNote>,
+    /// The (rules version, rule id) pairs the notes in `recent_credits` refer to by
+    /// [`CreditNote::rule`]: at most [`RECENT_CREDITS`] entries, each stored once however many
+    /// notes share it, and reused in place when no kept note refers to it any more. A credit's
+    /// own rules version and rule id are stored, not looked up in whatever rules file is loaded
+    /// when it is shown, because a later rules version may number or name rules differently.
+    pub credit_rules: Vec<NoteRule>,
+    /// Per behaviour and local day, the quantity of day-scoped rules (walking): see
+    /// [`DayQuantity`]. Pruned with the cap counters, so at most about four days per behaviour.
+    pub day_quantities: Vec<DayQuantity>,
     #[serde(skip)]
     index: Derived<Option<IdIndex>>,
     #[serde(skip)]
@@ -299,22 +329,49 @@ pub struct UserState {
     /// Per behaviour and cap period, where that counter was last found in `counters`: a hint,
     /// checked before use.
     #[serde(skip)]
-    counter_hints: Derived<[u8; COUNTER_HINTS]>,
+    counter_hints: Derived<CounterHints>,
+    /// [`note_key`] of each of the first [`RECENT_CREDITS`] `credit_rules` entries, so that a
+    /// credit finds its entry by comparing integers held in the projection itself, without
+    /// reading the entries' strings. `None` until first needed (after a load).
+    #[serde(skip)]
+    rule_keys: Derived<Option<[u64; RECENT_CREDITS]>>,
 }
 
 const COUNTER_HINTS: usize = 2 * Behaviour::COUNT;
 
+/// `UserState::counter_hints`: a newtype because std implements `Default` only for arrays of
+/// up to 32 elements.
+#[derive(Debug, Clone)]
+struct CounterHints([u8; COUNTER_HINTS]);
+
+impl Default for CounterHints {
+    fn default() -> Self {
+        Self([0; COUNTER_HINTS])
+    }
+}
+
 /// How many credits a projection keeps for explanations.
 pub const RECENT_CREDITS: usize = 5;
 
-/// A stored credit explanation: the behaviour, what the rule gave and what was credited.
+/// A stored credit explanation: the behaviour, the rule that credited it (under which rules
+/// version), what the rule gave and what was credited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreditNote {
     pub event_ms: i64,
     pub behaviour: Behaviour,
+    /// Index into the projection's [`UserState::credit_rules`]: one byte per note instead of
+    /// two strings. Read it with [`UserState::note_rule`].
+    pub rule: u8,
     pub raw_g: u64,
     pub credited_g: u64,
     pub limited_by: Option<NoteLimit>,
+}
+
+/// The identity of the rule behind stored credits: see [`UserState::credit_rules`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoteRule {
+    pub rules_version: String,
+    pub rule_id: String,
 }
 
 /// Why a stored credit was below its raw grams.
@@ -322,6 +379,8 @@ pub struct CreditNote {
 pub enum NoteLimit {
     BelowMinimum,
     Cap(CapPeriod, CapKind),
+    /// Appended last: the stored encoding numbers variants by position.
+    AlreadyCounted,
 }
 
 /// Which quantity a cap limits.
@@ -335,6 +394,7 @@ impl From<Limit> for NoteLimit {
     fn from(l: Limit) -> Self {
         match l {
             Limit::BelowMinimum => Self::BelowMinimum,
+            Limit::AlreadyCounted => Self::AlreadyCounted,
             Limit::Cap(c) => Self::Cap(
                 c.period,
                 match c.limit {
@@ -354,6 +414,7 @@ impl std::fmt::Display for NoteLimit {
         };
         match self {
             Self::BelowMinimum => write!(f, "below the rule's minimum quantity"),
+            Self::AlreadyCounted => write!(f, "the day's quantity was already credited"),
             Self::Cap(p, CapKind::Events(n)) => write!(f, "cap of {n} events per {}", period(p)),
             Self::Cap(p, CapKind::Grams(g)) => write!(f, "cap of {g} g per {}", period(p)),
         }
@@ -365,6 +426,9 @@ impl std::fmt::Display for NoteLimit {
 pub enum Limit {
     /// Quantity under the rule's minimum: accepted, 0 g.
     BelowMinimum,
+    /// A day-scoped rule's report that did not raise the day's quantity (a re-sent or smaller
+    /// day total): accepted, 0 g.
+    AlreadyCounted,
     Cap(Cap),
 }
 
@@ -412,17 +476,71 @@ impl UserState {
             .unwrap_or(rules.default_species())
     }
 
+    /// The rules version and rule id a stored credit was made under, `None` if the note's
+    /// index is not in `credit_rules` (only possible in a projection not written by the fold).
+    pub fn note_rule(&self, note: &CreditNote) -> Option<&NoteRule> {
+        self.credit_rules.get(usize::from(note.rule))
+    }
+
+    /// The `credit_rules` index of `rule` (of the rules version `version`), adding it if no
+    /// entry has it. Called with at most `RECENT_CREDITS - 1` notes kept, so one of the first
+    /// `RECENT_CREDITS` entries is always free to reuse once the table is that long; reusing
+    /// copies the strings into the entry's buffers, so a user's steady state allocates nothing.
+    fn intern_rule(&mut self, version: &str, rule: &Rule) -> u8 {
+        let n = self.credit_rules.len().min(RECENT_CREDITS);
+        let rules = &self.credit_rules;
+        let keys = self.rule_keys.0.get_or_insert_with(|| {
+            let mut k = [0; RECENT_CREDITS];
+            for (k, r) in k.iter_mut().zip(rules) {
+                *k = note_key(&r.rules_version, &r.rule_id);
+            }
+            k
+        });
+        if let Some(i) = keys[..n].iter().position(|&k| k == rule.note_key) {
+            // Bounded by RECENT_CREDITS (5), so it fits in a u8.
+            return i as u8;
+        }
+        let mut used = 0u32;
+        for c in &self.recent_credits {
+            used |= 1u32.checked_shl(u32::from(c.rule)).unwrap_or(0);
+        }
+        let i = match (0..n).find(|&i| used & (1 << i) == 0) {
+            Some(i) => {
+                let e = &mut self.credit_rules[i];
+                e.rules_version.clear();
+                e.rules_version.push_str(version);
+                e.rule_id.clear();
+                e.rule_id.push_str(&rule.id);
+                i
+            }
+            None => {
+                if self.credit_rules.capacity() == 0 {
+                    self.credit_rules.reserve_exact(RECENT_CREDITS);
+                }
+                self.credit_rules.push(NoteRule {
+                    rules_version: version.to_owned(),
+                    rule_id: rule.id.clone(),
+                });
+                self.credit_rules.len() - 1
+            }
+        };
+        if let Some(k) = keys.get_mut(i) {
+            *k = rule.note_key;
+        }
+        u8::try_from(i).unwrap_or(u8::MAX)
+    }
+
     /// Where the counter of `behaviour` in `bucket` is. There is at most one per pair, and the
     /// current buckets' counters were opened last: search from the end.
     fn counter_index(&mut self, behaviour: Behaviour, bucket: Bucket) -> Option<usize> {
         let is = |c: &Counter| c.behaviour == behaviour && c.bucket == bucket;
         let slot = 2 * behaviour.index() + usize::from(matches!(bucket, Bucket::Month(_)));
-        let hint = usize::from(self.counter_hints.0[slot]);
+        let hint = usize::from(self.counter_hints.0.0[slot]);
         if self.counters.get(hint).is_some_and(is) {
             return Some(hint);
         }
         let found = self.counters.iter().rposition(is)?;
-        self.counter_hints.0[slot] = u8::try_from(found).unwrap_or(u8::MAX);
+        self.counter_hints.0.0[slot] = u8::try_from(found).unwrap_or(u8::MAX);
         Some(found)
     }
 
@@ -474,6 +592,7 @@ impl UserState {
                 Bucket::Day(d) => d >= day,
                 Bucket::Month(m) => m >= month,
             });
+            self.day_quantities.retain(|q| q.day >= day);
         }
     }
 
@@ -485,8 +604,11 @@ impl UserState {
         if let Some(front) = self.recent_ids.front() {
             prefetch(front);
         }
+        if let Some(back) = self.recent_credits.back() {
+            prefetch(back);
+        }
         if let Action::Credit { behaviour, .. } = event.action {
-            let hint = usize::from(self.counter_hints.0[2 * behaviour.index()]);
+            let hint = usize::from(self.counter_hints.0.0[2 * behaviour.index()]);
             if let Some(c) = self.counters.get(hint) {
                 prefetch(c);
             }
@@ -541,6 +663,7 @@ impl RuleSet {
             Action::Credit {
                 behaviour,
                 quantity,
+                ..
             },
             Some(rule),
         ) = (&event.action, rule)
@@ -581,6 +704,46 @@ impl RuleSet {
         let Some((day, month)) = state.buckets(tz, t) else {
             return Err(Malformed::TimeOutOfRange(t).into());
         };
+        // A day-scoped rule (walking) checks the day's quantity, not just the report's.
+        let mut day_quantity = None;
+        if let (
+            Action::Credit {
+                behaviour,
+                quantity,
+                tally,
+            },
+            Some(rule),
+        ) = (&event.action, rule)
+        {
+            if rule.quantity_scope == QuantityScope::Day {
+                let ix = state
+                    .day_quantities
+                    .iter()
+                    .position(|q| q.behaviour == *behaviour && q.day == day);
+                let old = ix.map_or(
+                    DayQuantity {
+                        behaviour: *behaviour,
+                        day,
+                        added: 0,
+                        day_total: 0,
+                    },
+                    |ix| state.day_quantities[ix],
+                );
+                let mut new = old;
+                match tally {
+                    Tally::Add => new.added = old.added.saturating_add(*quantity),
+                    Tally::DayTotal => new.day_total = old.day_total.max(*quantity),
+                }
+                if new.quantity() > rule.max_quantity {
+                    return Err(Rejection::AbsurdValue {
+                        behaviour: *behaviour,
+                        value: new.quantity(),
+                        max: rule.max_quantity,
+                    });
+                }
+                day_quantity = Some((ix, old.quantity(), new));
+            }
+        }
 
         // The species check is the last validation; from here on the event is accepted.
         if let Action::ChooseSpecies { species_id } = &event.action {
@@ -598,12 +761,37 @@ impl RuleSet {
                 Action::Credit {
                     behaviour,
                     quantity,
+                    ..
                 },
                 Some(rule),
             ) => {
-                let raw = rule.raw_grams(*quantity);
+                let (raw, mut limited_by) = match day_quantity {
+                    None => {
+                        let raw = rule.raw_grams(*quantity);
+                        (raw, (raw == 0).then_some(Limit::BelowMinimum))
+                    }
+                    Some((ix, before, new)) => {
+                        // Grams of the day's new quantity minus those of its old one: the
+                        // day's reports earn, in total, the grams of the day's quantity, in
+                        // any order and without a rounding loss per report.
+                        let after = new.quantity();
+                        let raw = rule.raw_grams(after).saturating_sub(rule.raw_grams(before));
+                        match ix {
+                            Some(ix) => state.day_quantities[ix] = new,
+                            None => {
+                                opened = true;
+                                state.day_quantities.push(new);
+                            }
+                        }
+                        let why = if after <= before {
+                            Limit::AlreadyCounted
+                        } else {
+                            Limit::BelowMinimum
+                        };
+                        (raw, (raw == 0).then_some(why))
+                    }
+                };
                 let mut credited = raw;
-                let mut limited_by = (raw == 0).then_some(Limit::BelowMinimum);
                 // Counter positions found while checking the caps, reused to update them.
                 let mut found = [None; MAX_CAPS_REMEMBERED];
                 for (i, cap) in rule.caps.iter().enumerate() {
@@ -668,9 +856,12 @@ impl RuleSet {
                     // It fills up to exactly this size: allocate once.
                     state.recent_credits.reserve_exact(RECENT_CREDITS);
                 }
+                // After the pop: the evicted note's entry may be reused.
+                let note_rule = state.intern_rule(&self.version, rule);
                 state.recent_credits.push_back(CreditNote {
                     event_ms: t,
                     behaviour: *behaviour,
+                    rule: note_rule,
                     raw_g: raw,
                     credited_g: credited,
                     limited_by: limited_by.map(NoteLimit::from),
@@ -763,6 +954,20 @@ mod tests {
             Action::Credit {
                 behaviour,
                 quantity,
+                tally: Tally::Add,
+            },
+        )
+    }
+
+    /// A walking report of the day's cumulative total (`PERIOD_DAY`).
+    fn day_total(id: &str, t: i64, steps: i64) -> Event {
+        ev(
+            id,
+            t,
+            Action::Credit {
+                behaviour: Behaviour::Walking,
+                quantity: steps,
+                tally: Tally::DayTotal,
             },
         )
     }
@@ -803,7 +1008,7 @@ mod tests {
             let c = o.credit.unwrap();
             assert_eq!((c.raw_g, c.credited_g), (g, g), "{b}");
             assert_eq!(c.rule_id, r.rule(b).unwrap().id, "{b}");
-            assert_eq!(c.rules_version, "2026.11-1");
+            assert_eq!(c.rules_version, "2026.11-2");
             assert_eq!(s.balance_g, g);
         }
     }
@@ -1198,6 +1403,434 @@ mod tests {
                 });
             }
         }
+    }
+
+    /// The default rules with `from` replaced by `to` (which must be there).
+    fn rules_with(from: &str, to: &str) -> RuleSet {
+        assert!(crate::DEFAULT_RULES_TOML.contains(from), "{from}");
+        RuleSet::from_toml(&crate::DEFAULT_RULES_TOML.replacen(from, to, 1)).unwrap()
+    }
+
+    /// The store's encoding (postcard) there and back.
+    fn stored(s: &UserState) -> UserState {
+        postcard::from_bytes(&postcard::to_allocvec(s).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_credit_keeps_its_rules_version_and_rule_id_across_a_rules_change() {
+        let v1 = RuleSet::default();
+        // v2 renames the bus rule and changes its grams.
+        let v2 = RuleSet::from_toml(
+            &crate::DEFAULT_RULES_TOML
+                .replacen("version = \"2026.11-2\"", "version = \"2027.01-1\"", 1)
+                .replacen("id = \"bus_ride.v1\"", "id = \"bus_ride.v2\"", 1)
+                .replacen("grams = 80 ", "grams = 60 ", 1),
+        )
+        .unwrap();
+        let mut s = UserState::new("u");
+        v1.apply(&mut s, &credit("a", NOON, Behaviour::BusRide, 0))
+            .unwrap();
+        v1.apply(&mut s, &credit("b", NOON + 1, Behaviour::SubwayRide, 0))
+            .unwrap();
+        // Stored, then read back by a processor that has loaded v2.
+        let mut back = stored(&s);
+        assert_eq!(back, s);
+        let o = v2
+            .apply(&mut back, &credit("c", NOON + 2, Behaviour::BusRide, 0))
+            .unwrap();
+        assert_eq!(o.credit.unwrap().credited_g, 60);
+        let shown: Vec<_> = stored(&back)
+            .recent_credits
+            .iter()
+            .map(|n| {
+                let r = back.note_rule(n).unwrap();
+                (
+                    n.behaviour,
+                    r.rules_version.clone(),
+                    r.rule_id.clone(),
+                    n.credited_g,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (
+                    Behaviour::BusRide,
+                    "2026.11-2".into(),
+                    "bus_ride.v1".into(),
+                    80
+                ),
+                (
+                    Behaviour::SubwayRide,
+                    "2026.11-2".into(),
+                    "subway_ride.v1".into(),
+                    52
+                ),
+                (
+                    Behaviour::BusRide,
+                    "2027.01-1".into(),
+                    "bus_ride.v2".into(),
+                    60
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_credit_rule_table_stays_small_and_consistent() {
+        // Many behaviours in turn, through stored round trips (the key cache is rebuilt): every
+        // note still names its own rule, and the table never outgrows RECENT_CREDITS.
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        let all = Behaviour::ALL;
+        for i in 0..200usize {
+            let b = all[(i * 7 + i / 3) % all.len()];
+            r.apply(&mut s, &credit(&format!("e{i}"), NOON + i as i64, b, 5_000))
+                .unwrap();
+            if i % 17 == 0 {
+                s = stored(&s);
+            }
+            assert!(
+                s.credit_rules.len() <= RECENT_CREDITS,
+                "{:?}",
+                s.credit_rules
+            );
+            for n in &s.recent_credits {
+                let nr = s.note_rule(n).unwrap();
+                assert_eq!(nr.rule_id, r.rule(n.behaviour).unwrap().id);
+                assert_eq!(nr.rules_version, r.version);
+            }
+        }
+    }
+
+    #[test]
+    fn a_month_gram_cap_credits_the_part_that_fits() {
+        let r = rules_with(
+            "caps = [{ period = \"month\", max_events = 10 }] # approx\n\n[[rules]]\nid = \"movie_ticket.v1\"",
+            "caps = [{ period = \"month\", max_grams = 600 }]\n\n[[rules]]\nid = \"movie_ticket.v1\"",
+        );
+        let cap = r.rule(Behaviour::UtilityBill).unwrap().caps[0];
+        assert_eq!(
+            cap,
+            Cap {
+                period: CapPeriod::Month,
+                limit: CapLimit::Grams(600)
+            }
+        );
+        let mut s = UserState::new("u");
+        // On different days of one month (Nov 2026): 262 + 262 + 76, then nothing.
+        let mut got = vec![];
+        for d in 0..4 {
+            got.extend(run(
+                &r,
+                &mut s,
+                Behaviour::UtilityBill,
+                500,
+                1,
+                NOON + d * 24 * H,
+            ));
+        }
+        assert_eq!(got, [262, 262, 76, 0]);
+        let last = s.recent_credits.back().unwrap();
+        assert_eq!(
+            last.limited_by,
+            Some(NoteLimit::Cap(CapPeriod::Month, CapKind::Grams(600)))
+        );
+        // December (Shanghai time) starts a new month.
+        let december = NOON + 6 * 24 * H;
+        assert_eq!(
+            run(&r, &mut s, Behaviour::UtilityBill, 500, 1, december),
+            [262]
+        );
+    }
+
+    #[test]
+    fn apply_rejects_a_behaviour_the_rules_have_no_rule_for() {
+        let cut = crate::DEFAULT_RULES_TOML
+            .split("[[rules]]\nid = \"e_statement.v1\"")
+            .next()
+            .unwrap();
+        let r = RuleSet::from_toml(cut).unwrap();
+        let mut s = UserState::new("u");
+        let before = s.clone();
+        let e = credit("a", NOON, Behaviour::EStatement, 0);
+        let err = r.apply(&mut s, &e).unwrap_err();
+        assert!(
+            matches!(&err, Rejection::UnknownBehaviour(m) if m.contains("e_statement")),
+            "{err:?}"
+        );
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn apply_rejects_a_negative_amount_without_change() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        run(&r, &mut s, Behaviour::OfflinePayment, 500, 1, NOON);
+        let before = s.clone();
+        let e = credit("neg", NOON + 1, Behaviour::OfflinePayment, -1);
+        assert_eq!(
+            r.apply(&mut s, &e).unwrap_err(),
+            Rejection::NegativeAmount {
+                behaviour: Behaviour::OfflinePayment,
+                value: -1
+            }
+        );
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn absurd_limits_for_rides_and_payments() {
+        let r = RuleSet::default();
+        for (b, max) in [
+            (Behaviour::BusRide, 500_000),
+            (Behaviour::SubwayRide, 500_000),
+            (Behaviour::OfflinePayment, 10_000_000_000),
+            (Behaviour::UtilityBill, 10_000_000_000),
+            (Behaviour::CarpoolRide, 300_000),
+            (Behaviour::EBikeRide, 100_000),
+        ] {
+            let mut s = UserState::new("u");
+            assert_eq!(r.rule(b).unwrap().max_quantity, max, "{b}");
+            // The maximum itself is fine; one more is absurd and changes nothing.
+            r.apply(&mut s, &credit("ok", NOON, b, max)).unwrap();
+            let before = s.clone();
+            assert_eq!(
+                r.apply(&mut s, &credit("big", NOON + 1, b, max + 1))
+                    .unwrap_err(),
+                Rejection::AbsurdValue {
+                    behaviour: b,
+                    value: max + 1,
+                    max
+                },
+                "{b}"
+            );
+            assert_eq!(s, before, "{b}");
+        }
+    }
+
+    #[test]
+    fn a_utility_bill_under_cny_1_earns_nothing_and_is_not_counted() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        assert_eq!(r.rule(Behaviour::UtilityBill).unwrap().min_quantity, 100);
+        let o = r
+            .apply(&mut s, &credit("a", NOON, Behaviour::UtilityBill, 99))
+            .unwrap();
+        let c = o.credit.unwrap();
+        assert_eq!(
+            (c.raw_g, c.credited_g, c.limited_by),
+            (0, 0, Some(Limit::BelowMinimum))
+        );
+        assert!(s.counters.is_empty(), "a 0 g credit does not use the cap");
+        assert_eq!(
+            run(&r, &mut s, Behaviour::UtilityBill, 100, 1, NOON + 1),
+            [262]
+        );
+    }
+
+    #[test]
+    fn grace_window_and_future_skew_come_from_the_rules_file() {
+        let r = RuleSet::from_toml(
+            &crate::DEFAULT_RULES_TOML
+                .replacen("grace_window_hours = 72", "grace_window_hours = 2", 1)
+                .replacen("max_future_skew_secs = 600", "max_future_skew_secs = 30", 1),
+        )
+        .unwrap();
+        assert_eq!((r.grace_window_ms, r.max_future_skew_ms), (2 * H, 30_000));
+        let mut s = UserState::new("u");
+        // 30 s ahead of the record time is fine, 30 s + 1 ms is too early.
+        let mut e = credit("a", NOON, Behaviour::BusRide, 0);
+        e.received_at_ms = NOON - 30_000;
+        r.apply(&mut s, &e).unwrap();
+        let mut e = credit("b", NOON + 1, Behaviour::BusRide, 0);
+        e.received_at_ms = NOON + 1 - 30_001;
+        assert_eq!(r.apply(&mut s, &e).unwrap_err().code(), "too_early");
+        // 2 h behind the newest event is fine, 2 h + 1 ms is too late.
+        r.apply(&mut s, &credit("c", NOON - 2 * H, Behaviour::BusRide, 0))
+            .unwrap();
+        assert_eq!(
+            r.apply(
+                &mut s,
+                &credit("d", NOON - 2 * H - 1, Behaviour::BusRide, 0)
+            )
+            .unwrap_err(),
+            Rejection::TooLate {
+                occurred_at_ms: NOON - 2 * H - 1,
+                horizon_ms: NOON - 2 * H
+            }
+        );
+    }
+
+    #[test]
+    fn walking_interval_reports_add_up_to_the_days_absurd_limit() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        // Three intervals of 40,000 steps: the third would make 120,000 > 100,000 in one day.
+        assert_eq!(
+            run(&r, &mut s, Behaviour::Walking, 40_000, 2, NOON),
+            [296, 0]
+        );
+        let before = s.clone();
+        assert_eq!(
+            r.apply(
+                &mut s,
+                &credit("third", NOON + 5, Behaviour::Walking, 40_000)
+            )
+            .unwrap_err(),
+            Rejection::AbsurdValue {
+                behaviour: Behaviour::Walking,
+                value: 120_000,
+                max: 100_000
+            }
+        );
+        assert_eq!(s, before);
+        // 20,000 more is exactly the limit; one more step is absurd.
+        r.apply(
+            &mut s,
+            &credit("fill", NOON + 6, Behaviour::Walking, 20_000),
+        )
+        .unwrap();
+        assert_eq!(
+            r.apply(&mut s, &credit("one", NOON + 7, Behaviour::Walking, 1))
+                .unwrap_err()
+                .code(),
+            "absurd_value"
+        );
+        // The next local day starts from 0.
+        assert_eq!(
+            run(&r, &mut s, Behaviour::Walking, 40_000, 1, NOON + 24 * H),
+            [296]
+        );
+    }
+
+    #[test]
+    fn a_walking_day_total_credits_only_its_increase() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        let credited = |s: &mut UserState, e: Event| {
+            let c = r.apply(s, &e).unwrap().credit.unwrap();
+            (c.raw_g, c.credited_g, c.limited_by)
+        };
+        // Day totals 3,000 then 5,000: 60 g, then the 2,000 more steps, 40 g.
+        assert_eq!(
+            credited(&mut s, day_total("d1", NOON, 3_000)),
+            (60, 60, None)
+        );
+        assert_eq!(
+            credited(&mut s, day_total("d2", NOON + H, 5_000)),
+            (40, 40, None)
+        );
+        // The same total re-sent under a new event id (or a smaller one) earns nothing.
+        assert_eq!(
+            credited(&mut s, day_total("d3", NOON + 2 * H, 5_000)),
+            (0, 0, Some(Limit::AlreadyCounted))
+        );
+        assert_eq!(
+            credited(&mut s, day_total("d4", NOON + 2 * H, 4_000)),
+            (0, 0, Some(Limit::AlreadyCounted))
+        );
+        // Intervals count the same steps: they earn only once their sum passes the day total.
+        assert_eq!(
+            credited(
+                &mut s,
+                credit("i1", NOON + 3 * H, Behaviour::Walking, 4_000)
+            ),
+            (0, 0, Some(Limit::AlreadyCounted))
+        );
+        assert_eq!(
+            credited(
+                &mut s,
+                credit("i2", NOON + 4 * H, Behaviour::Walking, 2_000)
+            ),
+            (20, 20, None)
+        );
+        assert_eq!(s.balance_g, 120, "the grams of 6,000 steps");
+        assert_eq!(
+            s.day_quantities,
+            [DayQuantity {
+                behaviour: Behaviour::Walking,
+                day: s.day_quantities[0].day,
+                added: 6_000,
+                day_total: 5_000
+            }]
+        );
+        // A day total above the limit is absurd even when sent once.
+        assert_eq!(
+            r.apply(&mut s, &day_total("big", NOON + 5 * H, 100_001))
+                .unwrap_err()
+                .code(),
+            "absurd_value"
+        );
+    }
+
+    #[test]
+    fn walking_day_reports_give_the_same_grams_in_any_order() {
+        let r = RuleSet::default();
+        let reports = [
+            day_total("a", NOON, 2_500),
+            credit("b", NOON + 1, Behaviour::Walking, 1_230),
+            day_total("c", NOON + 2, 4_100),
+            credit("d", NOON + 3, Behaviour::Walking, 1_777),
+            credit("e", NOON + 4, Behaviour::Walking, 49),
+        ];
+        let mut totals = std::collections::BTreeSet::new();
+        // Every rotation and its reverse.
+        for k in 0..reports.len() {
+            for rev in [false, true] {
+                let mut order: Vec<_> = reports.iter().cycle().skip(k).take(5).collect();
+                if rev {
+                    order.reverse();
+                }
+                let mut s = UserState::new("u");
+                for e in order {
+                    r.apply(&mut s, e).unwrap();
+                }
+                totals.insert((s.balance_g, s.day_quantities[0].quantity()));
+            }
+        }
+        // max(1,230 + 1,777 + 49, 4,100) = 4,100 steps = 82 g, whatever the order.
+        assert_eq!(totals.into_iter().collect::<Vec<_>>(), [(82, 4_100)]);
+    }
+
+    #[test]
+    fn day_quantities_are_pruned_with_the_counters() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        for d in 0..10 {
+            r.apply(
+                &mut s,
+                &day_total(&format!("w{d}"), NOON + d * 24 * H, 8_000),
+            )
+            .unwrap();
+        }
+        assert!(s.day_quantities.len() <= 4, "{:?}", s.day_quantities);
+        assert_eq!(s.balance_g, 10 * 160);
+    }
+
+    #[test]
+    fn new_mobility_behaviours_are_credited_per_metre_with_a_day_cap() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        // Carpool: 136 g/km, at most 300 g a day.
+        assert_eq!(
+            run(&r, &mut s, Behaviour::CarpoolRide, 1_500, 1, NOON),
+            [204]
+        );
+        assert_eq!(
+            run(&r, &mut s, Behaviour::CarpoolRide, 1_500, 1, NOON + H),
+            [96]
+        );
+        // E-bike: 15 g/km, at most 150 g a day.
+        assert_eq!(run(&r, &mut s, Behaviour::EBikeRide, 4_000, 1, NOON), [60]);
+        assert_eq!(
+            run(&r, &mut s, Behaviour::EBikeRide, 8_000, 2, NOON + H),
+            [90, 0]
+        );
+        let c = r.rule(Behaviour::CarpoolRide).unwrap();
+        assert_eq!(c.id, "carpool_ride.v1");
+        assert_eq!(r.rule(Behaviour::EBikeRide).unwrap().id, "e_bike_ride.v1");
     }
 
     /// A serde round trip through TOML, to test `#[serde(skip)]` of the derived fields.

@@ -133,3 +133,107 @@ fn planting_confirmed() {
         },
     );
 }
+
+#[test]
+fn command_set_timezone() {
+    check(
+        "command_set_timezone",
+        UserCommand {
+            envelope: envelope("cmd-2"),
+            command: Some(user_command::Command::SetTimezone(SetTimezone {
+                iana_name: "Europe/Paris".into(),
+            })),
+        },
+    );
+}
+
+#[test]
+fn mobility_bus_ride() {
+    check(
+        "mobility_bus_ride",
+        MobilityEvent {
+            envelope: envelope("bus-1"),
+            activity: Some(mobility_event::Activity::BusRide(BusRide {
+                line: "Line 1".into(),
+                distance_m: 4_200,
+            })),
+        },
+    );
+}
+
+#[test]
+fn mobility_subway_ride() {
+    check(
+        "mobility_subway_ride",
+        MobilityEvent {
+            envelope: envelope("subway-1"),
+            activity: Some(mobility_event::Activity::SubwayRide(SubwayRide {
+                line: "Line 2".into(),
+                distance_m: 9_800,
+            })),
+        },
+    );
+}
+
+#[test]
+fn mobility_carpool_ride() {
+    check(
+        "mobility_carpool_ride",
+        MobilityEvent {
+            envelope: envelope("carpool-1"),
+            activity: Some(mobility_event::Activity::CarpoolRide(CarpoolRide {
+                distance_m: 12_500,
+            })),
+        },
+    );
+}
+
+#[test]
+fn mobility_e_bike_ride() {
+    check(
+        "mobility_e_bike_ride",
+        MobilityEvent {
+            envelope: envelope("ebike-1"),
+            activity: Some(mobility_event::Activity::EBikeRide(EBikeRide {
+                distance_m: 2_750,
+            })),
+        },
+    );
+}
+
+#[test]
+fn planting_order() {
+    check(
+        "planting_order",
+        PlantingOrder {
+            order_id: "order:user-42/3".into(),
+            tree_id: "user-42/3".into(),
+            user_id: "user-42".into(),
+            species_id: "saxaul".into(),
+            partner_id: "see-alxa".into(),
+            site_id: "alxa-1".into(),
+            region: "Alxa, Inner Mongolia".into(),
+            idempotency_key: "order:user-42/3#1".into(),
+            attempt: 1,
+            created_at_ms: 1_764_000_000_000,
+        },
+    );
+}
+
+#[test]
+fn certificate() {
+    check(
+        "certificate",
+        Certificate {
+            certificate_id: "certificate:order:user-42/3".into(),
+            user_id: "user-42".into(),
+            tree_id: "user-42/3".into(),
+            order_id: "order:user-42/3".into(),
+            species_id: "saxaul".into(),
+            partner_id: "see-alxa".into(),
+            site_id: "alxa-1".into(),
+            tree_code: "SX-000123".into(),
+            planted_on: "2026-04-12".into(),
+        },
+    );
+}

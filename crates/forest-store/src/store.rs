@@ -21,7 +21,9 @@ const CF_META: &str = "meta";
 const CF_KV: &str = "kv";
 const FORMAT_KEY: &[u8] = b"format";
 /// Bump when the on-disk encoding changes; a store of another format is refused at open.
-const FORMAT: &[u8] = b"forest-store-v3"; // v2: projections keep recent credits; v3: outbox entries may pin a partition
+// v2: projections keep recent credits; v3: outbox entries may pin a partition; v4: projections
+// keep each credit's rule id and rules version, and walking's per-day step counts.
+const FORMAT: &[u8] = b"forest-store-v4";
 
 /// A store operation that failed. Each variant says whether retrying can help.
 #[derive(Debug, thiserror::Error)]

@@ -81,12 +81,14 @@ impl Default for WorkloadConfig {
 }
 
 /// Relative frequency of each behaviour in the generated mix.
-const MIX: [(Mix, u32); 16] = [
+const MIX: [(Mix, u32); 18] = [
     (Mix::OfflinePayment, 300),
     (Mix::Walking, 120),
     (Mix::BusRide, 110),
     (Mix::SubwayRide, 110),
     (Mix::BikeRide, 80),
+    (Mix::EBikeRide, 40),
+    (Mix::CarpoolRide, 20),
     (Mix::EInvoice, 60),
     (Mix::EReceipt, 60),
     (Mix::EtcToll, 30),
@@ -107,6 +109,8 @@ enum Mix {
     BusRide,
     SubwayRide,
     BikeRide,
+    EBikeRide,
+    CarpoolRide,
     EInvoice,
     EReceipt,
     EtcToll,
@@ -230,6 +234,12 @@ impl Generator {
             })),
             Mix::BikeRide => mobility(A::BikeRide(pb::BikeRide {
                 distance_m: rng.random_range(300..8_000),
+            })),
+            Mix::EBikeRide => mobility(A::EBikeRide(pb::EBikeRide {
+                distance_m: rng.random_range(500..12_000),
+            })),
+            Mix::CarpoolRide => mobility(A::CarpoolRide(pb::CarpoolRide {
+                distance_m: rng.random_range(2_000..40_000),
             })),
             Mix::ChooseSpecies => {
                 let species = ["saxaul", "red_willow", "sand_willow"][rng.random_range(0..3)];
@@ -433,5 +443,27 @@ mod tests {
             })
             .collect();
         assert_eq!(behaviours.len(), forest_domain::Behaviour::COUNT);
+    }
+
+    #[test]
+    fn every_behaviour_is_credited_by_the_default_rules() {
+        // Folded the way the processor folds them: the new mobility behaviours (carpool and
+        // e-bike rides) and walking's day totals earn energy end to end, not just decode.
+        use forest_domain::{Action, Behaviour, RuleSet, UserState};
+        let rules = RuleSet::default();
+        let mut users: std::collections::HashMap<String, UserState> = Default::default();
+        let mut grams = [0u64; Behaviour::COUNT];
+        for r in Generator::new(cfg(3)) {
+            let Ok(e) = r.to_event() else { continue };
+            let s = users
+                .entry(e.user_id.clone())
+                .or_insert_with(|| UserState::new(e.user_id.clone()));
+            if let (Ok(o), Action::Credit { behaviour, .. }) = (rules.apply(s, &e), &e.action) {
+                grams[behaviour.index()] += o.credit.map_or(0, |c| c.credited_g);
+            }
+        }
+        for b in Behaviour::ALL {
+            assert!(grams[b.index()] > 0, "{b} earned nothing");
+        }
     }
 }
