@@ -723,10 +723,22 @@ pub fn kafka_committed_offsets(
         .collect()
 }
 
-/// Commits `offsets` to Kafka for `group`, from outside the group (so only once the group has
-/// no live member: retried until then), and reads them back.
+/// Commits `offsets` to Kafka for `group` while no processor runs: joins the group with a
+/// plain consumer (a commit from outside the group is refused by the mock cluster once the
+/// group exists), waits for the assignment of every partition in `offsets`, commits, leaves,
+/// and reads the offsets back.
 pub fn commit_kafka_offsets(b: &TestBroker, group: &str, offsets: &BTreeMap<(String, i32), i64>) {
-    let c = group_client(b, group);
+    let c: BaseConsumer = client_config(&b.bootstrap, &[])
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .create()
+        .expect("group client");
+    let topics: BTreeSet<&str> = offsets.keys().map(|(t, _)| t.as_str()).collect();
+    c.subscribe(&topics.into_iter().collect::<Vec<_>>())
+        .expect("subscribe");
     let mut tpl = rdkafka::TopicPartitionList::new();
     for ((t, p), o) in offsets {
         tpl.add_partition_offset(t, *p, rdkafka::Offset::Offset(*o))
@@ -734,17 +746,25 @@ pub fn commit_kafka_offsets(b: &TestBroker, group: &str, offsets: &BTreeMap<(Str
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match c.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => break,
-            Err(e) => {
-                assert!(
+        // Polling serves the group protocol; records it returns are ignored.
+        let _ = c.poll(Duration::from_millis(100));
+        let assigned = c.assignment().map(|a| a.count()).unwrap_or(0);
+        if assigned == offsets.len() {
+            match c.commit(&tpl, CommitMode::Sync) {
+                Ok(()) => break,
+                Err(e) => assert!(
                     Instant::now() < deadline,
                     "could not commit offsets for {group}: {e}"
-                );
-                std::thread::sleep(Duration::from_millis(200));
+                ),
             }
         }
+        assert!(
+            Instant::now() < deadline,
+            "the offset committer never got all {} partitions of {group} (has {assigned})",
+            offsets.len()
+        );
     }
+    c.unsubscribe();
     drop(c);
     assert_eq!(
         &kafka_committed_offsets(b, group, offsets),
