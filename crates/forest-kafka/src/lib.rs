@@ -12,7 +12,10 @@ pub mod outbox;
 mod read;
 
 pub use health::Health;
-pub use outbox::{DeliveryError, OutboxProducer, send_retrying};
+pub use outbox::{
+    DEFAULT_MESSAGE_MAX_BYTES, DeliveryError, OutboxProducer, dead_letter_budget, fit_dead_letter,
+    is_permanent, send_retrying,
+};
 pub use read::{
     ReadError, Record, Watermarks, end_offsets, group_committed, read_partition, read_topic,
     watermarks,
@@ -37,6 +40,11 @@ pub mod headers {
     pub const SOURCE_TOPIC: &str = "forest.source.topic";
     pub const SOURCE_PARTITION: &str = "forest.source.partition";
     pub const SOURCE_OFFSET: &str = "forest.source.offset";
+    /// Present when the dead letter's value was cut to fit Kafka's record size limit: the
+    /// original value's length in bytes. The value is then a prefix of the original.
+    pub const TRUNCATED: &str = "forest.truncated";
+    /// Like [`TRUNCATED`], for the key (only keys far beyond any user id's limit are cut).
+    pub const TRUNCATED_KEY: &str = "forest.truncated.key";
 }
 
 /// A broker set-up step that failed.

@@ -6,7 +6,7 @@
 //! Kafka did not acknowledge stays in the outbox and is re-sent by the next run, with the same
 //! bytes, so downstream dedupes it by the id it carries.
 
-use crate::client_config;
+use crate::{client_config, headers};
 use forest_store::{OutboxEntry, Store, StoreError};
 use rdkafka::ClientContext;
 use rdkafka::consumer::ConsumerGroupMetadata;
@@ -14,6 +14,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
+use std::borrow::Cow;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,18 @@ pub enum DeliveryError {
         "{failed} outputs were not acknowledged by Kafka (first error: {first}); they stay in the outbox"
     )]
     Rejected { failed: usize, first: KafkaError },
+    /// Kafka refused an output for good (too large, invalid, not authorised, a bad topic
+    /// name): the same bytes would be refused again, so a retry or restart cannot help. The
+    /// entry stays in the outbox until an operator changes the limit, the topic or the ACLs.
+    #[error(
+        "Kafka refused output {seq} to {topic} ({bytes} bytes) for good: {source}; it stays in the outbox and re-sending cannot help: check the producer's message.max.bytes (--kafka-config), the topic's max.message.bytes, the topic name and ACLs"
+    )]
+    Refused {
+        topic: String,
+        seq: u64,
+        bytes: usize,
+        source: KafkaError,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A step of a Kafka transaction failed; the transaction was aborted (nothing it carried
@@ -48,7 +61,10 @@ impl DeliveryError {
         match self {
             Self::CreateProducer(_) => false,
             Self::Store(e) => e.is_retriable(),
-            Self::Produce { .. } | Self::Timeout { .. } | Self::Rejected { .. } => true,
+            Self::Refused { .. } => false,
+            Self::Produce { source, .. } => !is_permanent(source),
+            Self::Rejected { first, .. } => !is_permanent(first),
+            Self::Timeout { .. } => true,
             // A fenced producer (another instance took over its id) must not retry.
             Self::Transaction { source, .. } => !matches!(
                 source,
@@ -58,12 +74,135 @@ impl DeliveryError {
     }
 }
 
+/// Whether Kafka refusing a record with `e` is final: re-sending the same bytes to the same
+/// topic gets the same answer (a record over a size limit, an invalid record or topic, no
+/// authorisation). librdkafka reports an over-large record locally with the broker's code
+/// (`MSG_SIZE_TOO_LARGE`) and does not retry any of these itself; treating them as retriable
+/// made a restart re-send the entry from the outbox and fail again forever.
+pub fn is_permanent(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::MessageBatchTooLarge
+                | C::InvalidRecord
+                | C::InvalidTopic
+                | C::InvalidRequiredAcks
+                | C::UnsupportedForMessageFormat
+                | C::PolicyViolation
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+        )
+    )
+}
+
+/// librdkafka's default `message.max.bytes`, which [`OutboxProducer`] keeps unless
+/// `--kafka-config` overrides it. (Apache Kafka's own default record-batch limit,
+/// `max.message.bytes`, is 1,048,588, a little above it.)
+pub const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// Framing counted per header (two varint lengths), generously.
+const HEADER_OVERHEAD: usize = 10;
+
+/// Header values above this many bytes are cut: an error text can quote the record's key,
+/// which hostile input makes as long as it likes.
+pub const MAX_HEADER_VALUE_BYTES: usize = 1024;
+
+/// The size a dead letter (key + value + headers) may have with a producer whose
+/// `message.max.bytes` is `message_max_bytes`: 1 % and 1 KiB below it. The margin covers the
+/// record and batch framing librdkafka adds, and LZ4's worst-case expansion of incompressible
+/// bytes, so a dead letter at the budget is accepted by the producer and by a broker whose
+/// limit is at least the producer's.
+pub fn dead_letter_budget(message_max_bytes: usize) -> usize {
+    message_max_bytes.saturating_sub(message_max_bytes / 100 + 1024)
+}
+
+/// Key, value and headers of `e`, with per-header framing: what the size limits compare.
+fn record_bytes(e: &OutboxEntry) -> usize {
+    e.key.len()
+        + e.value.len()
+        + e.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + HEADER_OVERHEAD)
+            .sum::<usize>()
+}
+
+/// Cuts `v` to at most `max` bytes, at a character boundary when it is UTF-8 text (header
+/// values are documented as text).
+fn truncate_text(v: &mut Vec<u8>, max: usize) {
+    if v.len() <= max {
+        return;
+    }
+    let cut = match std::str::from_utf8(v) {
+        Ok(s) => (0..=max)
+            .rev()
+            .find(|&i| s.is_char_boundary(i))
+            .unwrap_or(0),
+        Err(_) => max,
+    };
+    v.truncate(cut);
+}
+
+/// Makes a dead letter fit in `max_bytes` (see [`dead_letter_budget`]), so that Kafka always
+/// accepts it and a poison record never stalls its partition: header values are cut to
+/// [`MAX_HEADER_VALUE_BYTES`]; a key over a quarter of the budget is cut to it (header
+/// [`headers::TRUNCATED_KEY`] = its original length); then the value is cut to what is left
+/// (header [`headers::TRUNCATED`] = its original length). The kept bytes are a prefix of the
+/// original, enough to identify and inspect it; the source coordinates headers say where
+/// the whole record still is. Deterministic and idempotent: a re-sent dead letter has the
+/// same bytes. Returns whether anything was cut.
+pub fn fit_dead_letter(e: &mut OutboxEntry, max_bytes: usize) -> bool {
+    let mut cut = false;
+    for (_, v) in &mut e.headers {
+        if v.len() > MAX_HEADER_VALUE_BYTES {
+            truncate_text(v, MAX_HEADER_VALUE_BYTES);
+            cut = true;
+        }
+    }
+    if record_bytes(e) <= max_bytes {
+        return cut;
+    }
+    // Room for the markers pushed below (name, a 20-digit length, framing).
+    let marker = |name: &str| name.len() + 20 + HEADER_OVERHEAD;
+    let reserve = marker(headers::TRUNCATED) + marker(headers::TRUNCATED_KEY);
+    let key_cap = max_bytes / 4;
+    if e.key.len() > key_cap {
+        let original = e.key.len();
+        e.key.truncate(key_cap);
+        e.headers.push((
+            headers::TRUNCATED_KEY.into(),
+            original.to_string().into_bytes(),
+        ));
+    }
+    let fixed = record_bytes(e) - e.value.len() + reserve;
+    let room = max_bytes.saturating_sub(fixed);
+    if e.value.len() > room {
+        let original = e.value.len();
+        e.value.truncate(room);
+        e.headers
+            .push((headers::TRUNCATED.into(), original.to_string().into_bytes()));
+    }
+    true
+}
+
+/// Whether `e` is a dead letter (it carries a rejection reason): only dead letters may be
+/// cut to fit, since they are for inspection and point at their source record; any other
+/// output (a TreeMatured, an order) must arrive whole or not at all.
+fn is_dead_letter(e: &OutboxEntry) -> bool {
+    e.headers.iter().any(|(k, _)| k == headers::REASON)
+}
+
+/// A refused delivery: (outbox sequence, error, topic, payload bytes).
+type Failure = (u64, KafkaError, String, usize);
+
 /// Collects delivery reports: which outbox entries Kafka acknowledged.
 #[derive(Default)]
 pub struct DeliveryCtx {
     /// (outbox sequence, offset Kafka gave the record).
     acked: Mutex<Vec<(u64, i64)>>,
-    failed: Mutex<Vec<(u64, KafkaError)>>,
+    failed: Mutex<Vec<Failure>>,
 }
 
 impl ClientContext for DeliveryCtx {}
@@ -74,7 +213,12 @@ impl ProducerContext for DeliveryCtx {
     fn delivery(&self, result: &DeliveryResult<'_>, seq: Box<u64>) {
         match result {
             Ok(m) => lock(&self.acked).push((*seq, m.offset())),
-            Err((e, _)) => lock(&self.failed).push((*seq, e.clone())),
+            Err((e, m)) => lock(&self.failed).push((
+                *seq,
+                e.clone(),
+                m.topic().to_string(),
+                m.payload_len() + m.key_len(),
+            )),
         }
     }
 }
@@ -119,6 +263,13 @@ pub struct OutboxProducer {
     /// changelog checkpoints landed).
     pub track_offsets: bool,
     acked_offsets: Vec<(u64, i64)>,
+    /// The producer's `message.max.bytes`, as configured (Forest's default or
+    /// `--kafka-config`).
+    message_max_bytes: usize,
+    /// Dead letters larger than this are cut before they are produced (see
+    /// [`fit_dead_letter`]); [`dead_letter_budget`] of `message.max.bytes` unless lowered
+    /// (e.g. for a dead-letter topic whose `max.message.bytes` is below the producer's).
+    pub dead_letter_max_bytes: usize,
 }
 
 impl OutboxProducer {
@@ -137,6 +288,12 @@ impl OutboxProducer {
         for (k, v) in overrides {
             c.set(k, v);
         }
+        // librdkafka refuses a bad value when the producer is created, so an unparsable one
+        // never gets this far with a working producer.
+        let message_max_bytes = c
+            .get("message.max.bytes")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
         let producer = c
             .create_with_context(DeliveryCtx::default())
             .map_err(DeliveryError::CreateProducer)?;
@@ -146,7 +303,14 @@ impl OutboxProducer {
             in_flight: 0,
             track_offsets: false,
             acked_offsets: Vec::new(),
+            message_max_bytes,
+            dead_letter_max_bytes: dead_letter_budget(message_max_bytes),
         })
+    }
+
+    /// The producer's `message.max.bytes`: librdkafka refuses a larger record at once.
+    pub fn message_max_bytes(&self) -> usize {
+        self.message_max_bytes
     }
 
     /// A transactional producer (`transactional.id` = `id`): outputs are sent between
@@ -243,6 +407,15 @@ impl OutboxProducer {
     /// entries stay in the outbox until acknowledged, so a crash meanwhile re-sends them.
     pub fn send(&mut self, entries: &[(u64, OutboxEntry)]) -> Result<(), DeliveryError> {
         for (seq, e) in entries {
+            // Normally already cut by the service that wrote it; this also covers entries a
+            // store of an older version holds, and a lowered limit.
+            let e = if is_dead_letter(e) && record_bytes(e) > self.dead_letter_max_bytes {
+                let mut cut = e.clone();
+                fit_dead_letter(&mut cut, self.dead_letter_max_bytes);
+                Cow::Owned(cut)
+            } else {
+                Cow::Borrowed(e)
+            };
             let mut hdrs = OwnedHeaders::new_with_capacity(e.headers.len());
             for (k, v) in &e.headers {
                 hdrs = hdrs.insert(Header {
@@ -257,9 +430,20 @@ impl OutboxProducer {
             if let Some(p) = e.partition {
                 record = record.partition(p);
             }
-            send_retrying(&self.producer, record).map_err(|source| DeliveryError::Produce {
-                topic: e.topic.clone(),
-                source,
+            send_retrying(&self.producer, record).map_err(|source| {
+                if is_permanent(&source) {
+                    DeliveryError::Refused {
+                        topic: e.topic.clone(),
+                        seq: *seq,
+                        bytes: record_bytes(&e),
+                        source,
+                    }
+                } else {
+                    DeliveryError::Produce {
+                        topic: e.topic.clone(),
+                        source,
+                    }
+                }
             })?;
             self.in_flight += 1;
         }
@@ -300,7 +484,7 @@ impl OutboxProducer {
             self.producer.poll(Duration::from_millis(1));
         }
         let acked: Vec<(u64, i64)> = std::mem::take(&mut *lock(&ctx.acked));
-        let failed: Vec<(u64, KafkaError)> = std::mem::take(&mut *lock(&ctx.failed));
+        let failed: Vec<Failure> = std::mem::take(&mut *lock(&ctx.failed));
         self.in_flight -= acked.len() + failed.len();
         let delivered = acked.len();
         if let Some(store) = store {
@@ -309,7 +493,16 @@ impl OutboxProducer {
         if self.track_offsets {
             self.acked_offsets.extend(acked);
         }
-        if let Some((_, first)) = failed.first() {
+        // A permanent refusal is reported as such: the caller must not retry it.
+        if let Some((seq, source, topic, bytes)) = failed.iter().find(|f| is_permanent(&f.1)) {
+            return Err(DeliveryError::Refused {
+                topic: topic.clone(),
+                seq: *seq,
+                bytes: *bytes,
+                source: source.clone(),
+            });
+        }
+        if let Some((_, first, _, _)) = failed.first() {
             return Err(DeliveryError::Rejected {
                 failed: failed.len(),
                 first: first.clone(),
@@ -332,5 +525,143 @@ impl OutboxProducer {
             );
             total += self.deliver(store, &entries)?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dead_letter(key: Vec<u8>, value: Vec<u8>, error: &str) -> OutboxEntry {
+        OutboxEntry {
+            topic: "dlq".into(),
+            key,
+            value,
+            headers: vec![
+                (headers::REASON.into(), b"malformed".to_vec()),
+                (headers::ERROR.into(), error.as_bytes().to_vec()),
+                (headers::SOURCE_OFFSET.into(), b"7".to_vec()),
+            ],
+            partition: None,
+        }
+    }
+
+    fn header<'a>(e: &'a OutboxEntry, name: &str) -> Option<&'a [u8]> {
+        e.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    #[test]
+    fn a_dead_letter_near_the_broker_limit_is_cut_below_the_producers() {
+        let budget = dead_letter_budget(DEFAULT_MESSAGE_MAX_BYTES);
+        assert!(
+            budget < DEFAULT_MESSAGE_MAX_BYTES && budget > 900_000,
+            "{budget}"
+        );
+        let value: Vec<u8> = (0..1_040_000u32).map(|i| (i % 251) as u8).collect();
+        let mut e = dead_letter(b"user-1".to_vec(), value.clone(), "too big");
+        assert!(fit_dead_letter(&mut e, budget));
+        assert!(record_bytes(&e) <= budget, "{}", record_bytes(&e));
+        assert!(value.starts_with(&e.value) && e.value.len() > budget - 1_000);
+        assert_eq!(header(&e, headers::TRUNCATED), Some(&b"1040000"[..]));
+        assert_eq!(header(&e, headers::TRUNCATED_KEY), None);
+        assert_eq!(e.key, b"user-1");
+        // Idempotent: a re-sent dead letter has the same bytes.
+        let again = e.clone();
+        assert!(!fit_dead_letter(&mut e, budget));
+        assert_eq!(e, again);
+    }
+
+    #[test]
+    fn huge_keys_and_error_texts_are_cut_too_and_small_records_are_left_alone() {
+        let budget = 10_000;
+        let mut small = dead_letter(b"k".to_vec(), vec![1; 100], "short");
+        let before = small.clone();
+        assert!(!fit_dead_letter(&mut small, budget));
+        assert_eq!(small, before);
+
+        // An error text quoting a huge key, with multi-byte characters at the cut.
+        let error = "é".repeat(3_000);
+        let mut e = dead_letter(vec![b'k'; 50_000], vec![2; 50_000], &error);
+        assert!(fit_dead_letter(&mut e, budget));
+        assert!(record_bytes(&e) <= budget, "{}", record_bytes(&e));
+        assert_eq!(e.key.len(), budget / 4);
+        assert_eq!(header(&e, headers::TRUNCATED_KEY), Some(&b"50000"[..]));
+        assert_eq!(header(&e, headers::TRUNCATED), Some(&b"50000"[..]));
+        let text = std::str::from_utf8(header(&e, headers::ERROR).unwrap()).unwrap();
+        assert!(text.len() <= MAX_HEADER_VALUE_BYTES && text.starts_with("éé"));
+    }
+
+    #[test]
+    fn size_and_validity_refusals_are_permanent_and_not_retriable() {
+        use RDKafkaErrorCode as C;
+        for code in [
+            C::MessageSizeTooLarge,
+            C::InvalidRecord,
+            C::MessageBatchTooLarge,
+        ] {
+            let e = KafkaError::MessageProduction(code);
+            assert!(is_permanent(&e), "{code:?}");
+            let produce = DeliveryError::Produce {
+                topic: "t".into(),
+                source: e.clone(),
+            };
+            assert!(!produce.is_retriable(), "{produce}");
+            let rejected = DeliveryError::Rejected {
+                failed: 1,
+                first: e,
+            };
+            assert!(!rejected.is_retriable());
+        }
+        for code in [
+            C::NotLeaderForPartition,
+            C::RequestTimedOut,
+            C::MessageTimedOut,
+            C::QueueFull,
+        ] {
+            let e = KafkaError::MessageProduction(code);
+            assert!(!is_permanent(&e), "{code:?}");
+            assert!(
+                DeliveryError::Produce {
+                    topic: "t".into(),
+                    source: e
+                }
+                .is_retriable()
+            );
+        }
+    }
+
+    /// librdkafka refuses an over-large record locally, before any broker is involved: an
+    /// output that is not a dead letter is refused for good, a dead letter is cut and sent.
+    #[test]
+    fn an_over_large_output_is_refused_for_good_and_a_dead_letter_is_cut_instead() {
+        let mut p = OutboxProducer::new("127.0.0.1:1", &[]).unwrap();
+        assert_eq!(p.message_max_bytes(), DEFAULT_MESSAGE_MAX_BYTES);
+        let tree = OutboxEntry {
+            topic: "trees".into(),
+            key: b"u".to_vec(),
+            value: vec![0; 1_040_000],
+            headers: vec![],
+            partition: None,
+        };
+        let err = p.send(&[(3, tree)]).unwrap_err();
+        assert!(
+            matches!(err, DeliveryError::Refused { seq: 3, .. }),
+            "{err}"
+        );
+        assert!(!err.is_retriable());
+        assert!(err.to_string().contains("message.max.bytes"), "{err}");
+        assert_eq!(p.in_flight(), 0);
+        let dl = dead_letter(b"u".to_vec(), vec![0; 1_040_000], "big");
+        p.send(&[(4, dl)]).unwrap();
+        assert_eq!(p.in_flight(), 1);
+        let p = OutboxProducer::new(
+            "127.0.0.1:1",
+            &[("message.max.bytes".into(), "2000000".into())],
+        )
+        .unwrap();
+        assert_eq!(p.dead_letter_max_bytes, dead_letter_budget(2_000_000));
     }
 }

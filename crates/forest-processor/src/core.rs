@@ -5,8 +5,8 @@ use crate::merge::{Merger, Rec};
 use crate::metrics as m;
 use crate::{CrashPoint, ProcessorConfig, ProcessorError, ProcessorStats};
 use forest_domain::{Event, InputKind, Malformed, Rejection, RuleSet};
-use forest_kafka::OutboxProducer;
 use forest_kafka::headers;
+use forest_kafka::{OutboxProducer, fit_dead_letter};
 use forest_store::{OutboxEntry, ProjectionCache, Store};
 use prost::Message as _;
 use rustc_hash::FxHashMap;
@@ -35,6 +35,10 @@ pub struct Core {
     /// Next offsets of every assigned partition as of the last commit (for Kafka commits).
     pub committed: FxHashMap<(u8, i32), i64>,
     pending: Vec<OutboxEntry>,
+    /// Dead letters are cut to this many bytes (key + value + headers) before they are
+    /// stored: the input's own record limit may exceed what the producer accepts once
+    /// headers are added, and a dead letter Kafka refuses would stall its partition.
+    dead_letter_max_bytes: usize,
     pub batch_records: usize,
     pub batch_started: Option<Instant>,
     /// Record timestamps of the batch, for the latency histogram.
@@ -75,6 +79,11 @@ struct Tally {
     grams: Vec<(&'static str, u64)>,
     rejected: Vec<(&'static str, u64)>,
     dead_lettered: Vec<(&'static str, u64)>,
+    /// Trees matured, by species label: counted when the batch that matured them is
+    /// durable, so a crash before the write (which replays the events and matures the same
+    /// trees again) does not count them twice.
+    trees: Vec<(&'static str, u64)>,
+    dead_letters_truncated: u64,
 }
 
 fn bump(v: &mut Vec<(&'static str, u64)>, label: &'static str, by: u64) {
@@ -109,6 +118,13 @@ impl Tally {
         for (r, n) in self.dead_lettered.drain(..) {
             metrics::counter!(m::DLQ_RECORDS, "reason" => r).increment(n);
         }
+        for (species, n) in self.trees.drain(..) {
+            metrics::counter!(m::TREES_MATURED, "species" => species).increment(n);
+        }
+        if self.dead_letters_truncated > 0 {
+            metrics::counter!(m::DLQ_TRUNCATED)
+                .increment(std::mem::take(&mut self.dead_letters_truncated));
+        }
     }
 }
 
@@ -129,6 +145,13 @@ impl Core {
     ) -> Self {
         let t = &cfg.topics;
         let mut producer = producer;
+        // The lower of the configured cap and what this producer can send; the producer
+        // cuts to the same bound, so an entry stored by this run is sent as stored.
+        let dead_letter_max_bytes = cfg
+            .dead_letter_max_bytes
+            .unwrap_or(usize::MAX)
+            .min(producer.dead_letter_max_bytes);
+        producer.dead_letter_max_bytes = dead_letter_max_bytes;
         let transactions = cfg.exactly_once == crate::ExactlyOnce::Transactions;
         let changelog =
             ((cfg.changelog || transactions) && !cfg.dry_run && !cfg.at_least_once_baseline)
@@ -143,7 +166,7 @@ impl Core {
         Self {
             rules: cfg.rules.clone(),
             store,
-            cache: ProjectionCache::new(cfg.cache_users),
+            cache: ProjectionCache::with_bounds(cfg.cache_users, cfg.cache_bytes),
             merger: Merger::new(inputs.len()),
             inputs,
             trees_topic: t.trees.clone(),
@@ -151,6 +174,7 @@ impl Core {
             offsets: FxHashMap::default(),
             committed: FxHashMap::default(),
             pending: Vec::new(),
+            dead_letter_max_bytes,
             batch_records: 0,
             batch_started: None,
             batch_ts: Vec::new(),
@@ -269,7 +293,7 @@ impl Core {
                 }
                 for tree in outcome.trees {
                     self.stats.trees.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(m::TREES_MATURED, "species" => species_label(&tree.species_id)).increment(1);
+                    bump(&mut self.tally.trees, species_label(&tree.species_id), 1);
                     self.pending.push(OutboxEntry {
                         partition: None,
                         topic: self.trees_topic.clone(),
@@ -289,7 +313,7 @@ impl Core {
                 } else {
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     bump(&mut self.tally.dead_lettered, r.code(), 1);
-                    self.pending.push(OutboxEntry {
+                    let mut dead_letter = OutboxEntry {
                         partition: None,
                         topic: self.dlq_topic.clone(),
                         key: rec.key.clone().unwrap_or_default(),
@@ -307,7 +331,11 @@ impl Core {
                                 rec.offset.to_string().into_bytes(),
                             ),
                         ],
-                    });
+                    };
+                    if fit_dead_letter(&mut dead_letter, self.dead_letter_max_bytes) {
+                        self.tally.dead_letters_truncated += 1;
+                    }
+                    self.pending.push(dead_letter);
                 }
             }
         }
@@ -382,12 +410,14 @@ impl Core {
         let seqs = match self.cache.commit(&self.store, offsets, outbox) {
             Ok(s) => s,
             Err(e) => {
-                // Nothing moved: the events will be replayed from the stored offsets.
-                self.cache.discard_dirty();
+                // Nothing moved: the events will be replayed from the stored offsets (and
+                // counted then).
+                self.discard_batch();
                 return Err(e.into());
             }
         };
         self.batch_durable(writes);
+        self.show_outbox_depth();
         self.batches_in_run += 1;
         let entries: Vec<(u64, OutboxEntry)> = if self.at_least_once {
             (0..).zip(self.pending.drain(..)).collect()
@@ -405,6 +435,20 @@ impl Core {
         self.deliver(entries)?;
         self.finish_batch(started);
         Ok(true)
+    }
+
+    /// Forgets a batch that did not become durable: its cached changes and its metric
+    /// tallies (a restart replays its events and counts them then).
+    fn discard_batch(&mut self) {
+        self.cache.discard_dirty();
+        self.tally = Tally::default();
+    }
+
+    /// Sets the outbox-depth gauge from the store's running count of outbox entries (every
+    /// worker's, since they share the store): what is durably waiting for Kafka, including
+    /// entries a previous run left.
+    pub fn show_outbox_depth(&self) {
+        metrics::gauge!(m::OUTBOX_DEPTH).set(self.store.outbox_depth() as f64);
     }
 
     /// Bookkeeping once a batch's store write (of `writes` keys) succeeded: metrics, the
@@ -468,7 +512,7 @@ impl Core {
                 })?;
         }
         let Some(group) = &self.group_meta else {
-            self.cache.discard_dirty();
+            self.discard_batch();
             return Err(ProcessorError::Config(
                 "transactions mode: no consumer group membership to commit offsets under".into(),
             ));
@@ -481,7 +525,7 @@ impl Core {
         let delivered = match sent {
             Ok(n) => n,
             Err(e) => {
-                self.cache.discard_dirty();
+                self.discard_batch();
                 return Err(e.into());
             }
         };
@@ -515,7 +559,7 @@ impl Core {
             .collect();
         let writes = (self.cache.dirty_len() + offsets.len()) as u64;
         if let Err(e) = self.cache.commit(&self.store, offsets, &[]) {
-            self.cache.discard_dirty();
+            self.discard_batch();
             return Err(e.into());
         }
         self.batch_durable(writes);
@@ -562,7 +606,7 @@ impl Core {
         self.stats
             .outputs_delivered
             .fetch_add(n as u64, Ordering::Relaxed);
-        metrics::gauge!(m::OUTBOX_DEPTH).set(self.producer.in_flight() as f64);
+        self.show_outbox_depth();
         self.record_changelog_ends()
     }
 
@@ -574,7 +618,7 @@ impl Core {
         self.stats
             .outputs_delivered
             .fetch_add(n as u64, Ordering::Relaxed);
-        metrics::gauge!(m::OUTBOX_DEPTH).set(0.0);
+        self.show_outbox_depth();
         self.record_changelog_ends()
     }
 }
@@ -596,5 +640,204 @@ fn species_label(id: &str) -> &'static str {
         "mongolian_pine" => "mongolian_pine",
         "populus_euphratica" => "populus_euphratica",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The per-batch metrics against a real (embedded) broker: what the gauges and counters
+    //! say across a crash and a restart.
+
+    use super::*;
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicU64;
+
+    /// Counters and gauges by name (labels summed), for `metrics::with_local_recorder`.
+    #[derive(Default)]
+    struct TestRecorder(Mutex<HashMap<String, Arc<AtomicU64>>>);
+
+    impl TestRecorder {
+        fn slot(&self, key: &Key) -> Arc<AtomicU64> {
+            let labels: Vec<String> = key.labels().map(|l| format!("{l:?}")).collect();
+            let id = format!("{}{labels:?}", key.name());
+            lock(&self.0).entry(id).or_default().clone()
+        }
+
+        fn counter(&self, name: &str) -> u64 {
+            lock(&self.0)
+                .iter()
+                .filter(|(k, _)| k.split('[').next() == Some(name))
+                .map(|(_, v)| v.load(Ordering::Relaxed))
+                .sum()
+        }
+
+        fn gauge(&self, name: &str) -> Option<f64> {
+            lock(&self.0)
+                .get(&format!("{name}[]"))
+                .map(|v| f64::from_bits(v.load(Ordering::Relaxed)))
+        }
+    }
+
+    impl metrics::Recorder for TestRecorder {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(self.slot(key))
+        }
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::from_arc(self.slot(key))
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    /// A scratch directory, removed on drop (no tempfile dependency in this crate).
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let p = std::env::temp_dir().join(format!(
+                "forest-core-{name}-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+            ));
+            Self(p)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn cheap_rules() -> Arc<RuleSet> {
+        let mut text = forest_domain::DEFAULT_RULES_TOML.to_string();
+        for cost in ["17900", "22400", "19680", "146210", "215680"] {
+            text = text.replace(&format!("cost_g = {cost}"), "cost_g = 100");
+        }
+        Arc::new(RuleSet::from_toml(&text).expect("cheap rules"))
+    }
+
+    /// Three undecodable payments, then one valid utility bill (262 g: two trees at 100 g).
+    fn records(now_ms: i64) -> Vec<Rec> {
+        use forest_proto::v1 as pb;
+        let mut out: Vec<Rec> = (0..3)
+            .map(|i| Rec {
+                topic: 0,
+                partition: 0,
+                offset: i,
+                timestamp: Some(now_ms),
+                key: Some(b"mallory".to_vec()),
+                value: Some(vec![0, 1, 2, 3]),
+            })
+            .collect();
+        let value = pb::PaymentEvent {
+            envelope: Some(pb::Envelope {
+                event_id: "e-1".into(),
+                user_id: "alice".into(),
+                occurred_at_ms: now_ms - 60_000,
+                source: "test".into(),
+                schema_version: forest_proto::SCHEMA_VERSION,
+            }),
+            kind: pb::PaymentKind::UtilityBill as i32,
+            amount: Some(pb::Money {
+                amount_minor: 10_000,
+                currency: "CNY".into(),
+            }),
+            merchant_id: String::new(),
+        }
+        .encode_to_vec();
+        out.push(Rec {
+            topic: 0,
+            partition: 0,
+            offset: 3,
+            timestamp: Some(now_ms),
+            key: Some(b"alice".to_vec()),
+            value: Some(value),
+        });
+        out
+    }
+
+    /// Trees are counted once their batch is durable (not when folded: a crash before the
+    /// write replays and re-matures them), and the outbox gauge shows the entries the store
+    /// holds: N after a crash between the write and the delivery, still N on restart, 0 once
+    /// the leftovers are delivered.
+    #[test]
+    fn trees_count_when_durable_and_the_outbox_gauge_shows_the_stored_entries() {
+        let rec = TestRecorder::default();
+        metrics::with_local_recorder(&rec, || {
+            let broker = forest_kafka::EmbeddedBroker::start(1).unwrap();
+            let bootstrap = broker.bootstrap_servers();
+            let dir = Scratch::new("metrics");
+            let mut cfg = ProcessorConfig::new(&bootstrap, &dir.0);
+            cfg.topics = crate::Topics::prefixed("core-test.");
+            forest_kafka::ensure_topics(
+                Some(&broker),
+                &bootstrap,
+                &[],
+                &[(&cfg.topics.trees, 1), (&cfg.topics.dlq, 1)],
+                1,
+            )
+            .unwrap();
+            cfg.rules = cheap_rules();
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let stats = Arc::new(ProcessorStats::default());
+            let core = |cfg: &ProcessorConfig, store: &Arc<Store>| {
+                let producer = OutboxProducer::new(&bootstrap, &[]).unwrap();
+                Core::new(cfg, store.clone(), producer, stats.clone())
+            };
+
+            // A crash after the fold, before the write: nothing is counted.
+            let store = Arc::new(Store::open(&dir.0, &cfg.store).unwrap());
+            cfg.crash_at = Some(CrashPoint::AfterApplied(4));
+            let mut c = core(&cfg, &store);
+            let mut crashed = false;
+            for r in records(now_ms) {
+                crashed |= matches!(c.process(r), Err(ProcessorError::InjectedCrash(_)));
+            }
+            assert!(crashed);
+            assert!(
+                ProcessorStats::get(&stats.trees) > 0,
+                "the fold matured trees"
+            );
+            assert_eq!(rec.counter(m::TREES_MATURED), 0, "counted before durable");
+            drop(c);
+
+            // The replay, written, then a crash before the outbox is delivered.
+            cfg.crash_at = Some(CrashPoint::AfterStoreWrite(1));
+            let mut c = core(&cfg, &store);
+            for r in records(now_ms) {
+                c.process(r).unwrap();
+            }
+            let trees = c.pending.len() as u64 - 3;
+            assert!(trees > 0);
+            assert!(matches!(c.commit(), Err(ProcessorError::InjectedCrash(_))));
+            assert_eq!(rec.counter(m::TREES_MATURED), trees);
+            let left = 3 + trees;
+            assert_eq!(store.outbox_depth(), left);
+            assert_eq!(rec.gauge(m::OUTBOX_DEPTH), Some(left as f64));
+            drop(c);
+            drop(store);
+
+            // Restart: the gauge shows what the store holds until it is delivered.
+            let store = Store::open(&dir.0, &cfg.store).unwrap();
+            assert_eq!(store.outbox_depth(), left);
+            metrics::gauge!(m::OUTBOX_DEPTH).set(-1.0);
+            cfg.crash_at = None;
+            let delivered = crate::runtime::deliver_leftovers(&cfg, &store, &stats).unwrap();
+            assert_eq!(delivered as u64, left);
+            assert_eq!(store.outbox_depth(), 0);
+            assert_eq!(store.outbox_len().unwrap(), 0);
+            assert_eq!(rec.gauge(m::OUTBOX_DEPTH), Some(0.0));
+            assert_eq!(rec.counter(m::TREES_MATURED), trees, "not counted again");
+        });
     }
 }

@@ -73,7 +73,68 @@ impl Default for Topics {
     }
 }
 
+/// Checks one Kafka topic name the way the broker does: 1 to 249 characters from
+/// `[a-zA-Z0-9._-]`, and not `.` or `..`. Checked at start-up so a typo fails with the option's
+/// name instead of a broker error (or a silently auto-created topic) later.
+pub fn check_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 249 {
+        return Err(format!(
+            "{:?}... is {} characters long; Kafka allows at most 249",
+            &name[..name.char_indices().nth(20).map_or(name.len(), |(i, _)| i)],
+            name.chars().count()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is not allowed as a topic name"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{name:?} contains {c:?}; Kafka topic names use only ASCII letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
 impl Topics {
+    /// The topics by role, with the role's name (`payments`, ..., `changelog`), the same
+    /// names the command line's `--<role>-topic` options use.
+    pub fn by_role(&self) -> [(&'static str, &str); 6] {
+        [
+            ("payments", &self.payments),
+            ("mobility", &self.mobility),
+            ("commands", &self.commands),
+            ("trees", &self.trees),
+            ("dlq", &self.dlq),
+            ("changelog", &self.changelog),
+        ]
+    }
+
+    /// Every name is a valid Kafka topic name and no two roles share a topic (two roles on
+    /// one topic would, say, read the processor's own dead letters back as input). The error
+    /// names the role(s).
+    pub fn validate(&self) -> Result<(), TopicError> {
+        let roles = self.by_role();
+        for (role, name) in roles {
+            check_topic_name(name).map_err(|reason| TopicError::Invalid { role, reason })?;
+        }
+        for (i, (a, name)) in roles.iter().enumerate() {
+            if let Some((b, _)) = roles[i + 1..].iter().find(|(_, n)| n == name) {
+                return Err(TopicError::Shared {
+                    first: a,
+                    second: b,
+                    name: name.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Every topic name with a prefix, e.g. for tests that each need their own topics.
     pub fn prefixed(prefix: &str) -> Self {
         let d = Self::default();
@@ -100,10 +161,17 @@ pub struct ProcessorConfig {
     pub batch_max_records: usize,
     /// ...or when this long has passed since the batch's first record.
     pub batch_max_wait: Duration,
-    /// Projections kept in memory between batches.
+    /// Projections kept in memory between batches, at most...
     pub cache_users: usize,
+    /// ...and at most this many estimated bytes (`forest_store::ProjectionCache`).
+    pub cache_bytes: usize,
     /// Bound on records waiting in the co-partition merge.
     pub max_buffered: usize,
+    /// Dead letters (key + value + headers) are cut to at most this many bytes, with header
+    /// `forest.truncated` holding the value's original length. `None`: just below what the
+    /// output producer accepts (its `message.max.bytes`, less framing margin); set it lower
+    /// when the dead-letter topic's `max.message.bytes` is below the producer's limit.
+    pub dead_letter_max_bytes: Option<usize>,
     /// How long an empty lane that is behind its high watermark (a slow or failing fetch) may
     /// hold back its partition's other lanes. Long by default: giving up early applies records
     /// out of the canonical order. (Known limit: a lane whose last records are transaction
@@ -188,7 +256,9 @@ impl ProcessorConfig {
             batch_max_records: 5_000,
             batch_max_wait: Duration::from_millis(10),
             cache_users: 1_000_000,
+            cache_bytes: 1 << 30,
             max_buffered: 200_000,
+            dead_letter_max_bytes: None,
             max_idle: Duration::from_secs(30),
             kafka: Vec::new(),
             rules: Arc::new(RuleSet::default()),
@@ -203,6 +273,19 @@ impl ProcessorConfig {
             state_retention: Some(Duration::from_secs(600)),
         }
     }
+}
+
+/// A topic configuration that cannot work; never retriable, the configuration must change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("the {role} topic name is invalid: {reason}")]
+    Invalid { role: &'static str, reason: String },
+    #[error("the {first} and {second} topics are both {name:?}; each role needs its own topic")]
+    Shared {
+        first: &'static str,
+        second: &'static str,
+        name: String,
+    },
 }
 
 /// A processor run that failed. Each variant says whether a restart can help.

@@ -9,6 +9,7 @@ pub const EVENTS_APPLIED: &str = "forest_events_applied_total";
 pub const EVENTS_REJECTED: &str = "forest_events_rejected_total";
 pub const EVENTS_DEDUPLICATED: &str = "forest_events_deduplicated_total";
 pub const DLQ_RECORDS: &str = "forest_dlq_records_total";
+pub const DLQ_TRUNCATED: &str = "forest_dlq_truncated_records_total";
 pub const GRAMS_CREDITED: &str = "forest_energy_credited_grams_total";
 pub const TREES_MATURED: &str = "forest_trees_matured_total";
 pub const OUTBOX_DEPTH: &str = "forest_outbox_depth_entries";
@@ -88,11 +89,20 @@ pub fn describe() {
         Unit::Count,
         "Grams of green energy credited, by behaviour."
     );
-    describe_counter!(TREES_MATURED, Unit::Count, "Trees matured, by species.");
+    describe_counter!(
+        DLQ_TRUNCATED,
+        Unit::Count,
+        "Dead letters whose value (or key) was cut to fit Kafka's record size limit; header forest.truncated holds the original length."
+    );
+    describe_counter!(
+        TREES_MATURED,
+        Unit::Count,
+        "Trees matured, by species; counted when the batch that matured them is durable."
+    );
     describe_gauge!(
         OUTBOX_DEPTH,
         Unit::Count,
-        "Outputs written to the store and not yet acknowledged by Kafka."
+        "Entries in the store's outbox (all workers): outputs durably written and not yet acknowledged by Kafka, including those a previous run left."
     );
     describe_histogram!(BATCH_SIZE, Unit::Count, "Events per committed batch.");
     describe_histogram!(

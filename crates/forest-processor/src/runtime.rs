@@ -382,18 +382,10 @@ fn cached_high_watermark(
 
 fn validate(cfg: &ProcessorConfig) -> Result<(), ProcessorError> {
     let bad = |m: &str| Err(ProcessorError::Config(m.to_string()));
-    let t = &cfg.topics;
-    let names = [&t.payments, &t.mobility, &t.commands, &t.trees, &t.dlq];
-    if names.iter().any(|n| n.is_empty()) {
-        return bad("topic names must not be empty");
-    }
-    for (i, a) in names.iter().enumerate() {
-        if names[i + 1..].contains(a) {
-            return bad(&format!(
-                "topic {a:?} is configured for two roles; each topic needs its own name"
-            ));
-        }
-    }
+    cfg.topics
+        .validate()
+        .map_err(|e| ProcessorError::Config(e.to_string()))?;
+    cfg.store.validate().map_err(ProcessorError::Config)?;
     if cfg.batch_max_records == 0 {
         return bad("batch size must be at least 1");
     }
@@ -402,6 +394,15 @@ fn validate(cfg: &ProcessorConfig) -> Result<(), ProcessorError> {
     }
     if cfg.cache_users == 0 {
         return bad("the projection cache must hold at least 1 user");
+    }
+    if cfg.cache_bytes < 1 << 20 {
+        return bad("the projection cache must be allowed at least 1 MiB");
+    }
+    if cfg.max_buffered == 0 {
+        return bad("the merge buffer must hold at least 1 record");
+    }
+    if cfg.dead_letter_max_bytes.is_some_and(|b| b < 4096) {
+        return bad("dead letters must be allowed at least 4096 bytes");
     }
     if cfg.group_id.is_empty() {
         return bad("the consumer group id must not be empty");
@@ -500,13 +501,7 @@ pub fn run(
     );
     let store = Arc::new(Store::open(&cfg.store_path, &cfg.store)?);
     stats.health.set_store_open(true);
-    // Outputs a previous run left behind go out once, before any worker consumes.
-    let mut leftovers = forest_kafka::OutboxProducer::new(&cfg.brokers, &cfg.kafka)?;
-    let n = leftovers.deliver_leftovers(&store)?;
-    stats
-        .outputs_delivered
-        .fetch_add(n as u64, Ordering::Relaxed);
-    drop(leftovers);
+    deliver_leftovers(&cfg, &store, &stats)?;
     // Partitions this store has state for start unowned: the retention clock of those the
     // group gives to other instances starts now.
     let mut ownership = Ownership::default();
@@ -521,6 +516,29 @@ pub fn run(
     let result = run_workers(&cfg, store, &shutdown, &halt, &stats, &ownership);
     stats.health.set_store_open(false);
     result
+}
+
+/// Delivers the outputs a previous run left in the outbox, once, before any worker
+/// consumes; the outbox-depth gauge shows them meanwhile (from the store's count, which
+/// [`Store::open`] initialised from the outbox) and 0 once they are acknowledged.
+pub(crate) fn deliver_leftovers(
+    cfg: &ProcessorConfig,
+    store: &Store,
+    stats: &ProcessorStats,
+) -> Result<usize, ProcessorError> {
+    let show = || metrics::gauge!(crate::metrics::OUTBOX_DEPTH).set(store.outbox_depth() as f64);
+    show();
+    let mut leftovers = forest_kafka::OutboxProducer::new(&cfg.brokers, &cfg.kafka)?;
+    if let Some(max) = cfg.dead_letter_max_bytes {
+        leftovers.dead_letter_max_bytes = leftovers.dead_letter_max_bytes.min(max);
+    }
+    let result = leftovers.deliver_leftovers(store);
+    show();
+    let n = result?;
+    stats
+        .outputs_delivered
+        .fetch_add(n as u64, Ordering::Relaxed);
+    Ok(n)
 }
 
 fn run_workers(

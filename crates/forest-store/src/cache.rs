@@ -3,10 +3,34 @@
 use crate::{OutboxEntry, Store, StoreError};
 use forest_domain::UserState;
 use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
 
 struct Slot {
     state: UserState,
     dirty: bool,
+    /// CLOCK's reference bit: set when the user is used again after it was loaded, cleared
+    /// when the eviction hand passes it (a second chance).
+    referenced: bool,
+    /// Estimated heap bytes of this slot (see [`estimate_bytes`]), as of its last commit or
+    /// load.
+    bytes: usize,
+}
+
+/// Estimated memory of a cached projection: the slot, the map entry's key, and the heap
+/// behind the state's collections (by capacity). An estimate from the public shape of
+/// [`UserState`], not an allocator count: private derived indexes (the dedupe id index) are
+/// counted as one more entry's worth per remembered id. Computed at commit and load, never
+/// per event.
+pub fn estimate_bytes(s: &UserState) -> usize {
+    use std::mem::size_of;
+    const MAP_ENTRY: usize = 48;
+    size_of::<Slot>()
+        + MAP_ENTRY
+        + 2 * s.user_id.len()
+        + s.species.as_ref().map_or(0, String::capacity)
+        + s.counters.capacity() * size_of::<forest_domain::Counter>()
+        + s.recent_ids.capacity() * 2 * size_of::<(i64, u64)>()
+        + s.recent_credits.capacity() * size_of::<forest_domain::CreditNote>()
 }
 
 /// Hot users' projections in memory. Reads fall through to RocksDB on a miss; writes stay in
@@ -15,21 +39,50 @@ struct Slot {
 /// the store; that state is exactly what the uncommitted events produced, so dropping the cache
 /// (a crash) and replaying from the stored offsets reproduces it.
 ///
-/// Memory: at most `capacity` users stay cached after a commit; clean users beyond it are
-/// evicted. A batch can temporarily hold more (every user it touched).
+/// Memory: after a commit at most `capacity` users, and at most `max_bytes` estimated bytes
+/// ([`estimate_bytes`]), stay cached; beyond either, clean users are evicted down to 3/4 of
+/// the bound (so trimming runs once per many batches, not every batch). A batch can
+/// temporarily hold more (every user it touched is kept until it is written).
+///
+/// Eviction is CLOCK (second chance), an approximation of least-recently-used that costs
+/// one boolean store per hit on the fold path: users sit in a ring in load order; the hand
+/// evicts the first user not used since it last passed and gives the others a second
+/// chance. Users touched again since they were loaded (the hot ones) outlive those touched
+/// once (a scan over many cold users), which evicting in hash order did not guarantee.
 pub struct ProjectionCache {
     slots: FxHashMap<String, Slot>,
     capacity: usize,
+    max_bytes: usize,
+    /// Sum of the slots' `bytes`.
+    bytes: usize,
     dirty: Vec<String>,
+    /// CLOCK's ring: cached users in load order; the front is under the hand. May hold ids
+    /// no longer cached (dropped by `discard_dirty`), skipped when the hand reaches them.
+    ring: VecDeque<String>,
 }
 
 impl ProjectionCache {
+    /// A cache bounded by users only.
     pub fn new(capacity: usize) -> Self {
+        Self::with_bounds(capacity, usize::MAX)
+    }
+
+    /// A cache bounded by `capacity` users and `max_bytes` estimated bytes, whichever is
+    /// reached first.
+    pub fn with_bounds(capacity: usize, max_bytes: usize) -> Self {
         Self {
             slots: FxHashMap::default(),
             capacity,
+            max_bytes,
+            bytes: 0,
             dirty: Vec::new(),
+            ring: VecDeque::new(),
         }
+    }
+
+    /// Estimated bytes of the cached projections (as of their last commit or load).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Runs `f` on the user's projection, loaded from the store (or new) on a miss. The user
@@ -41,19 +94,26 @@ impl ProjectionCache {
         user_id: &str,
         f: impl FnOnce(&mut UserState) -> Result<T, E>,
     ) -> Result<Result<T, E>, StoreError> {
-        if !self.slots.contains_key(user_id) {
-            let state = store
-                .get_user(user_id)?
-                .unwrap_or_else(|| UserState::new(user_id));
-            self.slots.insert(
-                user_id.to_owned(),
-                Slot {
+        let slot = match self.slots.get_mut(user_id) {
+            Some(slot) => {
+                slot.referenced = true;
+                slot
+            }
+            None => {
+                let state = store
+                    .get_user(user_id)?
+                    .unwrap_or_else(|| UserState::new(user_id));
+                let bytes = estimate_bytes(&state);
+                self.bytes += bytes;
+                self.ring.push_back(user_id.to_owned());
+                self.slots.entry(user_id.to_owned()).or_insert(Slot {
                     state,
                     dirty: false,
-                },
-            );
-        }
-        let slot = self.slots.get_mut(user_id).expect("inserted above");
+                    referenced: false,
+                    bytes,
+                })
+            }
+        };
         let out = f(&mut slot.state);
         if out.is_ok() && !slot.dirty {
             slot.dirty = true;
@@ -110,25 +170,51 @@ impl ProjectionCache {
         for u in self.dirty.drain(..) {
             if let Some(s) = self.slots.get_mut(&u) {
                 s.dirty = false;
+                // Re-estimated once per batch per changed user: states grow as they fold.
+                let b = estimate_bytes(&s.state);
+                self.bytes = self.bytes - s.bytes + b;
+                s.bytes = b;
             }
         }
-        if self.slots.len() > self.capacity {
-            // Every slot is clean now. Drop down to 3/4 of capacity, so trimming happens once
-            // per many batches rather than every batch.
-            let target = self.capacity * 3 / 4;
-            let excess = self.slots.len() - target;
-            let victims: Vec<String> = self.slots.keys().take(excess).cloned().collect();
-            for v in victims {
-                self.slots.remove(&v);
-            }
+        if self.slots.len() > self.capacity || self.bytes > self.max_bytes {
+            // Every slot is clean now. Down to 3/4 of each bound.
+            self.evict(self.capacity * 3 / 4, self.max_bytes / 4 * 3);
         }
         Ok(seqs)
+    }
+
+    /// CLOCK: advances the hand, evicting users not referenced since it last passed and
+    /// clearing the bit of those that were, until at most `users` users and `bytes` bytes
+    /// remain. Only called when every slot is clean.
+    fn evict(&mut self, users: usize, bytes: usize) {
+        while self.slots.len() > users || self.bytes > bytes {
+            let Some(u) = self.ring.pop_front() else {
+                break;
+            };
+            let Some(slot) = self.slots.get_mut(&u) else {
+                continue; // dropped by discard_dirty
+            };
+            if slot.referenced {
+                slot.referenced = false;
+                self.ring.push_back(u);
+            } else if let Some(slot) = self.slots.remove(&u) {
+                self.bytes -= slot.bytes;
+            }
+        }
+        // Ids of discarded users pile up only after failed writes; drop them when they
+        // outnumber the cached users.
+        if self.ring.len() > 2 * self.slots.len() + 1024 {
+            let slots = &self.slots;
+            self.ring.retain(|u| slots.contains_key(u));
+        }
     }
 
     /// Forgets uncommitted changes (after a failed write, the events are replayed instead).
     pub fn discard_dirty(&mut self) {
         for u in self.dirty.drain(..) {
-            self.slots.remove(&u);
+            if let Some(slot) = self.slots.remove(&u) {
+                self.bytes -= slot.bytes;
+            }
         }
     }
 
@@ -136,6 +222,8 @@ impl ProjectionCache {
     pub fn clear(&mut self) {
         self.slots.clear();
         self.dirty.clear();
+        self.ring.clear();
+        self.bytes = 0;
     }
 }
 
@@ -177,6 +265,78 @@ mod tests {
             assert_eq!(b.unwrap(), Ok(100));
         }
         assert_eq!(store.get_user("never").unwrap(), None);
+    }
+
+    fn touch(cache: &mut ProjectionCache, store: &Store, u: &str) {
+        cache
+            .update(store, u, |s| Ok::<_, ()>(s.balance_g += 1))
+            .unwrap()
+            .unwrap();
+    }
+
+    #[test]
+    fn eviction_keeps_the_recently_used_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+        let mut cache = ProjectionCache::new(8);
+        for i in 0..8 {
+            touch(&mut cache, &store, &format!("u{i}"));
+        }
+        cache.commit(&store, [], &[]).unwrap();
+        assert_eq!(cache.len(), 8);
+        // u0..u2 are used again; u3..u7 are not.
+        for u in ["u0", "u1", "u2"] {
+            touch(&mut cache, &store, u);
+        }
+        touch(&mut cache, &store, "u8");
+        touch(&mut cache, &store, "u9");
+        cache.commit(&store, [], &[]).unwrap();
+        // Over capacity: down to 6, the oldest not used again go first.
+        assert_eq!(cache.len(), 6);
+        for u in ["u0", "u1", "u2", "u7", "u8", "u9"] {
+            assert!(cache.peek(u).is_some(), "{u} was evicted");
+        }
+        for u in ["u3", "u4", "u5", "u6"] {
+            assert!(cache.peek(u).is_none(), "{u} was kept");
+        }
+        // A scan over many cold users does not push out a user in use throughout.
+        for i in 0..100 {
+            touch(&mut cache, &store, "u0");
+            touch(&mut cache, &store, &format!("cold{i}"));
+            cache.commit(&store, [], &[]).unwrap();
+        }
+        assert!(cache.peek("u0").is_some());
+        assert!(cache.len() <= 8);
+        assert_eq!(store.get_user("u0").unwrap().unwrap().balance_g, 102);
+    }
+
+    #[test]
+    fn the_byte_bound_evicts_before_the_user_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+        let one = estimate_bytes(&UserState::new("u00"));
+        // Room for ten users by bytes, a million by count.
+        let mut cache = ProjectionCache::with_bounds(1_000_000, 10 * one);
+        for i in 0..50 {
+            touch(&mut cache, &store, &format!("u{i:02}"));
+        }
+        assert_eq!(cache.len(), 50, "a batch keeps every user it touched");
+        cache.commit(&store, [], &[]).unwrap();
+        assert!(cache.bytes() <= 10 * one / 4 * 3, "{} bytes", cache.bytes());
+        assert!(cache.len() <= 7 && cache.len() >= 5, "{}", cache.len());
+        let expected: usize = (0..50)
+            .map(|i| format!("u{i:02}"))
+            .filter_map(|u| cache.peek(&u).map(estimate_bytes))
+            .sum();
+        assert_eq!(
+            cache.bytes(),
+            expected,
+            "the running total matches the slots"
+        );
+        // Evicted users are intact in the store.
+        assert_eq!(store.get_user("u00").unwrap().unwrap().balance_g, 1);
+        cache.clear();
+        assert_eq!(cache.bytes(), 0);
     }
 
     #[test]

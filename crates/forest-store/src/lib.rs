@@ -10,15 +10,18 @@
 //!   deletes them after Kafka acknowledged them: an output is never lost, and may be delivered
 //!   more than once (downstream dedupes by its deterministic id).
 //! - Memory is bounded by [`StoreConfig`]: one block cache shared by all column families (index
-//!   and filter blocks included), and a write-buffer budget charged to the same cache.
+//!   and filter blocks included), and a write-buffer budget charged to the same cache, at
+//!   which writes stall rather than grow (see [`StoreConfig`] for why, and why the cache is
+//!   not strict).
 //!
 //! [`ProjectionCache`] sits in front as a write-back cache of hot users, so a batch writes each
-//! touched user once however many of its events it held.
+//! touched user once however many of its events it held. It is bounded by users and by
+//! estimated bytes, and evicts with CLOCK (an approximation of least-recently-used).
 
 mod cache;
 mod store;
 
-pub use cache::ProjectionCache;
+pub use cache::{ProjectionCache, estimate_bytes};
 pub use store::{
     OutboxEntry, Store, StoreConfig, StoreError, StoreStats, decode_state, encode_state, metrics,
 };

@@ -53,6 +53,8 @@ pub enum StoreError {
     Write(rocksdb::Error),
     #[error("stored value under {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
+    #[error("invalid store settings: {0}")]
+    Config(String),
 }
 
 impl StoreError {
@@ -64,15 +66,54 @@ impl StoreError {
 }
 
 /// Memory and durability settings.
+///
+/// RocksDB's memory is `block_cache_bytes`, which the memtables (`write_buffer_bytes`) are
+/// charged to, plus small unbounded parts (table readers of unpinned files are in the cache
+/// too; iterators and compaction buffers are transient). Two choices make the bound real:
+///
+/// - **Write stalls on** (`allow_stall` of the write-buffer manager): when memtables reach
+///   `write_buffer_bytes`, writes wait for a flush instead of allocating past the budget.
+///   Without it the manager only *asks* for flushes, and a disk slower than the input lets
+///   memtables grow without limit. A stalled write is the backpressure the services want
+///   anyway: the batch waits, consumption slows, memory stays put.
+/// - **Block cache not strict** (`strict_capacity_limit` off): with a strict cache, an
+///   insert into a full cache fails and RocksDB fails the *read* that needed the block, which
+///   would stop the service on a busy moment rather than let the cache exceed its capacity
+///   briefly (pinned L0 index/filter blocks and the memtables' reservations are not
+///   evictable). The cache evicts down to capacity as soon as pins are released, so the
+///   overshoot is bounded by what is pinned at once.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// Block cache shared by every column family, index and filter blocks included.
+    /// Block cache shared by every column family, index and filter blocks included, and the
+    /// memtables' reservation.
     pub block_cache_bytes: usize,
-    /// Total memtable budget, charged against the block cache so the two together stay bounded.
+    /// Total memtable budget, charged against the block cache so the two together stay
+    /// bounded; writes stall at it (see above). Must be below `block_cache_bytes`, or the
+    /// memtables' reservations would leave no room for blocks.
     pub write_buffer_bytes: usize,
     /// fsync the WAL on every batch. Off by default: the WAL survives a process crash without
     /// it (it is in the OS page cache); turn it on to survive power loss too, at a latency cost.
     pub sync_writes: bool,
+}
+
+impl StoreConfig {
+    /// Checks the memory settings fit together; the error says which and why.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.write_buffer_bytes < 1 << 20 {
+            return Err(format!(
+                "write buffer budget of {} bytes is below 1 MiB",
+                self.write_buffer_bytes
+            ));
+        }
+        if self.write_buffer_bytes >= self.block_cache_bytes {
+            return Err(format!(
+                "write buffer budget ({} MiB) must be below the block cache ({} MiB): the memtables are charged to the cache",
+                self.write_buffer_bytes >> 20,
+                self.block_cache_bytes >> 20
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for StoreConfig {
@@ -111,6 +152,10 @@ pub struct Store {
     path: PathBuf,
     write_opts: WriteOptions,
     next_seq: AtomicU64,
+    /// Entries in the outbox, kept as a running count (the outbox's length at open, plus
+    /// entries committed, minus entries removed) so that the outbox-depth metric costs an
+    /// atomic load instead of a scan of the column family.
+    outbox_entries: AtomicU64,
     pub stats: StoreStats,
     cache: Cache,
     /// The options the DB was opened with: they hold RocksDB's statistics (tickers).
@@ -229,6 +274,7 @@ impl Store {
     }
 
     fn open_with(path: &Path, cfg: &StoreConfig, read_only: bool) -> Result<Self, StoreError> {
+        cfg.validate().map_err(StoreError::Config)?;
         let open_err = |source| StoreError::Open {
             path: path.to_path_buf(),
             source,
@@ -246,6 +292,7 @@ impl Store {
                 }
             }
         }
+        // Not strict: see StoreConfig on why a full cache must not fail reads.
         let cache = Cache::new_lru_cache(cfg.block_cache_bytes);
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&cache);
@@ -270,9 +317,10 @@ impl Store {
         db_opts.enable_statistics();
         db_opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptTimers);
         db_opts.set_max_background_jobs(2);
+        // allow_stall: writes wait at the budget instead of growing past it (see StoreConfig).
         let wbm = WriteBufferManager::new_write_buffer_manager_with_cache(
             cfg.write_buffer_bytes,
-            false,
+            true,
             cache.clone(),
         );
         db_opts.set_write_buffer_manager(&wbm);
@@ -321,6 +369,12 @@ impl Store {
             Some(Err(e)) => return Err(StoreError::Read(e)),
             None => 0,
         };
+        // Normally empty or a few batches' outputs left by a crash: a short scan.
+        let mut outbox_entries = 0u64;
+        for item in db.iterator_cf(outbox, IteratorMode::Start) {
+            item.map_err(StoreError::Read)?;
+            outbox_entries += 1;
+        }
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(cfg.sync_writes);
         write_opts.disable_wal(false);
@@ -329,6 +383,7 @@ impl Store {
             path: path.to_path_buf(),
             write_opts,
             next_seq: AtomicU64::new(next_seq),
+            outbox_entries: AtomicU64::new(outbox_entries),
             stats: StoreStats::default(),
             cache,
             opts: db_opts,
@@ -535,6 +590,8 @@ impl Store {
             .write_opt(batch, &self.write_opts)
             .map_err(StoreError::Write)?;
         let end = first + outbox.len() as u64;
+        self.outbox_entries
+            .fetch_add(outbox.len() as u64, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.writes.fetch_add(n, Ordering::Relaxed);
         Ok(first..end)
@@ -559,7 +616,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Number of undelivered outbox entries.
+    /// Number of undelivered outbox entries, from the running count: the length found at
+    /// open plus entries committed since, minus entries removed. Cheap (an atomic load), for
+    /// the outbox-depth metric. [`Store::outbox_len`] counts by scanning.
+    pub fn outbox_depth(&self) -> u64 {
+        self.outbox_entries.load(Ordering::Relaxed)
+    }
+
+    /// Number of undelivered outbox entries, counted by scanning the outbox.
     pub fn outbox_len(&self) -> Result<usize, StoreError> {
         let mut n = 0;
         for item in self.db.iterator_cf(self.cf(CF_OUTBOX), IteratorMode::Start) {
@@ -569,7 +633,9 @@ impl Store {
         Ok(n)
     }
 
-    /// Deletes delivered outbox entries.
+    /// Deletes delivered outbox entries. Each sequence must name an entry in the outbox
+    /// (an acknowledged delivery of an entry read from it or committed to it) and be removed
+    /// once: the running count of [`Store::outbox_depth`] relies on it.
     pub fn remove_outbox(&self, seqs: impl IntoIterator<Item = u64>) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         let ob = self.cf(CF_OUTBOX);
@@ -583,6 +649,12 @@ impl Store {
         self.db
             .write_opt(batch, &self.write_opts)
             .map_err(StoreError::Write)?;
+        // Saturating: a miscounted removal must not wrap the gauge to 2^64.
+        let _ = self
+            .outbox_entries
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.writes.fetch_add(n, Ordering::Relaxed);
         Ok(())
@@ -638,6 +710,39 @@ mod tests {
     }
 
     #[test]
+    fn the_outbox_depth_counts_entries_across_commits_removals_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+            assert_eq!(store.outbox_depth(), 0);
+            store
+                .commit([], [("t", 0, 1)], &[entry(1), entry(2), entry(3)])
+                .unwrap();
+            store.commit([], [("t", 0, 2)], &[]).unwrap();
+            assert_eq!(store.outbox_depth(), 3);
+            store.remove_outbox([1]).unwrap();
+            assert_eq!(store.outbox_depth(), 2);
+            // A crash here: two entries are left for the next run.
+        }
+        let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+        assert_eq!(
+            store.outbox_depth(),
+            2,
+            "initialised from the outbox at open"
+        );
+        assert_eq!(store.outbox_len().unwrap(), 2);
+        store.commit([], [], &[entry(4)]).unwrap();
+        assert_eq!(store.outbox_depth(), 3);
+        let seqs: Vec<u64> = store.outbox(10).unwrap().iter().map(|(s, _)| *s).collect();
+        store.remove_outbox(seqs).unwrap();
+        assert_eq!(store.outbox_depth(), 0);
+        assert_eq!(store.outbox_len().unwrap(), 0);
+        drop(store);
+        let ro = Store::open_read_only(dir.path()).unwrap();
+        assert_eq!(ro.outbox_depth(), 0);
+    }
+
+    #[test]
     fn a_store_of_another_format_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -652,6 +757,37 @@ mod tests {
             .unwrap();
         assert!(err.to_string().contains("forest-store-v0"), "{err}");
         assert!(!err.is_retriable());
+    }
+
+    #[test]
+    fn memory_settings_that_cannot_hold_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            block_cache_bytes: 64 << 20,
+            write_buffer_bytes: 64 << 20,
+            sync_writes: false,
+        };
+        let err = Store::open(dir.path(), &cfg).err().unwrap();
+        assert!(matches!(err, StoreError::Config(_)), "{err}");
+        assert!(err.to_string().contains("below the block cache"), "{err}");
+        assert!(!err.is_retriable());
+        let tiny = StoreConfig {
+            write_buffer_bytes: 1000,
+            ..cfg.clone()
+        };
+        assert!(tiny.validate().unwrap_err().contains("1 MiB"));
+        let ok = StoreConfig {
+            write_buffer_bytes: 16 << 20,
+            ..cfg
+        };
+        let store = Store::open(dir.path(), &ok).unwrap();
+        // The memtables' reservation is charged to the block cache: writing fills it.
+        let big = UserState::new("x".repeat(100));
+        for i in 0..2_000 {
+            store.commit([&big], [("t", 0, i)], &[]).unwrap();
+        }
+        assert!(store.cache.get_usage() > 0);
+        assert!(store.cache.get_usage() <= (64 << 20) + (1 << 20));
     }
 
     #[test]
