@@ -1,7 +1,7 @@
 //! `forest fulfilment` and `forest partners`: partner fulfilment against a real cluster, and a
 //! check of a partner file.
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use forest_fulfilment::{FulfilmentConfig, FulfilmentStats, FulfilmentTopics, PartnersSource};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +30,10 @@ pub struct FulfilmentArgs {
     /// Prefix for every topic name (e.g. an environment name).
     #[arg(long, env = "FOREST_TOPIC_PREFIX", default_value = "")]
     topic_prefix: String,
+    /// TreeMatured input topic, as given (default: PREFIX + forest.trees.v1): the
+    /// processor's --trees-topic.
+    #[arg(long, env = "FOREST_TREES_TOPIC")]
+    trees_topic: Option<String>,
     #[command(flatten)]
     partners: PartnersArg,
     /// Seconds between checks of the partner file for changes.
@@ -76,6 +80,10 @@ pub fn run(args: FulfilmentArgs) -> anyhow::Result<()> {
     cfg.group_id = args.group;
     // Same prefix as the processor's, so trees and dead letters meet.
     cfg.topics = FulfilmentTopics::prefixed(&args.topic_prefix);
+    if let Some(trees) = args.trees_topic {
+        forest_processor::check_topic_name(&trees).map_err(|e| anyhow!("--trees-topic: {e}"))?;
+        cfg.topics.trees = trees;
+    }
     cfg.partners = args.partners.source();
     // Fail at start-up on a bad partner file, with the file's own error.
     cfg.partners.load()?;

@@ -1,6 +1,6 @@
 //! `forest processor`: the processor against a real cluster.
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use forest_domain::RuleSet;
 use forest_processor::{ProcessorConfig, ProcessorStats, Topics};
 use std::path::PathBuf;
@@ -17,21 +17,41 @@ pub struct ProcessorArgs {
     /// RocksDB directory of this instance.
     #[arg(long, env = "FOREST_STORE", default_value = "forest-data/processor")]
     store: PathBuf,
-    /// Prefix for every topic name (e.g. an environment name).
+    /// Prefix for every topic name (e.g. an environment name); a topic named with its own
+    /// option (--trees-topic, ...) is taken as given, without the prefix.
     #[arg(long, env = "FOREST_TOPIC_PREFIX", default_value = "")]
     topic_prefix: String,
+    #[command(flatten)]
+    topics: TopicArgs,
     /// Consumer-group members in this process (threads sharing the store); one per core.
     #[arg(long, env = "FOREST_WORKERS", default_value_t = 1)]
     workers: usize,
     /// Records per committed batch.
     #[arg(long, env = "FOREST_BATCH_SIZE", default_value_t = 5_000)]
     batch_size: usize,
-    /// Users kept in the in-memory write-back cache.
+    /// Users kept in the in-memory write-back cache (least recently used evicted first).
     #[arg(long, env = "FOREST_CACHE_USERS", default_value_t = 1_000_000)]
     cache_users: usize,
-    /// RocksDB block cache, MiB.
+    /// Estimated memory the write-back cache may keep, MiB (whichever of this and
+    /// --cache-users is reached first bounds it).
+    #[arg(long, env = "FOREST_CACHE_MB", default_value_t = 1024)]
+    cache_mb: usize,
+    /// RocksDB block cache, MiB; includes the write buffers.
     #[arg(long, env = "FOREST_BLOCK_CACHE_MB", default_value_t = 256)]
     block_cache_mb: usize,
+    /// RocksDB memtable budget, MiB, charged to the block cache (so below --block-cache-mb);
+    /// writes wait for a flush when it is full.
+    #[arg(long, env = "FOREST_WRITE_BUFFER_MB", default_value_t = 128)]
+    write_buffer_mb: usize,
+    /// Records consumed and waiting in the co-partition merge before it releases records
+    /// without waiting for every lane.
+    #[arg(long, env = "FOREST_MERGE_BUFFER_RECORDS", default_value_t = 200_000)]
+    merge_buffer_records: usize,
+    /// Dead letters (key + value + headers) are cut to at most this many bytes, header
+    /// forest.truncated holding the original value length. Default: just below the
+    /// producer's message.max.bytes; set it lower if the DLQ topic's max.message.bytes is.
+    #[arg(long, env = "FOREST_DEAD_LETTER_MAX_BYTES")]
+    dead_letter_max_bytes: Option<usize>,
     /// Serve Prometheus metrics (/metrics) here; `off` to disable.
     #[arg(long, env = "FOREST_METRICS_ADDR", default_value = "0.0.0.0:9898")]
     metrics_addr: String,
@@ -63,13 +83,91 @@ pub struct ProcessorArgs {
     kafka_config: Vec<(String, String)>,
 }
 
+/// Per-topic names; each overrides the `--topic-prefix` default for its role.
+#[derive(clap::Args)]
+pub struct TopicArgs {
+    /// Payments input topic (default: PREFIX + forest.payments.v1).
+    #[arg(long, env = "FOREST_PAYMENTS_TOPIC")]
+    payments_topic: Option<String>,
+    /// Mobility input topic (default: PREFIX + forest.mobility.v1).
+    #[arg(long, env = "FOREST_MOBILITY_TOPIC")]
+    mobility_topic: Option<String>,
+    /// Commands input topic (default: PREFIX + forest.commands.v1).
+    #[arg(long, env = "FOREST_COMMANDS_TOPIC")]
+    commands_topic: Option<String>,
+    /// TreeMatured output topic (default: PREFIX + forest.trees.v1); the fulfilment's
+    /// --trees-topic must match.
+    #[arg(long, env = "FOREST_TREES_TOPIC")]
+    trees_topic: Option<String>,
+    /// Dead-letter topic (default: PREFIX + forest.dlq.v1).
+    #[arg(long, env = "FOREST_DLQ_TOPIC")]
+    dlq_topic: Option<String>,
+    /// Projection changelog topic, with --changelog (default: PREFIX +
+    /// forest.projections-changelog.v1).
+    #[arg(long, env = "FOREST_CHANGELOG_TOPIC")]
+    changelog_topic: Option<String>,
+}
+
+/// The topics from `--topic-prefix` and the per-topic options, validated; an error names the
+/// option to fix (`--topic-prefix` when the name came from it).
+pub fn topics(prefix: &str, args: &TopicArgs) -> anyhow::Result<Topics> {
+    let mut t = Topics::prefixed(prefix);
+    let given = [
+        (&mut t.payments, &args.payments_topic),
+        (&mut t.mobility, &args.mobility_topic),
+        (&mut t.commands, &args.commands_topic),
+        (&mut t.trees, &args.trees_topic),
+        (&mut t.dlq, &args.dlq_topic),
+        (&mut t.changelog, &args.changelog_topic),
+    ];
+    let mut explicit = Vec::new();
+    for (slot, name) in given {
+        explicit.push(name.is_some());
+        if let Some(n) = name {
+            *slot = n.clone();
+        }
+    }
+    let roles = t.by_role().map(|(role, _)| role);
+    let option = |role: &str| {
+        let i = roles.iter().position(|r| *r == role).unwrap_or(0);
+        if explicit[i] {
+            format!("--{role}-topic")
+        } else {
+            format!("--topic-prefix (the {role} topic's default name)")
+        }
+    };
+    t.validate().map_err(|e| match &e {
+        forest_processor::TopicError::Invalid { role, .. } => anyhow!("{}: {e}", option(role)),
+        forest_processor::TopicError::Shared { first, second, .. } => {
+            anyhow!("{} and {}: {e}", option(first), option(second))
+        }
+    })?;
+    Ok(t)
+}
+
 pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    if args.merge_buffer_records == 0 {
+        bail!("--merge-buffer-records must be at least 1");
+    }
+    if args.cache_mb == 0 {
+        bail!("--cache-mb must be at least 1");
+    }
+    if args.write_buffer_mb == 0 || args.write_buffer_mb >= args.block_cache_mb {
+        bail!(
+            "--write-buffer-mb must be at least 1 and below --block-cache-mb ({}): the write buffers are charged to the block cache",
+            args.block_cache_mb
+        );
+    }
+    if args.dead_letter_max_bytes.is_some_and(|b| b < 4096) {
+        bail!("--dead-letter-max-bytes must be at least 4096");
+    }
+    let topics = topics(&args.topic_prefix, &args.topics)?;
     let mut cfg = ProcessorConfig::new(args.brokers, args.store);
     cfg.group_id = args.group;
-    cfg.topics = Topics::prefixed(&args.topic_prefix);
+    cfg.topics = topics;
     cfg.batch_max_records = args.batch_size;
     cfg.workers = args.workers;
     cfg.changelog = args.changelog;
@@ -78,7 +176,11 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.state_retention = (args.state_retention_secs > 0)
         .then(|| std::time::Duration::from_secs(args.state_retention_secs));
     cfg.cache_users = args.cache_users;
+    cfg.cache_bytes = args.cache_mb << 20;
     cfg.store.block_cache_bytes = args.block_cache_mb << 20;
+    cfg.store.write_buffer_bytes = args.write_buffer_mb << 20;
+    cfg.max_buffered = args.merge_buffer_records;
+    cfg.dead_letter_max_bytes = args.dead_letter_max_bytes;
     cfg.kafka = args.kafka_config;
     cfg.rules = Arc::new(rules);
     let stats = Arc::new(ProcessorStats::default());

@@ -8,6 +8,8 @@ fn forest() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_forest"));
     c.env_remove("FOREST_BROKERS")
         .env_remove("FOREST_TOPIC_PREFIX")
+        .env_remove("FOREST_TREES_TOPIC")
+        .env_remove("FOREST_DLQ_TOPIC")
         .env("FOREST_LOG", "warn");
     c
 }
@@ -74,6 +76,136 @@ fn bad_flags_and_config_fail_with_what_to_fix() {
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(e.contains("p.toml") && e.contains("motto"), "{e}");
+}
+
+/// Topic names from the per-topic options, the environment and the config file are checked
+/// at start-up (Kafka's characters and length, no role sharing a topic), before any broker
+/// is contacted, and the error names the option to fix.
+#[test]
+fn topic_options_are_validated_and_errors_name_the_option() {
+    let long = "t".repeat(250);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["processor", "--brokers", "b", "--trees-topic", "my trees"],
+            "--trees-topic: the trees topic name is invalid: \"my trees\" contains ' '",
+        ),
+        (
+            &["processor", "--brokers", "b", "--payments-topic", ""],
+            "--payments-topic: the payments topic name is invalid: must not be empty",
+        ),
+        (
+            &["processor", "--brokers", "b", "--changelog-topic", &long],
+            "--changelog-topic: the changelog topic name is invalid",
+        ),
+        (
+            &["processor", "--brokers", "b", "--dlq-topic", ".."],
+            "--dlq-topic",
+        ),
+        (
+            &[
+                "processor",
+                "--brokers",
+                "b",
+                "--trees-topic",
+                "same",
+                "--dlq-topic",
+                "same",
+            ],
+            "--trees-topic and --dlq-topic: the trees and dlq topics are both \"same\"",
+        ),
+        (
+            &[
+                "processor",
+                "--brokers",
+                "b",
+                "--dlq-topic",
+                "forest.payments.v1",
+            ],
+            "--topic-prefix (the payments topic's default name) and --dlq-topic",
+        ),
+        (
+            &["processor", "--brokers", "b", "--topic-prefix", "env/"],
+            "--topic-prefix (the payments topic's default name): the payments topic name is invalid",
+        ),
+        (
+            &["fulfilment", "--brokers", "b", "--trees-topic", "trees?"],
+            "--trees-topic: \"trees?\" contains '?'",
+        ),
+        (
+            &["processor", "--brokers", "b", "--write-buffer-mb", "256"],
+            "--write-buffer-mb must be at least 1 and below --block-cache-mb (256)",
+        ),
+        (
+            &["processor", "--brokers", "b", "--merge-buffer-records", "0"],
+            "--merge-buffer-records must be at least 1",
+        ),
+        (
+            &[
+                "processor",
+                "--brokers",
+                "b",
+                "--dead-letter-max-bytes",
+                "10",
+            ],
+            "--dead-letter-max-bytes must be at least 4096",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = run(args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        let e = stderr(&o);
+        assert!(
+            e.contains(want),
+            "{args:?}: stderr should say {want:?}, got:\n{e}"
+        );
+    }
+    // The environment fallback...
+    let o = forest()
+        .args(["processor", "--brokers", "b"])
+        .env("FOREST_DLQ_TOPIC", "dead letters")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--dlq-topic: the dlq topic name is invalid"),
+        "{}",
+        stderr(&o)
+    );
+    // ...and the config file's keys, which are the long option names.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("forest.toml");
+    std::fs::write(
+        &p,
+        "[processor]\nbrokers = \"b\"\nmobility-topic = \"m\"\ncommands-topic = \"m\"\n",
+    )
+    .unwrap();
+    let o = run(&["--config", p.to_str().unwrap(), "processor"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--mobility-topic and --commands-topic"),
+        "{}",
+        stderr(&o)
+    );
+    // Every option is documented with its environment variable.
+    let help = String::from_utf8_lossy(&run(&["processor", "--help"]).stdout).into_owned();
+    for (flag, env) in [
+        ("--payments-topic", "FOREST_PAYMENTS_TOPIC"),
+        ("--mobility-topic", "FOREST_MOBILITY_TOPIC"),
+        ("--commands-topic", "FOREST_COMMANDS_TOPIC"),
+        ("--trees-topic", "FOREST_TREES_TOPIC"),
+        ("--dlq-topic", "FOREST_DLQ_TOPIC"),
+        ("--changelog-topic", "FOREST_CHANGELOG_TOPIC"),
+        ("--write-buffer-mb", "FOREST_WRITE_BUFFER_MB"),
+        ("--merge-buffer-records", "FOREST_MERGE_BUFFER_RECORDS"),
+        ("--cache-mb", "FOREST_CACHE_MB"),
+    ] {
+        assert!(
+            help.contains(flag) && help.contains(env),
+            "{flag} {env}:\n{help}"
+        );
+    }
+    let help = String::from_utf8_lossy(&run(&["fulfilment", "--help"]).stdout).into_owned();
+    assert!(help.contains("--trees-topic") && help.contains("FOREST_TREES_TOPIC"));
 }
 
 /// A free loopback port (bound, then released).

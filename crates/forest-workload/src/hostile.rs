@@ -41,10 +41,19 @@ pub enum Hostility {
     MissingEnvelope,
     /// A value of several hundred KiB (under Kafka's 1 MB default record limit).
     Oversized,
+    /// A value of about 1.04 MB: under Apache Kafka's default record-batch limit
+    /// (`max.message.bytes`, 1,048,588), so a producer with a raised `message.max.bytes` can
+    /// write it, but over librdkafka's default `message.max.bytes` (1,000,000), so its dead
+    /// letter (the value plus headers) cannot be produced whole. One per corpus.
+    NearBrokerLimit,
 }
 
+/// Length of the [`Hostility::NearBrokerLimit`] record's value, give or take the envelope:
+/// 1,040,000 bytes of merchant id.
+pub const NEAR_BROKER_LIMIT_BYTES: usize = 1_040_000;
+
 impl Hostility {
-    pub const ALL: [Hostility; 14] = [
+    pub const ALL: [Hostility; 15] = [
         Self::Truncated,
         Self::WrongWireType,
         Self::Garbage,
@@ -59,12 +68,15 @@ impl Hostility {
         Self::EmptyId,
         Self::MissingEnvelope,
         Self::Oversized,
+        Self::NearBrokerLimit,
     ];
 }
 
 /// `n` hostile records over the categories in turn, dated around `now_ms`. Oversized ones are
-/// capped at 1 in 2,000 and huge fields at 4 KiB, so 10,000 records stay near 5 MiB (the
-/// embedded broker keeps at most 5 MiB per partition).
+/// capped at 1 in 2,000, the near-limit one at one per corpus, and huge fields at 4 KiB, so
+/// 10,000 records stay near 6 MiB over the input partitions (the embedded broker keeps at
+/// most 5 MiB per partition). Writing the near-limit record needs a producer whose
+/// `message.max.bytes` is above 1,040,100.
 pub fn corpus(seed: u64, n: usize, now_ms: i64) -> Vec<(Hostility, Record)> {
     let mut g = Hostile {
         rng: ChaCha8Rng::seed_from_u64(seed ^ 0x4057_11e5),
@@ -76,6 +88,9 @@ pub fn corpus(seed: u64, n: usize, now_ms: i64) -> Vec<(Hostility, Record)> {
         .map(|i| {
             let mut h = Hostility::ALL[i % Hostility::ALL.len()];
             if h == Hostility::Oversized && i % 2_000 >= Hostility::ALL.len() {
+                h = Hostility::HugeField;
+            }
+            if h == Hostility::NearBrokerLimit && i >= Hostility::ALL.len() {
                 h = Hostility::HugeField;
             }
             (h, g.record(h))
@@ -326,6 +341,19 @@ impl Hostile {
                 }
                 .encode_to_vec()
             }
+            H::NearBrokerLimit => {
+                let env = self.envelope(&user);
+                pb::PaymentEvent {
+                    envelope: Some(env),
+                    kind: utility,
+                    amount: Some(pb::Money {
+                        amount_minor: 1_000,
+                        currency: "CNY".into(),
+                    }),
+                    merchant_id: "m".repeat(NEAR_BROKER_LIMIT_BYTES),
+                }
+                .encode_to_vec()
+            }
         };
         self.finish(topic, key, value)
     }
@@ -377,6 +405,13 @@ mod tests {
             assert!(verdict.is_err(), "{h:?} was accepted: {r:?}");
         }
         assert_eq!(seen.len(), Hostility::ALL.len(), "every category appears");
+        let near: Vec<_> = corpus
+            .iter()
+            .filter(|(h, _)| *h == Hostility::NearBrokerLimit)
+            .collect();
+        assert_eq!(near.len(), 1, "one near-limit record per corpus");
+        let len = near[0].1.value.len();
+        assert!((1_000_000..1_048_000).contains(&len), "{len}");
     }
 
     #[test]
