@@ -198,14 +198,15 @@ fn crash_at_several_points_then_restart_loses_and_doubles_nothing() {
 fn two_instances_split_the_partitions_and_one_leaves_mid_stream() {
     let b = TestBroker::new("rebalance");
     let started = Instant::now();
-    let records = produce(&b, workload(3, 100_000, 10_000));
+    let records = produce(&b, workload(3, 200_000, 20_000));
     let want = expected(&Default::default(), &records);
     let ends = end_offsets(&b, &records);
     let total = offsets_total(&ends, &ends);
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut ca = b.processor_config(da.path(), "g");
     let mut cb = b.processor_config(db.path(), "g");
-    // Small batches, so both instances are mid-stream when A leaves.
+    // Small batches and 200,000 records, so both instances are mid-stream when A leaves
+    // (joining the group can take seconds, while A alone already works).
     ca.batch_max_records = 200;
     cb.batch_max_records = 200;
     let a = start(ca);
@@ -225,6 +226,7 @@ fn two_instances_split_the_partitions_and_one_leaves_mid_stream() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    let both_at = started.elapsed().as_secs_f64();
     let a_owned = a.stats.health.assigned();
     let a_stats = a.stats.clone();
     a.stop().expect("A leaves gracefully");
@@ -248,7 +250,7 @@ fn two_instances_split_the_partitions_and_one_leaves_mid_stream() {
         "B saw assign, revoke, assign: {rebalances}"
     );
     eprintln!(
-        "rebalance: A owned {a_owned} partitions and left at {at_stop} of {total} records; {}; {:.1} s",
+        "rebalance: A owned {a_owned} partitions and left at {at_stop} of {total} records ({both_at:.1} s in); {}; {:.1} s",
         check(&b, db.path(), &want),
         started.elapsed().as_secs_f64()
     );
