@@ -75,9 +75,9 @@ fn print_user(s: &UserState, rules: &RuleSet) {
     for c in &s.recent_credits {
         // The rule that made the credit, as stored with it: the loaded rules file may be a later
         // version that names or numbers rules differently.
-        let (rule, version) = s.note_rule(c).map_or(("?", "?"), |r| {
-            (r.rule_id.as_str(), r.rules_version.as_str())
-        });
+        let (rule, version) = s
+            .note_rule(c)
+            .map_or(("?", "?"), |r| (&*r.rule_id, &*r.rules_version));
         let why = match c.limited_by {
             None => "full credit".to_string(),
             Some(l) => format!("limited: {l}"),

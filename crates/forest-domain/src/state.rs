@@ -10,6 +10,7 @@ use forest_proto::v1::TreeMatured;
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 const DAY_MS: i64 = 86_400_000;
 /// Below this many remembered ids a linear scan beats hashing; above it an index is built.
@@ -330,11 +331,9 @@ pub struct UserState {
     /// checked before use.
     #[serde(skip)]
     counter_hints: Derived<CounterHints>,
-    /// [`note_key`] of each of the first [`RECENT_CREDITS`] `credit_rules` entries, so that a
-    /// credit finds its entry by comparing integers held in the projection itself, without
-    /// reading the entries' strings. `None` until first needed (after a load).
+    /// Keys and reference counts of the first `credit_rules` entries: see [`RuleCache`].
     #[serde(skip)]
-    rule_keys: Derived<Option<[u64; RECENT_CREDITS]>>,
+    rule_cache: Derived<RuleCache>,
 }
 
 const COUNTER_HINTS: usize = 2 * Behaviour::COUNT;
@@ -367,11 +366,36 @@ pub struct CreditNote {
     pub limited_by: Option<NoteLimit>,
 }
 
+/// What the fold needs to pick a `credit_rules` entry for a new credit, held in the projection
+/// itself so that it reads neither the entries' strings nor the other notes (cold memory for
+/// most users): each entry's [`note_key`] and how many kept notes refer to it. Derived from
+/// `credit_rules` and `recent_credits`; rebuilt when first needed after a load.
+#[derive(Debug, Clone, Copy, Default)]
+struct RuleCache {
+    valid: bool,
+    keys: [u64; RECENT_CREDITS],
+    refs: [u8; RECENT_CREDITS],
+}
+
 /// The identity of the rule behind stored credits: see [`UserState::credit_rules`].
+///
+/// The strings are shared with the [`RuleSet`] that made the credits (an `Arc` clone, no copy),
+/// so a projection costs one small table, not a string allocation per entry: the fold is
+/// memory-bound, and per-user heap blocks slow every user down. Stored as plain strings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NoteRule {
-    pub rules_version: String,
-    pub rule_id: String,
+    #[serde(serialize_with = "ser_str", deserialize_with = "de_str")]
+    pub rules_version: Arc<str>,
+    #[serde(serialize_with = "ser_str", deserialize_with = "de_str")]
+    pub rule_id: Arc<str>,
+}
+
+fn ser_str<S: serde::Serializer>(s: &Arc<str>, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s)
+}
+
+fn de_str<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Arc<str>, D::Error> {
+    String::deserialize(de).map(Arc::from)
 }
 
 /// Why a stored credit was below its raw grams.
@@ -484,33 +508,19 @@ impl UserState {
 
     /// The `credit_rules` index of `rule` (of the rules version `version`), adding it if no
     /// entry has it. Called with at most `RECENT_CREDITS - 1` notes kept, so one of the first
-    /// `RECENT_CREDITS` entries is always free to reuse once the table is that long; reusing
-    /// copies the strings into the entry's buffers, so a user's steady state allocates nothing.
-    fn intern_rule(&mut self, version: &str, rule: &Rule) -> u8 {
+    /// `RECENT_CREDITS` entries is always free to reuse once the table is that long, and a
+    /// user's steady state allocates nothing.
+    fn intern_rule(&mut self, version: &Arc<str>, rule: &Rule) -> u8 {
         let n = self.credit_rules.len().min(RECENT_CREDITS);
-        let rules = &self.credit_rules;
-        let keys = self.rule_keys.0.get_or_insert_with(|| {
-            let mut k = [0; RECENT_CREDITS];
-            for (k, r) in k.iter_mut().zip(rules) {
-                *k = note_key(&r.rules_version, &r.rule_id);
-            }
-            k
-        });
-        if let Some(i) = keys[..n].iter().position(|&k| k == rule.note_key) {
-            // Bounded by RECENT_CREDITS (5), so it fits in a u8.
-            return i as u8;
+        let cache = self.rule_cache();
+        if let Some(i) = cache.keys[..n].iter().position(|&k| k == rule.note_key) {
+            return i as u8; // < RECENT_CREDITS
         }
-        let mut used = 0u32;
-        for c in &self.recent_credits {
-            used |= 1u32.checked_shl(u32::from(c.rule)).unwrap_or(0);
-        }
-        let i = match (0..n).find(|&i| used & (1 << i) == 0) {
+        let i = match (0..n).find(|&i| cache.refs[i] == 0) {
             Some(i) => {
                 let e = &mut self.credit_rules[i];
-                e.rules_version.clear();
-                e.rules_version.push_str(version);
-                e.rule_id.clear();
-                e.rule_id.push_str(&rule.id);
+                e.rules_version = Arc::clone(version);
+                e.rule_id = Arc::clone(&rule.shared_id);
                 i
             }
             None => {
@@ -518,16 +528,60 @@ impl UserState {
                     self.credit_rules.reserve_exact(RECENT_CREDITS);
                 }
                 self.credit_rules.push(NoteRule {
-                    rules_version: version.to_owned(),
-                    rule_id: rule.id.clone(),
+                    rules_version: Arc::clone(version),
+                    rule_id: Arc::clone(&rule.shared_id),
                 });
                 self.credit_rules.len() - 1
             }
         };
-        if let Some(k) = keys.get_mut(i) {
+        if let Some(k) = self.rule_cache.0.keys.get_mut(i) {
             *k = rule.note_key;
         }
         u8::try_from(i).unwrap_or(u8::MAX)
+    }
+
+    /// The [`RuleCache`], rebuilt from the stored fields if this projection was just loaded.
+    fn rule_cache(&mut self) -> &mut RuleCache {
+        let c = &mut self.rule_cache.0;
+        if !c.valid {
+            *c = RuleCache {
+                valid: true,
+                ..RuleCache::default()
+            };
+            for (k, r) in c.keys.iter_mut().zip(&self.credit_rules) {
+                *k = note_key(&r.rules_version, &r.rule_id);
+            }
+            for n in &self.recent_credits {
+                if let Some(r) = c.refs.get_mut(usize::from(n.rule)) {
+                    *r += 1;
+                }
+            }
+        }
+        c
+    }
+
+    /// Keeps `note` as the newest credit explanation, dropping the oldest past
+    /// [`RECENT_CREDITS`]; `note.rule` is set here.
+    fn push_note(&mut self, version: &Arc<str>, rule: &Rule, mut note: CreditNote) {
+        if self.recent_credits.len() >= RECENT_CREDITS {
+            if let Some(old) = self.recent_credits.pop_front() {
+                let c = &mut self.rule_cache.0;
+                if c.valid {
+                    if let Some(r) = c.refs.get_mut(usize::from(old.rule)) {
+                        *r = r.saturating_sub(1);
+                    }
+                }
+            }
+        } else if self.recent_credits.capacity() == 0 {
+            // It fills up to exactly this size: allocate once.
+            self.recent_credits.reserve_exact(RECENT_CREDITS);
+        }
+        // After the pop: the evicted note's entry may be reused.
+        note.rule = self.intern_rule(version, rule);
+        if let Some(r) = self.rule_cache.0.refs.get_mut(usize::from(note.rule)) {
+            *r += 1;
+        }
+        self.recent_credits.push_back(note);
     }
 
     /// Where the counter of `behaviour` in `bucket` is. There is at most one per pair, and the
@@ -592,6 +646,13 @@ impl UserState {
                 Bucket::Day(d) => d >= day,
                 Bucket::Month(m) => m >= month,
             });
+        }
+    }
+
+    /// Forget day quantities of days before the horizon's: no acceptable event falls in them.
+    /// Only called when an event opens a day (so it touches `day_quantities` anyway).
+    fn prune_day_quantities(&mut self, horizon_ms: i64, tz: Tz) {
+        if let Some(((day, _), _)) = shared_day_of(tz, horizon_ms) {
             self.day_quantities.retain(|q| q.day >= day);
         }
     }
@@ -603,9 +664,6 @@ impl UserState {
     fn prefetch(&self, event: &Event) {
         if let Some(front) = self.recent_ids.front() {
             prefetch(front);
-        }
-        if let Some(back) = self.recent_credits.back() {
-            prefetch(back);
         }
         if let Action::Credit { behaviour, .. } = event.action {
             let hint = usize::from(self.counter_hints.0.0[2 * behaviour.index()]);
@@ -756,6 +814,7 @@ impl RuleSet {
         }
         let mut outcome = Outcome::default();
         let mut opened = false;
+        let mut opened_day = false;
         match (&event.action, rule) {
             (
                 Action::Credit {
@@ -779,7 +838,7 @@ impl RuleSet {
                         match ix {
                             Some(ix) => state.day_quantities[ix] = new,
                             None => {
-                                opened = true;
+                                opened_day = true;
                                 state.day_quantities.push(new);
                             }
                         }
@@ -850,22 +909,18 @@ impl RuleSet {
                     state.balance_g += credited;
                     state.lifetime_g += credited;
                 }
-                if state.recent_credits.len() >= RECENT_CREDITS {
-                    state.recent_credits.pop_front();
-                } else if state.recent_credits.capacity() == 0 {
-                    // It fills up to exactly this size: allocate once.
-                    state.recent_credits.reserve_exact(RECENT_CREDITS);
-                }
-                // After the pop: the evicted note's entry may be reused.
-                let note_rule = state.intern_rule(&self.version, rule);
-                state.recent_credits.push_back(CreditNote {
-                    event_ms: t,
-                    behaviour: *behaviour,
-                    rule: note_rule,
-                    raw_g: raw,
-                    credited_g: credited,
-                    limited_by: limited_by.map(NoteLimit::from),
-                });
+                state.push_note(
+                    &self.shared_version,
+                    rule,
+                    CreditNote {
+                        event_ms: t,
+                        behaviour: *behaviour,
+                        rule: 0,
+                        raw_g: raw,
+                        credited_g: credited,
+                        limited_by: limited_by.map(NoteLimit::from),
+                    },
+                );
                 outcome.credit = Some(Credit {
                     behaviour: *behaviour,
                     rules_version: &self.version,
@@ -887,6 +942,9 @@ impl RuleSet {
             // Counters change bucket at most once a day per behaviour: prune only then.
             if opened {
                 state.prune_counters(h, tz);
+            }
+            if opened_day {
+                state.prune_day_quantities(h, tz);
             }
         }
 
@@ -1446,8 +1504,8 @@ mod tests {
                 let r = back.note_rule(n).unwrap();
                 (
                     n.behaviour,
-                    r.rules_version.clone(),
-                    r.rule_id.clone(),
+                    r.rules_version.to_string(),
+                    r.rule_id.to_string(),
                     n.credited_g,
                 )
             })
@@ -1498,8 +1556,8 @@ mod tests {
             );
             for n in &s.recent_credits {
                 let nr = s.note_rule(n).unwrap();
-                assert_eq!(nr.rule_id, r.rule(n.behaviour).unwrap().id);
-                assert_eq!(nr.rules_version, r.version);
+                assert_eq!(*nr.rule_id, r.rule(n.behaviour).unwrap().id);
+                assert_eq!(*nr.rules_version, r.version);
             }
         }
     }
