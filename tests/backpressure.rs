@@ -1,0 +1,113 @@
+//! Backpressure on the mock cluster: a slow output topic holds consumption back and memory
+//! stays bounded. Its own test binary (one test, one process), so the process's RSS it samples
+//! is not another test's.
+
+use forest_tests::*;
+use std::time::{Duration, Instant};
+
+const CATCH_UP: Duration = Duration::from_secs(300);
+
+/// Backpressure: the output topics' broker becomes slow (1 s round trips) for 12 s while
+/// plenty of input is waiting. The processor waits for each batch's outputs before reading
+/// on, so the records it has consumed but not committed stay within what its configuration
+/// allows (a batch, the merge buffer's bound and one poll round), and the process's memory
+/// does not grow with the backlog. Afterwards it catches up and every invariant holds.
+#[test]
+fn a_slow_output_broker_holds_consumption_back_and_memory_stays_bounded() {
+    use rdkafka::mocking::MockCoordinator;
+    // Always the mock cluster (two brokers: inputs and the group on broker 1, outputs on 2).
+    let b = TestBroker::embedded_cluster("backpressure", 2);
+    let started = Instant::now();
+    let cluster = b.embedded.as_ref().expect("embedded broker").cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = b.processor_config(dir.path(), "g");
+    cfg.max_buffered = 50_000;
+    for (topics, broker) in [
+        (
+            vec![&b.topics.payments, &b.topics.mobility, &b.topics.commands],
+            1,
+        ),
+        (vec![&b.topics.trees, &b.topics.dlq, &b.topics.changelog], 2),
+    ] {
+        for t in topics {
+            for p in 0..PARTITIONS {
+                cluster
+                    .partition_leader(t, p, Some(broker))
+                    .expect("partition leader");
+            }
+        }
+    }
+    cluster
+        .coordinator(MockCoordinator::Group(cfg.group_id.clone()), 1)
+        .expect("group coordinator");
+    let records = produce(&b, workload(81, 300_000, 30_000));
+    let want = expected(&Default::default(), &records);
+    let ends = end_offsets(&b, &records);
+    // Consumed but not durably committed, at most: the open batch, the merge buffer's bound
+    // and one poll round (the consumer loop reads up to max(batch, 5,000) records per round).
+    let bound =
+        (cfg.batch_max_records + cfg.max_buffered + cfg.batch_max_records.max(5_000)) as u64;
+    // Memory: the processor's buffers hold at most `bound` records (~200 B each with their
+    // allocations: ~11 MB) and librdkafka's prefetch is capped by its queue settings; the
+    // 240,000-record backlog buffered in the process would take ~50 MB more. Measured growth
+    // was ~20 MB; the bound allows 64 MB. (The counter check above is the precise one.)
+    const RSS_GROWTH_BOUND: u64 = 64 << 20;
+    let get = forest_processor::ProcessorStats::get;
+    let p = start(cfg);
+    wait_until("the processor is under way", CATCH_UP, || {
+        get(&p.stats.committed_records) >= 20_000
+    });
+    let rss0 = rss_bytes();
+    let committed0 = get(&p.stats.committed_records);
+    cluster
+        .broker_round_trip_time(2, Duration::from_millis(1_000))
+        .expect("slow output broker");
+    let slow = Instant::now();
+    let (mut max_lag, mut max_rss, mut samples) = (0u64, rss0, 0);
+    while slow.elapsed() < Duration::from_secs(12) {
+        let lag = get(&p.stats.consumed).saturating_sub(get(&p.stats.committed_records));
+        max_lag = max_lag.max(lag);
+        max_rss = max_rss.max(rss_bytes());
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let committed1 = get(&p.stats.committed_records);
+    let consumed1 = get(&p.stats.consumed);
+    cluster
+        .broker_round_trip_time(2, Duration::ZERO)
+        .expect("output broker back to normal");
+    wait_caught_up(&[&p.stats], &ends, CATCH_UP);
+    let stats = p.stats.clone();
+    p.stop().expect("graceful stop");
+    eprintln!(
+        "backpressure: {samples} samples in 12 s of 1 s output round trips: committed {committed0} -> {committed1}, consumed {consumed1} of {}; consumed-uncommitted at most {max_lag} (bound {bound}); RSS {} MB -> at most {} MB (growth bound {} MB)",
+        records.len(),
+        rss0 >> 20,
+        max_rss >> 20,
+        RSS_GROWTH_BOUND >> 20
+    );
+    assert!(
+        consumed1 < records.len() as u64 && committed1 < records.len() as u64,
+        "the slow phase ended with input still waiting (consumed {consumed1})"
+    );
+    assert!(
+        committed1 - committed0 < (records.len() as u64 - committed0) / 2,
+        "the output broker was slow: {} records committed in 12 s",
+        committed1 - committed0
+    );
+    assert!(
+        max_lag <= bound,
+        "consumed but uncommitted records reached {max_lag}, above {bound}"
+    );
+    assert!(
+        max_rss.saturating_sub(rss0) <= RSS_GROWTH_BOUND,
+        "RSS grew by {} MB while the output was slow",
+        (max_rss - rss0) >> 20
+    );
+    check_stats(&stats, &want, records.len());
+    eprintln!(
+        "backpressure: {}; {:.1} s",
+        check_exact(&b, dir.path(), &want),
+        started.elapsed().as_secs_f64()
+    );
+}
