@@ -45,7 +45,7 @@ fn projections_trees_and_dead_letters_match_the_pure_fold() {
     check_stats(&stats, &want, records.len());
     let summary = check_exact(&b, dir.path(), &want);
     eprintln!(
-        "e2e on {}: {} records ({} users with a projection; produced in {produced_s:.1} s) processed in {secs:.1} s = {:.0} records/s, at most {max_uncommitted} consumed and uncommitted; rejections {:?}; {summary}; whole test {:.1} s",
+        "e2e on {}: {} records ({} users with a projection; produced in {produced_s:.1} s) processed in {secs:.1} s = {:.0} records/s, at most {max_uncommitted} consumed and uncommitted; credits by behaviour {:?}; rejections {:?}; {summary}; whole test {:.1} s",
         if b.is_real() {
             "Apache Kafka"
         } else {
@@ -54,6 +54,7 @@ fn projections_trees_and_dead_letters_match_the_pure_fold() {
         records.len(),
         want.states.len(),
         records.len() as f64 / secs,
+        want.credits_by_behaviour,
         want.rejections,
         t0.elapsed().as_secs_f64(),
     );
