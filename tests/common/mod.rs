@@ -8,14 +8,14 @@
 
 use forest_domain::{Behaviour, Event, InputKind, Malformed, Rejection, RuleSet, UserState};
 use forest_fulfilment::{FulfilmentConfig, FulfilmentStats, FulfilmentTopics, PartnersSource};
-use forest_kafka::{client_config, ensure_topics, headers, EmbeddedBroker};
+use forest_kafka::{EmbeddedBroker, client_config, ensure_topics, headers};
 use forest_processor::{ProcessorConfig, ProcessorStats, Shutdown, Topics};
 use forest_workload::{Generator, WorkloadConfig};
 use prost::Message as _;
+use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::ClientContext;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
