@@ -443,6 +443,7 @@ pub fn check_stats(stats: &ProcessorStats, want: &Expected, records: usize) {
         ("deduplicated", get(&stats.deduplicated)),
         ("dead_lettered", get(&stats.dead_lettered)),
         ("trees", get(&stats.trees)),
+        ("merge_early_releases", get(&stats.merge_early_releases)),
     ];
     let want_counts = [
         ("consumed", records as u64),
@@ -452,6 +453,8 @@ pub fn check_stats(stats: &ProcessorStats, want: &Expected, records: usize) {
         ("deduplicated", want.duplicates),
         ("dead_lettered", want.dead_letters.len() as u64),
         ("trees", want.tree_count),
+        // Every record in the canonical merge order, which is what the fold assumes.
+        ("merge_early_releases", 0),
     ];
     assert_eq!(got, want_counts, "processor counters vs the pure fold");
     assert_eq!(rejections, want.rejections, "rejections by reason");

@@ -335,6 +335,9 @@ pub struct ProcessorStats {
     /// Input records applied or rejected and durably committed.
     pub committed_records: AtomicU64,
     pub rebalances: AtomicU64,
+    /// Records the co-partition merge released out of the canonical order (a lane idle past
+    /// `max_idle`, or the merge buffer over its bound): 0 in a healthy run.
+    pub merge_early_releases: AtomicU64,
     /// Time from each record's Kafka timestamp to its batch being durable and its outputs
     /// acknowledged: produce-to-projection latency when producers stamp records with the time
     /// they send them.

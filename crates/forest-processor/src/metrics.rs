@@ -20,6 +20,7 @@ pub const REBALANCES: &str = "forest_rebalances_total";
 pub const MERGE_BUFFERED: &str = "forest_merge_buffered_records";
 pub const EVENT_LATENCY: &str = "forest_event_latency_seconds";
 pub const OFFSET_GAPS: &str = "forest_input_offset_gaps_total";
+pub const MERGE_EARLY_RELEASES: &str = "forest_merge_early_releases_total";
 pub const KAFKA_COMMIT: &str = "forest_kafka_commit_duration_seconds";
 pub const RESTORED_USERS: &str = "forest_restored_projections_total";
 pub const RESTORE_DURATION: &str = "forest_restore_duration_seconds";
@@ -119,6 +120,11 @@ pub fn describe() {
         REBALANCES,
         Unit::Count,
         "Consumer-group rebalances, by kind (assign, revoke)."
+    );
+    describe_counter!(
+        MERGE_EARLY_RELEASES,
+        Unit::Count,
+        "Records the co-partition merge released while a lane of their partition was empty and behind its high watermark, by reason (idle: the lane delivered nothing for max_idle; buffer_full: the merge buffer was over its bound). Their order is not the canonical one a replay gives: non-zero means events may have been rejected as too late that a replay would accept."
     );
     describe_counter!(
         OFFSET_GAPS,

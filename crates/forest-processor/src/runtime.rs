@@ -360,6 +360,81 @@ fn commit_kafka(consumer: &BaseConsumer<Ctx>, core: &Core, mode: CommitMode) {
 
 /// librdkafka's cached high watermark of a partition (from the last fetch response); no
 /// broker round trip.
+/// Per-lane fetch pausing: keeps the merge buffer under its bound without giving up the
+/// canonical merge order.
+///
+/// Lanes fill unevenly (librdkafka fetches some partitions of a broker before others), and the
+/// merge holds a partition's full lanes until its empty ones deliver. Past `max_buffered` the
+/// merge stops waiting and releases out of order ([`crate::merge::Merger::drain`]), which
+/// can reject as too late events that a replay would accept (seen in a 400 K-event test
+/// under load). So from three quarters of the bound, the lanes that already hold records are
+/// paused: fetching goes to the lanes the merge waits for, and the buffer drains. A paused
+/// lane resumes when its buffer is empty (the merge needs it), or all do once the buffer is
+/// down to half the bound. Lanes that are empty are never paused, so this cannot starve the
+/// merge; a lane that delivers nothing at all still gives way after `max_idle`.
+#[derive(Default)]
+struct LanePauses {
+    paused: rustc_hash::FxHashSet<(u8, i32)>,
+    /// The rebalance generation the pauses were made in: an assignment starts over.
+    generation: u64,
+}
+
+impl LanePauses {
+    fn update(
+        &mut self,
+        consumer: &BaseConsumer<Ctx>,
+        merger: &crate::merge::Merger,
+        max_buffered: usize,
+        topics: &[String],
+        generation: u64,
+    ) {
+        let mut resume: Vec<(u8, i32)> = Vec::new();
+        if generation != self.generation {
+            self.generation = generation;
+            resume.extend(self.paused.drain());
+        }
+        let buffered = merger.buffered();
+        let mut pause = Vec::new();
+        if buffered >= max_buffered - max_buffered / 4 {
+            pause.extend(
+                merger
+                    .lanes_with_records()
+                    .filter(|l| self.paused.insert(*l)),
+            );
+        }
+        if buffered <= max_buffered / 2 {
+            resume.extend(self.paused.drain());
+        } else {
+            self.paused.retain(|&(t, p)| {
+                let keep = merger.lane_len(t, p) > 0;
+                if !keep {
+                    resume.push((t, p));
+                }
+                keep
+            });
+        }
+        let tpl = |lanes: &[(u8, i32)]| {
+            let mut tpl = TopicPartitionList::new();
+            for &(t, p) in lanes {
+                tpl.add_partition(&topics[t as usize], p);
+            }
+            tpl
+        };
+        if !pause.is_empty() {
+            if let Err(e) = consumer.pause(&tpl(&pause)) {
+                tracing::warn!(error = %e, lanes = pause.len(), "pausing full merge lanes failed");
+            }
+        }
+        if !resume.is_empty() {
+            // After a rebalance some of these may no longer be assigned: librdkafka reports
+            // them per partition, which is harmless.
+            if let Err(e) = consumer.resume(&tpl(&resume)) {
+                tracing::warn!(error = %e, lanes = resume.len(), "resuming merge lanes failed");
+            }
+        }
+    }
+}
+
 fn cached_high_watermark(
     consumer: &BaseConsumer<Ctx>,
     topic: &CString,
@@ -700,6 +775,8 @@ fn consume_loop(
     let (mut t_poll, mut t_drain, mut t_commit) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let topics: Vec<String> = lock(core).inputs.iter().map(|(n, _)| n.clone()).collect();
     let mut polled: Vec<Rec> = Vec::with_capacity(cfg.batch_max_records);
+    let mut pauses = LanePauses::default();
+    let mut early_counted = 0;
     while !shutdown.load(Ordering::Relaxed) && !halt.load(Ordering::Relaxed) {
         if last_export.elapsed() >= Duration::from_secs(5) {
             last_export = std::time::Instant::now();
@@ -721,6 +798,7 @@ fn consume_loop(
                 applied = ctx.stats.applied.load(Ordering::Relaxed),
                 buffered = c.merger.buffered(),
                 offset_gaps = c.merger.gaps(),
+                early_releases = c.merger.early_releases(),
                 lanes = ?c.merger.lanes(),
                 poll_s = t_poll.as_secs_f64(),
                 drain_s = t_drain.as_secs_f64(),
@@ -808,6 +886,14 @@ fn consume_loop(
         t_commit += t2.elapsed();
         if committed {
             commit_kafka(consumer, &c, CommitMode::Async);
+        }
+        pauses.update(consumer, &c.merger, cfg.max_buffered, &topics, generation);
+        let early = c.merger.early_releases();
+        if early > early_counted {
+            ctx.stats
+                .merge_early_releases
+                .fetch_add(early - early_counted, Ordering::Relaxed);
+            early_counted = early;
         }
     }
     Ok(())

@@ -134,6 +134,21 @@ impl Hostile {
         .encode_to_vec()
     }
 
+    /// A valid CNY 10 payment whose merchant id is `len` bytes: too big to be an event, and
+    /// big enough to test size limits on the way to the dead-letter topic.
+    fn long_merchant_payment(&mut self, user: &str, kind: i32, len: usize) -> Vec<u8> {
+        pb::PaymentEvent {
+            envelope: Some(self.envelope(user)),
+            kind,
+            amount: Some(pb::Money {
+                amount_minor: 1_000,
+                currency: "CNY".into(),
+            }),
+            merchant_id: "m".repeat(len),
+        }
+        .encode_to_vec()
+    }
+
     fn walking(&mut self, env: pb::Envelope, steps: i64, period: i32) -> Vec<u8> {
         pb::MobilityEvent {
             envelope: Some(env),
@@ -329,30 +344,11 @@ impl Hostile {
                 }
             },
             H::Oversized => {
-                let env = self.envelope(&user);
-                pb::PaymentEvent {
-                    envelope: Some(env),
-                    kind: utility,
-                    amount: Some(pb::Money {
-                        amount_minor: 1_000,
-                        currency: "CNY".into(),
-                    }),
-                    merchant_id: "m".repeat(self.rng.random_range(100_000..600_000)),
-                }
-                .encode_to_vec()
+                let len = self.rng.random_range(100_000..600_000);
+                self.long_merchant_payment(&user, utility, len)
             }
             H::NearBrokerLimit => {
-                let env = self.envelope(&user);
-                pb::PaymentEvent {
-                    envelope: Some(env),
-                    kind: utility,
-                    amount: Some(pb::Money {
-                        amount_minor: 1_000,
-                        currency: "CNY".into(),
-                    }),
-                    merchant_id: "m".repeat(NEAR_BROKER_LIMIT_BYTES),
-                }
-                .encode_to_vec()
+                self.long_merchant_payment(&user, utility, NEAR_BROKER_LIMIT_BYTES)
             }
         };
         self.finish(topic, key, value)
