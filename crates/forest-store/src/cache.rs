@@ -31,6 +31,14 @@ pub fn estimate_bytes(s: &UserState) -> usize {
         + s.counters.capacity() * size_of::<forest_domain::Counter>()
         + s.recent_ids.capacity() * 2 * size_of::<(i64, u64)>()
         + s.recent_credits.capacity() * size_of::<forest_domain::CreditNote>()
+        // The rule table's strings are shared with the loaded rules when the fold made them,
+        // and the table's own after a load; counted as its own (at most a few entries).
+        + s.credit_rules.capacity() * size_of::<forest_domain::NoteRule>()
+        + s.credit_rules
+            .iter()
+            .map(|r| r.rules_version.len() + r.rule_id.len())
+            .sum::<usize>()
+        + s.day_quantities.capacity() * size_of::<forest_domain::DayQuantity>()
 }
 
 /// Hot users' projections in memory. Reads fall through to RocksDB on a miss; writes stay in
