@@ -62,15 +62,7 @@ fn a_slow_output_broker_holds_consumption_back_and_memory_stays_bounded() {
     cluster
         .broker_round_trip_time(2, Duration::from_millis(1_000))
         .expect("slow output broker");
-    let slow = Instant::now();
-    let (mut max_lag, mut max_rss, mut samples) = (0u64, rss0, 0);
-    while slow.elapsed() < Duration::from_secs(12) {
-        let lag = get(&p.stats.consumed).saturating_sub(get(&p.stats.committed_records));
-        max_lag = max_lag.max(lag);
-        max_rss = max_rss.max(rss_bytes());
-        samples += 1;
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (max_lag, max_rss, samples) = sample_backlog(&p.stats, Duration::from_secs(12));
     let committed1 = get(&p.stats.committed_records);
     let consumed1 = get(&p.stats.consumed);
     cluster

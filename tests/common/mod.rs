@@ -777,6 +777,21 @@ pub fn commit_kafka_offsets(b: &TestBroker, group: &str, offsets: &BTreeMap<(Str
 }
 
 /// This process's resident set size in bytes (`VmRSS` of /proc/self/status).
+/// Samples a running processor every 50 ms for `phase`: the most records it held consumed
+/// but not durably committed, the largest RSS of this process, and the number of samples.
+pub fn sample_backlog(stats: &ProcessorStats, phase: Duration) -> (u64, u64, u32) {
+    let get = ProcessorStats::get;
+    let started = Instant::now();
+    let (mut max_lag, mut max_rss, mut samples) = (0u64, rss_bytes(), 0);
+    while started.elapsed() < phase {
+        max_lag = max_lag.max(get(&stats.consumed).saturating_sub(get(&stats.committed_records)));
+        max_rss = max_rss.max(rss_bytes());
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (max_lag, max_rss, samples)
+}
+
 pub fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
     status

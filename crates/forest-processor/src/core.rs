@@ -46,6 +46,7 @@ pub struct Core {
     producer: OutboxProducer,
     stats: Arc<ProcessorStats>,
     crash_at: Option<CrashPoint>,
+    store_write_delay_ms: Arc<std::sync::atomic::AtomicU64>,
     applied_in_run: u64,
     batches_in_run: u64,
     batch_max: usize,
@@ -181,6 +182,7 @@ impl Core {
             producer,
             stats,
             crash_at: cfg.crash_at,
+            store_write_delay_ms: Arc::clone(&cfg.store_write_delay_ms),
             applied_in_run: 0,
             batches_in_run: 0,
             batch_max: cfg.batch_max_records.max(1),
@@ -407,6 +409,10 @@ impl Core {
         };
         // Counted here, not from the store's totals, which other workers add to.
         let writes = (self.cache.dirty_len() + offsets.len() + outbox.len()) as u64;
+        let delay = self.store_write_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         let seqs = match self.cache.commit(&self.store, offsets, outbox) {
             Ok(s) => s,
             Err(e) => {

@@ -182,6 +182,10 @@ pub struct ProcessorConfig {
     pub kafka: Vec<(String, String)>,
     pub rules: Arc<RuleSet>,
     pub crash_at: Option<CrashPoint>,
+    /// Fault injection for tests: milliseconds to sleep before each store write (0: none).
+    /// Shared, so a test can make RocksDB "slow" for a while and then fast again, and check
+    /// that consumption waits rather than buffering the backlog. One relaxed load per batch.
+    pub store_write_delay_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Consumer-group members in this process, each on its own thread, sharing the store. The
     /// fold of one partition is sequential; more workers use more cores.
     pub workers: usize,
@@ -263,6 +267,7 @@ impl ProcessorConfig {
             kafka: Vec::new(),
             rules: Arc::new(RuleSet::default()),
             crash_at: None,
+            store_write_delay_ms: Arc::default(),
             dry_run: false,
             workers: 1,
             at_least_once_baseline: false,

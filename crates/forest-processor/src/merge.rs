@@ -93,6 +93,15 @@ impl Merger {
             .map_or(0, |l| l.buf.len())
     }
 
+    /// The next offset a lane expects (None if the lane is not assigned).
+    pub fn lane_position(&self, topic: u8, partition: i32) -> Option<i64> {
+        self.groups
+            .get(&partition)
+            .and_then(|l| l.get(topic as usize))
+            .and_then(Option::as_ref)
+            .map(|l| l.position)
+    }
+
     /// (topic, partition) of every lane holding buffered records: the ones to pause when the
     /// buffer is filling up, so that fetching goes to the lanes the merge waits for.
     pub fn lanes_with_records(&self) -> impl Iterator<Item = (u8, i32)> + '_ {

@@ -368,7 +368,8 @@ fn commit_kafka(consumer: &BaseConsumer<Ctx>, core: &Core, mode: CommitMode) {
 /// merge stops waiting and releases out of order ([`crate::merge::Merger::drain`]), which
 /// can reject as too late events that a replay would accept (seen in a 400 K-event test
 /// under load). So from three quarters of the bound, the lanes that already hold records are
-/// paused: fetching goes to the lanes the merge waits for, and the buffer drains. A paused
+/// paused and rewound to the offset they expect next (discarding what librdkafka already
+/// fetched for them): fetching goes to the lanes the merge waits for, and the buffer drains. A paused
 /// lane resumes when its buffer is empty (the merge needs it), or all do once the buffer is
 /// down to half the bound. Lanes that are empty are never paused, so this cannot starve the
 /// merge; a lane that delivers nothing at all still gives way after `max_idle`.
@@ -423,6 +424,23 @@ impl LanePauses {
         if !pause.is_empty() {
             if let Err(e) = consumer.pause(&tpl(&pause)) {
                 tracing::warn!(error = %e, lanes = pause.len(), "pausing full merge lanes failed");
+            }
+            // Pausing stops fetching, but records librdkafka already holds for those lanes
+            // would still be delivered (a whole partition's backlog, with our prefetch
+            // settings) and overflow the buffer. Seeking each paused lane to the offset the
+            // merge expects next discards them; they are fetched again on resume.
+            let mut seek = TopicPartitionList::new();
+            for &(t, p) in &pause {
+                if let Some(pos) = merger.lane_position(t, p) {
+                    if let Err(e) =
+                        seek.add_partition_offset(&topics[t as usize], p, Offset::Offset(pos))
+                    {
+                        tracing::warn!(error = %e, "seek list");
+                    }
+                }
+            }
+            if let Err(e) = consumer.seek_partitions(seek, Duration::from_secs(5)) {
+                tracing::warn!(error = %e, lanes = pause.len(), "rewinding paused merge lanes failed");
             }
         }
         if !resume.is_empty() {
@@ -776,6 +794,12 @@ fn consume_loop(
     let topics: Vec<String> = lock(core).inputs.iter().map(|(n, _)| n.clone()).collect();
     let mut polled: Vec<Rec> = Vec::with_capacity(cfg.batch_max_records);
     let mut pauses = LanePauses::default();
+    // Records the next poll round may take: unlimited below the pause mark; above it, only the
+    // buffer's remaining room (but a few hundred at least, so the lanes the merge waits for
+    // still arrive). Pausing alone does not bound the buffer: a lane resumed because it ran
+    // empty would refill with a whole poll round while the merge (slow store or outputs)
+    // releases only a batch per round.
+    let mut poll_budget = usize::MAX;
     let mut early_counted = 0;
     while !shutdown.load(Ordering::Relaxed) && !halt.load(Ordering::Relaxed) {
         if last_export.elapsed() >= Duration::from_secs(5) {
@@ -823,7 +847,7 @@ fn consume_loop(
         // runs then). A round reads at least a few thousand records even with small batches,
         // so every lane's queued records reach the merge.
         let mut consumer_idle = false;
-        for _ in 0..cfg.batch_max_records.max(5_000) {
+        for _ in 0..cfg.batch_max_records.max(5_000).min(poll_budget) {
             // The rebalance callback runs inside poll; the core lock is not held here (it is
             // taken once per poll round below, not per record).
             let got = consumer.poll(timeout);
@@ -888,6 +912,12 @@ fn consume_loop(
             commit_kafka(consumer, &c, CommitMode::Async);
         }
         pauses.update(consumer, &c.merger, cfg.max_buffered, &topics, generation);
+        let buffered = c.merger.buffered();
+        poll_budget = if buffered >= cfg.max_buffered - cfg.max_buffered / 4 {
+            cfg.max_buffered.saturating_sub(buffered).max(500)
+        } else {
+            usize::MAX
+        };
         let early = c.merger.early_releases();
         if early > early_counted {
             ctx.stats

@@ -1,0 +1,86 @@
+//! Backpressure from a slow RocksDB, on both brokers: while every store write takes a second,
+//! consumption waits and memory stays bounded. Its own test binary (one test, one process), so
+//! the process's RSS it samples is not another test's.
+
+use forest_tests::*;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+const CATCH_UP: Duration = Duration::from_secs(300);
+
+/// Every store write is delayed by 1 s for 12 s (the processor's fault-injection knob
+/// `store_write_delay_ms`) while plenty of input is waiting. The processor folds, writes and
+/// delivers a batch before it reads on, and the merge pauses full lanes, so the records it
+/// has consumed but not committed stay within its configuration (a batch, the merge buffer's
+/// bound and one poll round), and its memory does not grow with the backlog. Then the delay
+/// goes and every invariant holds.
+#[test]
+fn a_slow_store_holds_consumption_back_and_memory_stays_bounded() {
+    let b = TestBroker::new("slow-store");
+    let started = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    // The default merge buffer bound (200,000 records). With 50,000, as tests/backpressure.rs
+    // uses, a slow store still let the merge overflow its bound and release records out of
+    // the canonical order (see BENCHMARKS.md "Session 5"): a known limit, not asserted here.
+    let cfg = b.processor_config(dir.path(), "g");
+    let delay = cfg.store_write_delay_ms.clone();
+    let records = produce(&b, workload(83, 300_000, 30_000));
+    let want = expected(&Default::default(), &records);
+    let ends = end_offsets(&b, &records);
+    let bound =
+        (cfg.batch_max_records + cfg.max_buffered + cfg.batch_max_records.max(5_000)) as u64;
+    // As in tests/backpressure.rs: the processor's buffers hold at most `bound` records, and
+    // the whole 300,000-record input is ~60 MB once buffered with its allocations.
+    const RSS_GROWTH_BOUND: u64 = 64 << 20;
+    let get = forest_processor::ProcessorStats::get;
+    let p = start(cfg);
+    wait_until("the processor is under way", CATCH_UP, || {
+        get(&p.stats.committed_records) >= 20_000
+    });
+    let rss0 = rss_bytes();
+    let committed0 = get(&p.stats.committed_records);
+    delay.store(1_000, Ordering::Relaxed);
+    let (max_lag, max_rss, samples) = sample_backlog(&p.stats, Duration::from_secs(12));
+    let committed1 = get(&p.stats.committed_records);
+    let consumed1 = get(&p.stats.consumed);
+    delay.store(0, Ordering::Relaxed);
+    wait_caught_up(&[&p.stats], &ends, CATCH_UP);
+    let stats = p.stats.clone();
+    p.stop().expect("graceful stop");
+    eprintln!(
+        "slow store on {}: {samples} samples in 12 s of 1 s store writes: committed {committed0} -> {committed1}, consumed {consumed1} of {}; consumed-uncommitted at most {max_lag} (bound {bound}); RSS {} MB -> at most {} MB (growth bound {} MB)",
+        if b.is_real() {
+            "Apache Kafka"
+        } else {
+            "mock cluster"
+        },
+        records.len(),
+        rss0 >> 20,
+        max_rss >> 20,
+        RSS_GROWTH_BOUND >> 20
+    );
+    assert!(
+        consumed1 < records.len() as u64 && committed1 < records.len() as u64,
+        "the slow phase ended with input still waiting (consumed {consumed1})"
+    );
+    assert!(
+        committed1 - committed0 < (records.len() as u64 - committed0) / 2,
+        "the store was slow: {} records committed in 12 s",
+        committed1 - committed0
+    );
+    assert!(
+        max_lag <= bound,
+        "consumed but uncommitted records reached {max_lag}, above {bound}"
+    );
+    assert!(
+        max_rss.saturating_sub(rss0) <= RSS_GROWTH_BOUND,
+        "RSS grew by {} MB while the store was slow",
+        (max_rss - rss0) >> 20
+    );
+    check_stats(&stats, &want, records.len());
+    eprintln!(
+        "slow store: {}; {:.1} s",
+        check_exact(&b, dir.path(), &want),
+        started.elapsed().as_secs_f64()
+    );
+}
