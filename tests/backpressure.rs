@@ -57,44 +57,28 @@ fn a_slow_output_broker_holds_consumption_back_and_memory_stays_bounded() {
     wait_until("the processor is under way", CATCH_UP, || {
         get(&p.stats.committed_records) >= 20_000
     });
-    let rss0 = rss_bytes();
-    let committed0 = get(&p.stats.committed_records);
-    cluster
-        .broker_round_trip_time(2, Duration::from_millis(1_000))
-        .expect("slow output broker");
-    let (max_lag, max_rss, samples) = sample_backlog(&p.stats, Duration::from_secs(12));
-    let committed1 = get(&p.stats.committed_records);
-    let consumed1 = get(&p.stats.consumed);
-    cluster
-        .broker_round_trip_time(2, Duration::ZERO)
-        .expect("output broker back to normal");
+    let phase = SlowPhase::run(
+        &p.stats,
+        Duration::from_secs(12),
+        || {
+            cluster
+                .broker_round_trip_time(2, Duration::from_millis(1_000))
+                .expect("slow output broker")
+        },
+        || {
+            cluster
+                .broker_round_trip_time(2, Duration::ZERO)
+                .expect("output broker back to normal")
+        },
+    );
     wait_caught_up(&[&p.stats], &ends, CATCH_UP);
     let stats = p.stats.clone();
     p.stop().expect("graceful stop");
-    eprintln!(
-        "backpressure: {samples} samples in 12 s of 1 s output round trips: committed {committed0} -> {committed1}, consumed {consumed1} of {}; consumed-uncommitted at most {max_lag} (bound {bound}); RSS {} MB -> at most {} MB (growth bound {} MB)",
-        records.len(),
-        rss0 >> 20,
-        max_rss >> 20,
-        RSS_GROWTH_BOUND >> 20
-    );
-    assert!(
-        consumed1 < records.len() as u64 && committed1 < records.len() as u64,
-        "the slow phase ended with input still waiting (consumed {consumed1})"
-    );
-    assert!(
-        committed1 - committed0 < (records.len() as u64 - committed0) / 2,
-        "the output broker was slow: {} records committed in 12 s",
-        committed1 - committed0
-    );
-    assert!(
-        max_lag <= bound,
-        "consumed but uncommitted records reached {max_lag}, above {bound}"
-    );
-    assert!(
-        max_rss.saturating_sub(rss0) <= RSS_GROWTH_BOUND,
-        "RSS grew by {} MB while the output was slow",
-        (max_rss - rss0) >> 20
+    phase.check(
+        "backpressure (12 s of 1 s output round trips)",
+        records.len() as u64,
+        bound,
+        RSS_GROWTH_BOUND,
     );
     check_stats(&stats, &want, records.len());
     eprintln!(

@@ -37,45 +37,25 @@ fn a_slow_store_holds_consumption_back_and_memory_stays_bounded() {
     wait_until("the processor is under way", CATCH_UP, || {
         get(&p.stats.committed_records) >= 20_000
     });
-    let rss0 = rss_bytes();
-    let committed0 = get(&p.stats.committed_records);
-    delay.store(1_000, Ordering::Relaxed);
-    let (max_lag, max_rss, samples) = sample_backlog(&p.stats, Duration::from_secs(12));
-    let committed1 = get(&p.stats.committed_records);
-    let consumed1 = get(&p.stats.consumed);
-    delay.store(0, Ordering::Relaxed);
+    let phase = SlowPhase::run(
+        &p.stats,
+        Duration::from_secs(12),
+        || delay.store(1_000, Ordering::Relaxed),
+        || delay.store(0, Ordering::Relaxed),
+    );
     wait_caught_up(&[&p.stats], &ends, CATCH_UP);
     let stats = p.stats.clone();
     p.stop().expect("graceful stop");
-    eprintln!(
-        "slow store on {}: {samples} samples in 12 s of 1 s store writes: committed {committed0} -> {committed1}, consumed {consumed1} of {}; consumed-uncommitted at most {max_lag} (bound {bound}); RSS {} MB -> at most {} MB (growth bound {} MB)",
-        if b.is_real() {
-            "Apache Kafka"
-        } else {
-            "mock cluster"
-        },
-        records.len(),
-        rss0 >> 20,
-        max_rss >> 20,
-        RSS_GROWTH_BOUND >> 20
-    );
-    assert!(
-        consumed1 < records.len() as u64 && committed1 < records.len() as u64,
-        "the slow phase ended with input still waiting (consumed {consumed1})"
-    );
-    assert!(
-        committed1 - committed0 < (records.len() as u64 - committed0) / 2,
-        "the store was slow: {} records committed in 12 s",
-        committed1 - committed0
-    );
-    assert!(
-        max_lag <= bound,
-        "consumed but uncommitted records reached {max_lag}, above {bound}"
-    );
-    assert!(
-        max_rss.saturating_sub(rss0) <= RSS_GROWTH_BOUND,
-        "RSS grew by {} MB while the store was slow",
-        (max_rss - rss0) >> 20
+    let broker = if b.is_real() {
+        "Apache Kafka"
+    } else {
+        "mock cluster"
+    };
+    phase.check(
+        &format!("slow store on {broker} (12 s of 1 s store writes)"),
+        records.len() as u64,
+        bound,
+        RSS_GROWTH_BOUND,
     );
     check_stats(&stats, &want, records.len());
     eprintln!(

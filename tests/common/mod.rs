@@ -777,19 +777,91 @@ pub fn commit_kafka_offsets(b: &TestBroker, group: &str, offsets: &BTreeMap<(Str
 }
 
 /// This process's resident set size in bytes (`VmRSS` of /proc/self/status).
-/// Samples a running processor every 50 ms for `phase`: the most records it held consumed
-/// but not durably committed, the largest RSS of this process, and the number of samples.
-pub fn sample_backlog(stats: &ProcessorStats, phase: Duration) -> (u64, u64, u32) {
-    let get = ProcessorStats::get;
-    let started = Instant::now();
-    let (mut max_lag, mut max_rss, mut samples) = (0u64, rss_bytes(), 0);
-    while started.elapsed() < phase {
-        max_lag = max_lag.max(get(&stats.consumed).saturating_sub(get(&stats.committed_records)));
-        max_rss = max_rss.max(rss_bytes());
-        samples += 1;
-        std::thread::sleep(Duration::from_millis(50));
+/// What a backpressure test saw while something downstream of the consumer was slow.
+pub struct SlowPhase {
+    pub committed0: u64,
+    pub committed1: u64,
+    pub consumed1: u64,
+    /// The most records held consumed but not durably committed.
+    pub max_lag: u64,
+    pub rss0: u64,
+    pub max_rss: u64,
+    pub samples: u32,
+}
+
+impl SlowPhase {
+    /// Calls `slow`, samples the processor and this process's RSS every 50 ms for `phase`,
+    /// then calls `normal`.
+    pub fn run(
+        stats: &ProcessorStats,
+        phase: Duration,
+        slow: impl FnOnce(),
+        normal: impl FnOnce(),
+    ) -> Self {
+        let get = ProcessorStats::get;
+        let rss0 = rss_bytes();
+        let committed0 = get(&stats.committed_records);
+        slow();
+        let started = Instant::now();
+        let (mut max_lag, mut max_rss, mut samples) = (0u64, rss0, 0);
+        while started.elapsed() < phase {
+            max_lag =
+                max_lag.max(get(&stats.consumed).saturating_sub(get(&stats.committed_records)));
+            max_rss = max_rss.max(rss_bytes());
+            samples += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (committed1, consumed1) = (get(&stats.committed_records), get(&stats.consumed));
+        normal();
+        Self {
+            committed0,
+            committed1,
+            consumed1,
+            max_lag,
+            rss0,
+            max_rss,
+            samples,
+        }
     }
-    (max_lag, max_rss, samples)
+
+    /// Prints the phase and asserts it: input was still waiting at its end, progress slowed
+    /// (less than half the rest committed), the consumed-but-uncommitted records stayed within
+    /// `bound`, and RSS grew by at most `rss_growth_bound`.
+    pub fn check(&self, what: &str, records: u64, bound: u64, rss_growth_bound: u64) {
+        let Self {
+            committed0,
+            committed1,
+            consumed1,
+            max_lag,
+            rss0,
+            max_rss,
+            samples,
+        } = *self;
+        eprintln!(
+            "{what}: {samples} samples: committed {committed0} -> {committed1}, consumed {consumed1} of {records}; consumed-uncommitted at most {max_lag} (bound {bound}); RSS {} MB -> at most {} MB (growth bound {} MB)",
+            rss0 >> 20,
+            max_rss >> 20,
+            rss_growth_bound >> 20
+        );
+        assert!(
+            consumed1 < records && committed1 < records,
+            "{what}: the slow phase ended with input still waiting (consumed {consumed1})"
+        );
+        assert!(
+            committed1 - committed0 < (records - committed0) / 2,
+            "{what}: not slow: {} records committed in the slow phase",
+            committed1 - committed0
+        );
+        assert!(
+            max_lag <= bound,
+            "{what}: consumed but uncommitted records reached {max_lag}, above {bound}"
+        );
+        assert!(
+            max_rss.saturating_sub(rss0) <= rss_growth_bound,
+            "{what}: RSS grew by {} MB in the slow phase",
+            (max_rss - rss0) >> 20
+        );
+    }
 }
 
 pub fn rss_bytes() -> u64 {
