@@ -10,7 +10,7 @@ const CATCH_UP: Duration = Duration::from_secs(300);
 /// Backpressure: the output topics' broker becomes slow (1 s round trips) for 12 s while
 /// plenty of input is waiting. The processor waits for each batch's outputs before reading
 /// on, so the records it has consumed but not committed stay within what its configuration
-/// allows (a batch, the merge buffer's bound and one poll round), and the process's memory
+/// allows ([`uncommitted_bound`]), and the process's memory
 /// does not grow with the backlog. Afterwards it catches up and every invariant holds.
 #[test]
 fn a_slow_output_broker_holds_consumption_back_and_memory_stays_bounded() {
@@ -43,10 +43,7 @@ fn a_slow_output_broker_holds_consumption_back_and_memory_stays_bounded() {
     let records = produce(&b, workload(81, 300_000, 30_000));
     let want = expected(&Default::default(), &records);
     let ends = end_offsets(&b, &records);
-    // Consumed but not durably committed, at most: the open batch, the merge buffer's bound
-    // and one poll round (the consumer loop reads up to max(batch, 5,000) records per round).
-    let bound =
-        (cfg.batch_max_records + cfg.max_buffered + cfg.batch_max_records.max(5_000)) as u64;
+    let bound = uncommitted_bound(&cfg);
     // Memory: the processor's buffers hold at most `bound` records (~200 B each with their
     // allocations: ~11 MB) and librdkafka's prefetch is capped by its queue settings; the
     // 240,000-record backlog buffered in the process would take ~50 MB more. Measured growth

@@ -227,6 +227,10 @@ impl Core {
     ) -> Result<bool, ProcessorError> {
         let mut committed = false;
         let mut ready = Vec::new();
+        // Only the first call follows the poll that found the queue empty: by the next one,
+        // time has gone on folding and writing (seconds, with a slow store or slow outputs)
+        // without polling, which must not count as a lane idling.
+        let mut consumer_idle = consumer_idle;
         loop {
             let room = self.batch_max.saturating_sub(self.batch_records).max(1);
             self.merger.drain(
@@ -237,6 +241,7 @@ impl Core {
                 room,
                 |r| ready.push(r),
             );
+            consumer_idle = false;
             if ready.is_empty() {
                 break;
             }

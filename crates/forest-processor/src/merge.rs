@@ -13,7 +13,7 @@
 //! `max.task.idle.ms` = 0). A lane that is behind its high watermark but not delivering (broker
 //! trouble) blocks its partition for up to `max_idle` (30 s by default) of polling that found
 //! the consumer's local queue empty, then stops blocking; so does every lane once the merge
-//! buffer is over its bound: memory and latency stay bounded, at the cost of the canonical
+//! buffer is over its hard bound ([`Merger::hard_bound`]): memory and latency stay bounded, at the cost of the canonical
 //! order in those cases (counted in `forest_merge_early_releases_total`). The buffer rarely
 //! gets there: from three quarters of the bound the runtime pauses fetching for the lanes
 //! that already hold records, so the fetches go to the lanes the merge waits for (runtime's
@@ -26,6 +26,10 @@
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+/// The fewest records a poll round takes while the merge buffer is over its pause mark: enough
+/// for the lanes the merge waits for to arrive (see [`Merger::hard_bound`]).
+pub const LANE_ROUND_MIN: usize = 500;
 
 /// One consumed record, owned.
 #[derive(Debug, Clone)]
@@ -82,6 +86,24 @@ impl Merger {
     /// Records released out of the canonical order (see [`Merger::drain`]).
     pub fn early_releases(&self) -> u64 {
         self.early
+    }
+
+    /// Past this many buffered records the merge stops waiting for empty lanes and releases
+    /// out of the canonical order. `max_buffered` is where the runtime starts holding fetching
+    /// back (pausing, from three quarters of it, every lane that holds records; above it a poll
+    /// round takes at most [`LANE_ROUND_MIN`] records, which only the empty lanes can deliver).
+    /// An empty lane can still deliver one such round before it is paused in turn, so the
+    /// buffer may legitimately pass `max_buffered` by up to one round per assigned lane while
+    /// the merge waits for the lanes it needs; forcing a release there (as a bound of exactly
+    /// `max_buffered` did) broke the order in a backpressure test with 12 lanes and a 50,000
+    /// bound. Memory stays bounded by configuration: `max_buffered` + lanes x 500 records.
+    pub fn hard_bound(&self, max_buffered: usize) -> usize {
+        let lanes: usize = self
+            .groups
+            .values()
+            .map(|l| l.iter().flatten().count())
+            .sum();
+        max_buffered.saturating_add(lanes.saturating_mul(LANE_ROUND_MIN))
     }
 
     /// Buffered records of one lane (0 if the lane is not assigned).
@@ -199,7 +221,8 @@ impl Merger {
     ) {
         let now = Instant::now();
         let mut released = 0;
-        let force = self.buffered > max_buffered;
+        let force = self.buffered > self.hard_bound(max_buffered);
+        let mut warned = false;
         let Self {
             groups,
             buffered,
@@ -211,6 +234,7 @@ impl Merger {
                 let mut blocked = false;
                 // Why this release would not be canonical, if an empty lane is behind.
                 let mut early_reason = None;
+                let mut waiting_for = None;
                 for (t, lane) in lanes.iter_mut().enumerate() {
                     let Some(lane) = lane else { continue };
                     if !lane.buf.is_empty() {
@@ -221,6 +245,7 @@ impl Merger {
                     } else if force {
                         lane.starved_since = None;
                         early_reason = Some("buffer_full");
+                        waiting_for = Some((t, lane.position));
                     } else if !consumer_idle {
                         // Its records may be queued locally behind others': not idle.
                         lane.starved_since = None;
@@ -231,6 +256,7 @@ impl Merger {
                             blocked = true;
                         } else {
                             early_reason.get_or_insert("idle");
+                            waiting_for.get_or_insert((t, lane.position));
                         }
                     }
                 }
@@ -252,6 +278,17 @@ impl Merger {
                 };
                 *buffered -= 1;
                 if let Some(reason) = early_reason {
+                    if !warned {
+                        // Once per call: enough to see which lane held the merge up.
+                        warned = true;
+                        tracing::warn!(
+                            reason,
+                            partition,
+                            waiting_for = ?waiting_for,
+                            buffered = *buffered,
+                            "merge releasing records out of the canonical order"
+                        );
+                    }
                     *early += 1;
                     metrics::counter!(crate::metrics::MERGE_EARLY_RELEASES, "reason" => reason)
                         .increment(1);
@@ -333,48 +370,43 @@ mod tests {
         let mut m = Merger::new(2);
         m.assign(0, 0, 0);
         m.assign(1, 0, 0);
-        for o in 0..3 {
+        // Two lanes: the hard bound is max_buffered + 2 rounds.
+        assert_eq!(m.hard_bound(2), 2 + 2 * LANE_ROUND_MIN);
+        let n = 2 + 2 * LANE_ROUND_MIN as i64;
+        for o in 0..n {
             m.push(rec(0, o, o));
         }
         assert_eq!(m.lanes_with_records().collect::<Vec<_>>(), [(0, 0)]);
         assert_eq!(
             (m.lane_len(0, 0), m.lane_len(1, 0), m.lane_len(1, 9)),
-            (3, 0, 0)
+            (n as usize, 0, 0)
         );
         let mut out = vec![];
+        let mut drain = |m: &mut Merger, caught_up: bool, max_buffered: usize| {
+            m.drain(
+                |_, _, _| caught_up,
+                Duration::from_secs(60),
+                max_buffered,
+                false,
+                usize::MAX,
+                |r| out.push(r.offset),
+            )
+        };
         // Under the bound, lane 1 (behind, not idle) blocks; nothing is early.
-        m.drain(
-            |_, _, _| false,
-            Duration::from_secs(60),
-            3,
-            false,
-            usize::MAX,
-            |r| out.push(r.offset),
-        );
-        assert!(out.is_empty());
-        // Over the bound, lane 0 is released past the lagging lane 1: counted.
-        m.drain(
-            |_, _, _| false,
-            Duration::from_secs(60),
-            2,
-            false,
-            usize::MAX,
-            |r| out.push(r.offset),
-        );
-        assert_eq!(out, [0, 1, 2]);
-        assert_eq!(m.early_releases(), 3);
+        drain(&mut m, false, n as usize);
+        // Over max_buffered but within one round per lane of it, it still waits: the lane
+        // it needs may be in the round that comes next.
+        drain(&mut m, false, 2);
+        assert_eq!(m.early_releases(), 0);
+        // Past the hard bound, lane 0 is released past the lagging lane 1: counted.
+        m.push(rec(0, n, n));
+        drain(&mut m, false, 2);
+        assert_eq!(m.early_releases(), n as u64 + 1);
         // Releases past a caught-up lane are canonical: not counted.
-        m.push(rec(0, 3, 3));
-        m.drain(
-            |_, _, _| true,
-            Duration::from_secs(60),
-            2,
-            false,
-            usize::MAX,
-            |r| out.push(r.offset),
-        );
-        assert_eq!(out, [0, 1, 2, 3]);
-        assert_eq!(m.early_releases(), 3);
+        m.push(rec(0, n + 1, n + 1));
+        drain(&mut m, true, 2);
+        assert_eq!(out, (0..n + 2).collect::<Vec<_>>());
+        assert_eq!(m.early_releases(), n as u64 + 1);
     }
 
     #[test]

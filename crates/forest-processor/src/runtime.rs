@@ -914,7 +914,9 @@ fn consume_loop(
         pauses.update(consumer, &c.merger, cfg.max_buffered, &topics, generation);
         let buffered = c.merger.buffered();
         poll_budget = if buffered >= cfg.max_buffered - cfg.max_buffered / 4 {
-            cfg.max_buffered.saturating_sub(buffered).max(500)
+            cfg.max_buffered
+                .saturating_sub(buffered)
+                .max(crate::merge::LANE_ROUND_MIN)
         } else {
             usize::MAX
         };
