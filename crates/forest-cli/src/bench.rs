@@ -12,6 +12,7 @@ use forest_kafka::{
 };
 use forest_processor::{ProcessorConfig, ProcessorStats, Topics};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -449,7 +450,31 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 std::thread::sleep(Duration::from_millis(10));
             }
             std::thread::sleep(Duration::from_millis(200));
-            stats.latency.reset();
+            let hists = |s: &ProcessorStats| {
+                [
+                    &s.latency,
+                    &s.stage_polled,
+                    &s.stage_batch,
+                    &s.stage_store,
+                    &s.stage_deliver,
+                ]
+                .map(|h| h.reset())
+            };
+            hists(&stats);
+            // Kafka alone: a plain consumer on the same topics, beside the processor, records
+            // each record's age on arrival. The processor's tail above this is Forest's.
+            let kafka_alone = Arc::new(forest_processor::LatencyHistogram::default());
+            let raw_stop = Arc::new(AtomicBool::new(false));
+            let raw = {
+                let (b, k, tt, h, st) = (
+                    brokers.clone(),
+                    kafka.to_vec(),
+                    t.clone(),
+                    kafka_alone.clone(),
+                    raw_stop.clone(),
+                );
+                std::thread::spawn(move || raw_latency(&b, &k, &tt, &h, &st))
+            };
             let sent = AtomicU64::new(0);
             let pace = loadgen::Pace {
                 rate,
@@ -461,7 +486,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             std::thread::scope(|s| {
                 s.spawn(|| {
                     std::thread::sleep(WARM_UP);
-                    stats.latency.reset();
+                    hists(&stats);
+                    kafka_alone.reset();
                 });
                 loadgen::produce(&brokers, kafka, &t, cfg, pace, &sent, &never)
             })?;
@@ -472,16 +498,32 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 }
             }
             let _ = wait_committed(&stats, &lat_ends, Duration::from_secs(600), &handle)?;
+            raw_stop.store(true, Ordering::Relaxed);
+            raw.join()
+                .map_err(|_| anyhow::anyhow!("latency raw consumer panicked"))??;
             stop.store(true, Ordering::Relaxed);
             handle
                 .join()
                 .map_err(|_| anyhow::anyhow!("latency processor panicked"))??;
+            let q = |h: &forest_processor::LatencyHistogram| {
+                let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+                format!("{} / {}", f(h.quantile_ms(0.5)), f(h.quantile_ms(0.99)))
+            };
             latencies.push((
                 *frac,
                 rate,
                 stats.latency.count(),
                 stats.latency.quantile_ms(0.5),
                 stats.latency.quantile_ms(0.99),
+                format!(
+                    "| {rate} | {} | {} | {} | {} | {} | {} |",
+                    q(&stats.latency),
+                    q(&kafka_alone),
+                    q(&stats.stage_polled),
+                    q(&stats.stage_batch),
+                    q(&stats.stage_store),
+                    q(&stats.stage_deliver)
+                ),
             ));
         }
     }
@@ -547,7 +589,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         steady.cpu / (steady.events as f64 / 1e6),
         alo_steady.cpu / (alo_steady.events as f64 / 1e6)
     );
-    for (frac, rate, count, p50, p99) in latencies {
+    for (frac, rate, count, p50, p99, _) in &latencies {
         println!(
             "latency at {rate} events/s ({:.0} % of (b)), {count} records: p50 {} ms, p99 {} ms (produce to durable projection after a 2 s warm-up, bucket upper bounds)",
             frac * 100.0,
@@ -555,7 +597,63 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             p99.map_or("-".into(), |v| format!("{v:.1}"))
         );
     }
+    if !latencies.is_empty() {
+        println!();
+        println!(
+            "Latency breakdown, p50 / p99 ms: end to end (produce to durable and delivered); Kafka alone (a plain consumer's arrival age beside the processor); the processor's poll (age when polled); per batch: filling, store write, output delivery."
+        );
+        println!();
+        println!(
+            "| rate | end to end | Kafka alone | polled | batch fill | store write | delivery |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for (.., row) in &latencies {
+            println!("{row}");
+        }
+    }
     drop(embedded);
+    Ok(())
+}
+
+/// Until `stop`: reads the latency phase's input topics from the start with a plain consumer
+/// and records each record's age on arrival (now minus its Kafka timestamp) in `hist`.
+fn raw_latency(
+    brokers: &str,
+    kafka: &[(String, String)],
+    topics: &Topics,
+    hist: &forest_processor::LatencyHistogram,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = client_config(brokers, &[])
+        .set(
+            "group.id",
+            format!("forest-bench-rawlat-{}", std::process::id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .set_all(kafka)
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for t in [&topics.payments, &topics.mobility, &topics.commands] {
+        for (p, _) in end_offsets(brokers, t)? {
+            tpl.add_partition_offset(t, p, Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&tpl)?;
+    while !stop.load(Ordering::Relaxed) {
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                if let Some(ts) = m.timestamp().to_millis() {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64);
+                    hist.record_ms(now.saturating_sub(ts).max(0) as u64);
+                }
+            }
+            Some(Err(e)) => anyhow::bail!("latency raw consumer: {e}"),
+            None => {}
+        }
+    }
     Ok(())
 }
 

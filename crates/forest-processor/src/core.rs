@@ -369,6 +369,11 @@ impl Core {
             return Ok(false);
         }
         let started = Instant::now();
+        if let Some(b) = self.batch_started {
+            self.stats
+                .stage_batch
+                .record_ms(started.duration_since(b).as_millis() as u64);
+        }
         // Index in `pending` of each partition's checkpoint.
         let mut checkpoints: Vec<(usize, i32)> = Vec::new();
         if let Some(topic) = &self.changelog {
@@ -427,6 +432,10 @@ impl Core {
                 return Err(e.into());
             }
         };
+        let durable = Instant::now();
+        self.stats
+            .stage_store
+            .record_ms(durable.duration_since(started).as_millis() as u64);
         self.batch_durable(writes);
         self.show_outbox_depth();
         self.batches_in_run += 1;
@@ -444,6 +453,9 @@ impl Core {
             )));
         }
         self.deliver(entries)?;
+        self.stats
+            .stage_deliver
+            .record_ms(durable.elapsed().as_millis() as u64);
         self.finish_batch(started);
         Ok(true)
     }

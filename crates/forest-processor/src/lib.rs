@@ -347,6 +347,16 @@ pub struct ProcessorStats {
     /// acknowledged: produce-to-projection latency when producers stamp records with the time
     /// they send them.
     pub latency: LatencyHistogram,
+    /// Where that latency goes, for the benchmark's breakdown (milliseconds):
+    /// each record's age (from its Kafka timestamp) when a poll round handed it over...
+    pub stage_polled: LatencyHistogram,
+    /// ...per batch, from its first record being applied to the batch's commit starting (the
+    /// batch filling up to its size or its `batch_max_wait`)...
+    pub stage_batch: LatencyHistogram,
+    /// ...per batch, the store write (WriteBatch with projections, offsets and outbox)...
+    pub stage_store: LatencyHistogram,
+    /// ...and per batch, delivering its outputs until acknowledged.
+    pub stage_deliver: LatencyHistogram,
     /// Rejected records by reason code (duplicates included).
     pub rejections: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Next offset per (topic, partition) as last committed to the store by this instance.

@@ -886,6 +886,17 @@ fn consume_loop(
         }
         let t1 = std::time::Instant::now();
         t_poll += t1 - t0;
+        if !polled.is_empty() {
+            // One clock read per round; the records' ages for the latency breakdown.
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            for ts in polled.iter().filter_map(|r| r.timestamp) {
+                ctx.stats
+                    .stage_polled
+                    .record_ms(now_ms.saturating_sub(ts).max(0) as u64);
+            }
+        }
         let mut c = lock(core);
         for rec in polled.drain(..) {
             c.push(rec);
