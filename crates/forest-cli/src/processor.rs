@@ -43,8 +43,9 @@ pub struct ProcessorArgs {
     /// writes wait for a flush when it is full.
     #[arg(long, env = "FOREST_WRITE_BUFFER_MB", default_value_t = 128)]
     write_buffer_mb: usize,
-    /// Records consumed and waiting in the co-partition merge before it releases records
-    /// without waiting for every lane.
+    /// Bound on records waiting in the co-partition merge: from 3/4 of it, fetching pauses for
+    /// the lanes that hold records; past it plus 500 per assigned lane, the merge releases
+    /// records without waiting for every lane (out of the canonical order, counted).
     #[arg(long, env = "FOREST_MERGE_BUFFER_RECORDS", default_value_t = 200_000)]
     merge_buffer_records: usize,
     /// Dead letters (key + value + headers) are cut to at most this many bytes, header
