@@ -26,6 +26,15 @@ pub enum Bucket {
     Month(i32),
 }
 
+impl Bucket {
+    fn period(self) -> CapPeriod {
+        match self {
+            Self::Day(_) => CapPeriod::Day,
+            Self::Month(_) => CapPeriod::Month,
+        }
+    }
+}
+
 /// Credited events and grams of one behaviour in one bucket: what the caps need.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counter {
@@ -221,6 +230,14 @@ impl IdIndex {
         }
     }
 
+    /// Starts loading the slot a probe for `h` begins at.
+    #[inline]
+    fn prefetch(&self, h: u64) {
+        if let Some(s) = self.slots.get(self.home(h)) {
+            prefetch(s);
+        }
+    }
+
     fn contains(&self, h: u64) -> bool {
         if h == 0 {
             return self.has_zero;
@@ -338,14 +355,82 @@ pub struct UserState {
 
 const COUNTER_HINTS: usize = 2 * Behaviour::COUNT;
 
-/// `UserState::counter_hints`: a newtype because std implements `Default` only for arrays of
-/// up to 32 elements.
+/// The `counter_hints` slot of a behaviour's counters of one cap period.
+#[inline]
+fn counter_slot(behaviour: Behaviour, period: CapPeriod) -> usize {
+    2 * behaviour.index() + usize::from(period == CapPeriod::Month)
+}
+
+/// `UserState::counter_hints`: per behaviour and cap period, where in `counters` the counter of
+/// the newest bucket is. The newest bucket is the one almost every event asks for, and knowing
+/// it also answers "is there a counter for this bucket?" without a scan when the event's bucket
+/// is newer (the first event of a behaviour on a new day): that scan over all the user's
+/// counters was the fold's costliest loop. Derived from `counters`: rebuilt when first needed
+/// after a load, and by the pruning pass as it moves the counters.
+///
+/// It also keeps the oldest day and month any counter has, so that pruning (tried whenever an
+/// event opens a counter) skips its pass over the counters when none can be old enough.
 #[derive(Debug, Clone)]
-struct CounterHints([u8; COUNTER_HINTS]);
+struct CounterHints {
+    valid: bool,
+    at: [u8; COUNTER_HINTS],
+    /// No counter has a day (month) before this: a lower bound, exact after a rebuild.
+    oldest_day: i32,
+    oldest_month: i32,
+}
+
+impl CounterHints {
+    /// No counter of this behaviour and period.
+    const NONE: u8 = u8::MAX;
+    /// The position does not fit in a hint: scan.
+    const UNKNOWN: u8 = u8::MAX - 1;
+}
 
 impl Default for CounterHints {
     fn default() -> Self {
-        Self([0; COUNTER_HINTS])
+        Self {
+            valid: false,
+            at: [CounterHints::NONE; COUNTER_HINTS],
+            oldest_day: i32::MAX,
+            oldest_month: i32::MAX,
+        }
+    }
+}
+
+impl CounterHints {
+    /// Takes a counter of `behaviour` and `bucket` at position `at` of `counters` into
+    /// account: the newest of its behaviour and period so far if its bucket is newer, and the
+    /// oldest bounds. (Passed by value: reading a just-written counter back from a cold cache
+    /// line would wait for that line.)
+    fn note(&mut self, counters: &[Counter], at: usize, behaviour: Behaviour, bucket: Bucket) {
+        let number = bucket_number(bucket);
+        match bucket {
+            Bucket::Day(d) => self.oldest_day = self.oldest_day.min(d),
+            Bucket::Month(m) => self.oldest_month = self.oldest_month.min(m),
+        }
+        let slot = counter_slot(behaviour, bucket.period());
+        let newer = match self.at[slot] {
+            Self::NONE => true,
+            Self::UNKNOWN => false,
+            old => counters
+                .get(usize::from(old))
+                .is_none_or(|o| number > bucket_number(o.bucket)),
+        };
+        if newer {
+            self.at[slot] = u8::try_from(at)
+                .ok()
+                .filter(|&i| i < Self::UNKNOWN)
+                .unwrap_or(Self::UNKNOWN);
+        }
+    }
+}
+
+/// A bucket's number within its period (day or month number), for ordering buckets of one
+/// period.
+#[inline]
+fn bucket_number(b: Bucket) -> i32 {
+    match b {
+        Bucket::Day(n) | Bucket::Month(n) => n,
     }
 }
 
@@ -368,13 +453,19 @@ pub struct CreditNote {
 
 /// What the fold needs to pick a `credit_rules` entry for a new credit, held in the projection
 /// itself so that it reads neither the entries' strings nor the other notes (cold memory for
-/// most users): each entry's [`note_key`] and how many kept notes refer to it. Derived from
-/// `credit_rules` and `recent_credits`; rebuilt when first needed after a load.
+/// most users): each entry's [`note_key`], how many kept notes refer to it, and which entry
+/// each kept note refers to. Derived from `credit_rules` and `recent_credits`; rebuilt when
+/// first needed after a load.
 #[derive(Debug, Clone, Copy, Default)]
 struct RuleCache {
     valid: bool,
     keys: [u64; RECENT_CREDITS],
     refs: [u8; RECENT_CREDITS],
+    /// `rule` of the first [`RECENT_CREDITS`] notes of `recent_credits`, oldest first: evicting
+    /// the oldest note then needs no read of the note itself. That read was the fold's most
+    /// expensive cache miss (the credit ring is a separate heap block, cold for most users);
+    /// the write of the new note that follows does not stall the CPU the same way.
+    notes: [u8; RECENT_CREDITS],
 }
 
 /// The identity of the rule behind stored credits: see [`UserState::credit_rules`].
@@ -519,8 +610,14 @@ impl UserState {
         let i = match (0..n).find(|&i| cache.refs[i] == 0) {
             Some(i) => {
                 let e = &mut self.credit_rules[i];
-                e.rules_version = Arc::clone(version);
-                e.rule_id = Arc::clone(&rule.shared_id);
+                // Each `Arc` swap is two atomic read-modify-writes; the rules version is
+                // almost always the one already there.
+                if !Arc::ptr_eq(&e.rules_version, version) {
+                    e.rules_version = Arc::clone(version);
+                }
+                if !Arc::ptr_eq(&e.rule_id, &rule.shared_id) {
+                    e.rule_id = Arc::clone(&rule.shared_id);
+                }
                 i
             }
             None => {
@@ -556,6 +653,9 @@ impl UserState {
                     *r += 1;
                 }
             }
+            for (m, n) in c.notes.iter_mut().zip(&self.recent_credits) {
+                *m = n.rule;
+            }
         }
         c
     }
@@ -563,7 +663,10 @@ impl UserState {
     /// Keeps `note` as the newest credit explanation, dropping the oldest past
     /// [`RECENT_CREDITS`]; `note.rule` is set here.
     fn push_note(&mut self, version: &Arc<str>, rule: &Rule, mut note: CreditNote) {
-        if self.recent_credits.len() >= RECENT_CREDITS {
+        let kept = self.recent_credits.len();
+        if kept > RECENT_CREDITS {
+            // Only a projection not written by the fold keeps more notes; `notes` cannot mirror
+            // them. Evict by reading the note, and rebuild the cache when next needed.
             if let Some(old) = self.recent_credits.pop_front() {
                 let c = &mut self.rule_cache.0;
                 if c.valid {
@@ -572,30 +675,95 @@ impl UserState {
                     }
                 }
             }
-        } else if self.recent_credits.capacity() == 0 {
-            // It fills up to exactly this size: allocate once.
-            self.recent_credits.reserve_exact(RECENT_CREDITS);
+            note.rule = self.intern_rule(version, rule);
+            if let Some(r) = self.rule_cache.0.refs.get_mut(usize::from(note.rule)) {
+                *r += 1;
+            }
+            self.recent_credits.push_back(note);
+            self.rule_cache.0.valid = false;
+            return;
         }
-        // After the pop: the evicted note's entry may be reused.
+        let c = self.rule_cache();
+        let len = if kept == RECENT_CREDITS {
+            // The evicted note's rule comes from the cache: the note itself is not read.
+            let old = c.notes[0];
+            c.notes.copy_within(1.., 0);
+            if let Some(r) = c.refs.get_mut(usize::from(old)) {
+                *r = r.saturating_sub(1);
+            }
+            // A `CreditNote` is `Copy`: the popped value is unused and its load optimised out.
+            let _ = self.recent_credits.pop_front();
+            kept - 1
+        } else {
+            if self.recent_credits.capacity() == 0 {
+                // It fills up to exactly this size: allocate once.
+                self.recent_credits.reserve_exact(RECENT_CREDITS);
+            }
+            kept
+        };
+        // After the eviction: the evicted note's entry may be reused.
         note.rule = self.intern_rule(version, rule);
-        if let Some(r) = self.rule_cache.0.refs.get_mut(usize::from(note.rule)) {
+        let c = &mut self.rule_cache.0;
+        if let Some(r) = c.refs.get_mut(usize::from(note.rule)) {
             *r += 1;
         }
+        c.notes[len] = note.rule; // len < RECENT_CREDITS
         self.recent_credits.push_back(note);
     }
 
-    /// Where the counter of `behaviour` in `bucket` is. There is at most one per pair, and the
-    /// current buckets' counters were opened last: search from the end.
+    /// Where the counter of `behaviour` in `bucket` is. There is at most one per pair. The
+    /// hint answers for the newest bucket and for any newer one (absent); only an older bucket
+    /// (a late event) needs a scan, from the end because recent buckets were opened last.
     fn counter_index(&mut self, behaviour: Behaviour, bucket: Bucket) -> Option<usize> {
         let is = |c: &Counter| c.behaviour == behaviour && c.bucket == bucket;
-        let slot = 2 * behaviour.index() + usize::from(matches!(bucket, Bucket::Month(_)));
-        let hint = usize::from(self.counter_hints.0.0[slot]);
-        if self.counters.get(hint).is_some_and(is) {
-            return Some(hint);
+        let slot = counter_slot(behaviour, bucket.period());
+        let hint = self.counter_hints().at[slot];
+        if hint == CounterHints::NONE {
+            return None;
         }
-        let found = self.counters.iter().rposition(is)?;
-        self.counter_hints.0.0[slot] = u8::try_from(found).unwrap_or(u8::MAX);
-        Some(found)
+        if let Some(c) = (hint != CounterHints::UNKNOWN)
+            .then(|| self.counters.get(usize::from(hint)))
+            .flatten()
+        {
+            // A valid hint always names a counter of this behaviour and period; check anyway,
+            // and scan if it does not.
+            if c.behaviour == behaviour && c.bucket.period() == bucket.period() {
+                let (newest, wanted) = (bucket_number(c.bucket), bucket_number(bucket));
+                if wanted == newest {
+                    return Some(usize::from(hint));
+                }
+                if wanted > newest {
+                    return None;
+                }
+            }
+        }
+        self.counters.iter().rposition(is)
+    }
+
+    /// The [`CounterHints`], rebuilt from `counters` if they were loaded since.
+    fn counter_hints(&mut self) -> &CounterHints {
+        let h = &mut self.counter_hints.0;
+        if !h.valid {
+            *h = CounterHints {
+                valid: true,
+                ..CounterHints::default()
+            };
+            for (i, c) in self.counters.iter().enumerate() {
+                h.note(&self.counters, i, c.behaviour, c.bucket);
+            }
+        }
+        h
+    }
+
+    /// Appends a new counter, keeping the hints right.
+    fn open_counter(&mut self, counter: Counter) {
+        let (behaviour, bucket) = (counter.behaviour, counter.bucket);
+        self.counters.push(counter);
+        let h = &mut self.counter_hints.0;
+        // If not valid, it is rebuilt (with this counter) when next needed.
+        if h.valid {
+            h.note(&self.counters, self.counters.len() - 1, behaviour, bucket);
+        }
     }
 
     fn seen(&mut self, hash: u64) -> bool {
@@ -641,12 +809,33 @@ impl UserState {
     fn prune_counters(&mut self, horizon_ms: i64, tz: Tz) {
         // Not through `buckets`: the horizon's day would evict the current day from the
         // user's cache.
-        if let Some(((day, month), _)) = shared_day_of(tz, horizon_ms) {
-            self.counters.retain(|c| match c.bucket {
+        let Some(((day, month), _)) = shared_day_of(tz, horizon_ms) else {
+            return;
+        };
+        let h = self.counter_hints();
+        if h.oldest_day >= day && h.oldest_month >= month {
+            return; // nothing to forget (the usual case): the counters are not even read
+        }
+        // `Vec::retain`, rebuilding the hints as the counters move.
+        let mut hints = CounterHints {
+            valid: true,
+            ..CounterHints::default()
+        };
+        let mut kept = 0;
+        for i in 0..self.counters.len() {
+            let (behaviour, bucket) = (self.counters[i].behaviour, self.counters[i].bucket);
+            let keep = match bucket {
                 Bucket::Day(d) => d >= day,
                 Bucket::Month(m) => m >= month,
-            });
+            };
+            if keep {
+                self.counters.swap(kept, i);
+                hints.note(&self.counters, kept, behaviour, bucket);
+                kept += 1;
+            }
         }
+        self.counters.truncate(kept);
+        self.counter_hints.0 = hints;
     }
 
     /// Forget day quantities of days before the horizon's: no acceptable event falls in them.
@@ -657,18 +846,56 @@ impl UserState {
         }
     }
 
-    /// Starts loading the cold parts of the projection that applying `event` will touch late:
-    /// the oldest remembered id (pruned or evicted by most accepted events) and the counter of
-    /// the event's behaviour. The misses then overlap instead of following one another.
+    /// Starts loading the cold parts of the projection that applying an event (of `rule`, id
+    /// hash `hash`) will touch late: the oldest remembered id (pruned or evicted by most
+    /// accepted events), the id index's slot for `hash`, the counters of the rule's caps, the
+    /// credit ring's slot the new note goes to, the rule table entry it will reuse and the
+    /// day's quantity. The misses then overlap instead of following one another. Reads only
+    /// fields the fold reads anyway, and changes nothing.
     #[inline]
-    fn prefetch(&self, event: &Event) {
+    fn prefetch(&self, rule: Option<&Rule>, hash: u64) {
         if let Some(front) = self.recent_ids.front() {
             prefetch(front);
         }
-        if let Action::Credit { behaviour, .. } = event.action {
-            let hint = usize::from(self.counter_hints.0.0[2 * behaviour.index()]);
+        if let Some(ix) = &self.index.0 {
+            ix.prefetch(hash);
+        }
+        let Some(rule) = rule else {
+            return;
+        };
+        for cap in rule.caps.iter().take(2) {
+            let slot = counter_slot(rule.behaviour, cap.period);
+            let hint = usize::from(self.counter_hints.0.at[slot]);
             if let Some(c) = self.counters.get(hint) {
                 prefetch(c);
+            }
+        }
+        // A full ring's new note overwrites the oldest one's slot; otherwise it follows the
+        // newest (usually in the same cache line).
+        let kept = self.recent_credits.len();
+        let slot = if kept == RECENT_CREDITS {
+            self.recent_credits.front()
+        } else {
+            self.recent_credits.back()
+        };
+        if let Some(n) = slot {
+            prefetch(n);
+        }
+        let c = &self.rule_cache.0;
+        let n = self.credit_rules.len().min(RECENT_CREDITS);
+        if c.valid && kept <= RECENT_CREDITS && !c.keys[..n].contains(&rule.note_key) {
+            // The entry `intern_rule` will reuse: the first one no note refers to once the
+            // oldest note is evicted.
+            let evicted = (kept == RECENT_CREDITS).then_some(c.notes[0]);
+            let free =
+                (0..n).find(|&i| c.refs[i] == 0 || (c.refs[i] == 1 && evicted == Some(i as u8)));
+            if let Some(e) = free.and_then(|i| self.credit_rules.get(i)) {
+                prefetch(e);
+            }
+        }
+        if rule.quantity_scope == QuantityScope::Day {
+            if let Some(q) = self.day_quantities.last() {
+                prefetch(q);
             }
         }
     }
@@ -703,7 +930,6 @@ impl RuleSet {
             }
             .into());
         }
-        state.prefetch(event);
         let t = event.occurred_at_ms;
         let rule = match &event.action {
             Action::Credit { behaviour, .. } => match self.rule(*behaviour) {
@@ -717,6 +943,10 @@ impl RuleSet {
             },
             _ => None,
         };
+        // Hashed before the checks that may reject the event, so that its index slot can be
+        // loaded while they run.
+        let hash = xxhash_rust::xxh3::xxh3_64(event.event_id.as_bytes());
+        state.prefetch(rule, hash);
         if let (
             Action::Credit {
                 behaviour,
@@ -754,9 +984,13 @@ impl RuleSet {
                 });
             }
         }
-        let hash = xxhash_rust::xxh3::xxh3_64(event.event_id.as_bytes());
         if state.seen(hash) {
             return Err(Rejection::Duplicate);
+        }
+        // The oldest id is usually forgotten below (pruned or evicted): start loading its index
+        // slot now. The id itself was prefetched above and has had time to arrive.
+        if let (Some(ix), Some(&(_, h))) = (&state.index.0, state.recent_ids.front()) {
+            ix.prefetch(h);
         }
         let tz = state.timezone.unwrap_or(self.timezone);
         let Some((day, month)) = state.buckets(tz, t) else {
@@ -897,7 +1131,7 @@ impl RuleSet {
                             }
                             None => {
                                 opened = true;
-                                state.counters.push(Counter {
+                                state.open_counter(Counter {
                                     behaviour: *behaviour,
                                     bucket,
                                     events: 1,
