@@ -252,6 +252,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How long [`OutboxProducer::settle`] sleeps when a poll brought no delivery report: short
+/// against a batch's round trip (a few ms), long against the poll itself.
+const REPORT_WAIT: Duration = Duration::from_micros(200);
+
 /// An idempotent producer that empties an outbox.
 pub struct OutboxProducer {
     producer: BaseProducer<DeliveryCtx>,
@@ -470,6 +474,7 @@ impl OutboxProducer {
         let started = Instant::now();
         let ctx = self.producer.context();
         self.producer.poll(Duration::ZERO);
+        let mut last = 0;
         loop {
             let reported = lock(&ctx.acked).len() + lock(&ctx.failed).len();
             if self.in_flight.saturating_sub(reported) <= max_in_flight {
@@ -481,7 +486,17 @@ impl OutboxProducer {
                     waited: self.timeout,
                 });
             }
-            self.producer.poll(Duration::from_millis(1));
+            // Not `poll(1 ms)`: rdkafka hands librdkafka the wait left rounded *down* to whole
+            // milliseconds and loops until its deadline, so the last millisecond of every
+            // `poll(d)` (all of `poll(1 ms)`) is a busy loop of clock reads. It was 8.8 % of
+            // the processor's CPU in a profile (BENCHMARKS.md, session 6), taken from the
+            // other worker and the broker on two cores. `poll(0)` serves one event without
+            // waiting; when it brought nothing new, sleep briefly instead.
+            if reported == last {
+                std::thread::sleep(REPORT_WAIT);
+            }
+            last = reported;
+            self.producer.poll(Duration::ZERO);
         }
         let acked: Vec<(u64, i64)> = std::mem::take(&mut *lock(&ctx.acked));
         let failed: Vec<Failure> = std::mem::take(&mut *lock(&ctx.failed));
