@@ -282,7 +282,9 @@ impl OutboxProducer {
         let mut c = client_config(brokers, &[]);
         c.set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", "5")
+            // A batch's outputs are sent together and then awaited, so lingering only delays
+            // them: every batch waited the whole 5 ms this once was (BENCHMARKS.md, session 6).
+            .set("linger.ms", "0")
             .set("compression.type", "lz4")
             .set("queue.buffering.max.messages", "1000000")
             // Keyed outputs land in the partition the input producers use for that key (the
