@@ -49,7 +49,8 @@ pub struct BenchArgs {
     /// not measured); 0 skips it.
     #[arg(long, default_value_t = 10)]
     latency_secs: u64,
-    /// Rates of the latency phase, as fractions of the measured processor throughput.
+    /// Rates of the latency phase, as fractions of the processor's measured throughput from its
+    /// first record.
     #[arg(long, value_delimiter = ',', default_value = "0.5")]
     latency_at: Vec<f64>,
     /// Keep the stores here. Default: a temporary directory.
@@ -403,7 +404,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut latencies = Vec::new();
     if args.latency_secs > 0 {
         for (i, frac) in args.latency_at.iter().enumerate() {
-            let rate = (proc.rate() * frac).max(1.0) as u64;
+            // A fraction of the steady rate (from the first record): the group join is not
+            // part of the maximum rate.
+            let rate = (steady.rate() * frac).max(1.0) as u64;
             let t = create(&format!("bench-{stamp}-lat{i}."))?;
             let events = rate * args.latency_secs;
             let stats = Arc::new(ProcessorStats::default());
@@ -591,7 +594,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     for (frac, rate, count, p50, p99, _) in &latencies {
         println!(
-            "latency at {rate} events/s ({:.0} % of (b)), {count} records: p50 {} ms, p99 {} ms (produce to durable projection after a 2 s warm-up, bucket upper bounds)",
+            "latency at {rate} events/s ({:.0} % of (b) from its first record), {count} records: p50 {} ms, p99 {} ms (produce to durable projection after a 2 s warm-up, bucket upper bounds)",
             frac * 100.0,
             p50.map_or("-".into(), |v| format!("{v:.1}")),
             p99.map_or("-".into(), |v| format!("{v:.1}"))
