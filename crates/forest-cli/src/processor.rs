@@ -53,6 +53,11 @@ pub struct ProcessorArgs {
     /// producer's message.max.bytes; set it lower if the DLQ topic's max.message.bytes is.
     #[arg(long, env = "FOREST_DEAD_LETTER_MAX_BYTES")]
     dead_letter_max_bytes: Option<usize>,
+    /// Fault injection for tests: sleep this long before every store write (outbox mode). It
+    /// only slows the processor down; the multi-process chaos test uses it so that partitions
+    /// move while input is still waiting, however fast the machine is. Hidden from --help.
+    #[arg(long, hide = true, default_value_t = 0)]
+    fault_store_write_delay_ms: u64,
     /// Serve Prometheus metrics (/metrics) here; `off` to disable.
     #[arg(long, env = "FOREST_METRICS_ADDR", default_value = "0.0.0.0:9898")]
     metrics_addr: String,
@@ -182,6 +187,10 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.store.write_buffer_bytes = args.write_buffer_mb << 20;
     cfg.max_buffered = args.merge_buffer_records;
     cfg.dead_letter_max_bytes = args.dead_letter_max_bytes;
+    cfg.store_write_delay_ms.store(
+        args.fault_store_write_delay_ms,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     cfg.kafka = args.kafka_config;
     cfg.rules = Arc::new(rules);
     let stats = Arc::new(ProcessorStats::default());

@@ -835,7 +835,12 @@ fn scale_out_campaign(mode: &str) {
     let stores: Vec<PathBuf> = (0..3)
         .map(|i| dir.path().join(format!("store-{i}")))
         .collect();
-    let args = |i: usize| -> Vec<String> {
+    // In outbox mode every store write of p0-p2 waits SLOW_WRITE_MS: with 10-record batches an
+    // instance then does at most 1,250 records/s, so the ~40 s of moves below end with input
+    // still waiting however fast the machine is (without it, a faster outbox finished the log
+    // before p0 was killed). The last run, p1 alone, goes at full speed.
+    const SLOW_WRITE_MS: &str = "8";
+    let args = |i: usize, slow: bool| -> Vec<String> {
         let mut a: Vec<String> = [
             "processor",
             "--brokers",
@@ -853,7 +858,8 @@ fn scale_out_campaign(mode: &str) {
             // A transaction per batch costs ~100 ms on this broker (send_offsets and commit
             // markers): tiny transactions would leave librdkafka's prefetched queue, and the
             // rebalance events queued behind it, minutes long.
-            // Small batches keep the instances busy through every move.
+            // Small batches (and, in outbox mode, slow writes) keep the instances busy through
+            // every move.
             if mode == "transactions" { "200" } else { "10" },
             "--state-retention-secs",
             "3",
@@ -865,11 +871,14 @@ fn scale_out_campaign(mode: &str) {
         a.extend(FAST_GROUP.map(String::from));
         // Each instance its own transactional id (they share a host).
         a.extend(["--transactional-id".to_string(), format!("{group}-{i}")]);
+        if slow && mode != "transactions" {
+            a.extend(["--fault-store-write-delay-ms", SLOW_WRITE_MS].map(String::from));
+        }
         a
     };
     let names = ["p0", "p1", "p2"];
     let mut p: Vec<Service> = (0..3)
-        .map(|i| Service::new(names[i], args(i), dir.path()))
+        .map(|i| Service::new(names[i], args(i, true), dir.path()))
         .collect();
 
     let mut loadgen = Service::new(
@@ -956,6 +965,8 @@ fn scale_out_campaign(mode: &str) {
     p[0].terminate(Duration::from_secs(30));
     p[2].terminate(Duration::from_secs(30));
     step("p0 and p2 leave");
+    // p1 again, on the same store, without the slow writes.
+    p[1].args = args(1, false);
     p[1].start();
     step("p1 back alone on its old store");
 

@@ -214,17 +214,23 @@ impl Core {
 
     /// Applies the records the merge releases, committing whenever a batch is full (so a
     /// batch never exceeds the configured size, however much the merge has ready). Between
-    /// full batches it asks `stop` whether to return early (shutdown): a backlog in the merge
-    /// buffer can be minutes of work, and records stay in the merge until they are applied.
-    /// Returns whether anything was committed.
+    /// full batches it returns early once `stop` says so (shutdown) or `budget` has passed: a
+    /// backlog in the merge buffer can be minutes of work, and until drain returns the loop
+    /// neither polls (rebalances, `max.poll.interval.ms`) nor commits the durable offsets to
+    /// Kafka (lag tools saw no progress through a whole backlog). Returns whether anything was
+    /// committed, and whether records may still be ready (the caller then polls without
+    /// waiting and drains again).
     pub fn drain(
         &mut self,
         mut caught_up: impl FnMut(u8, i32, i64) -> bool,
         max_idle: Duration,
         max_buffered: usize,
         consumer_idle: bool,
+        budget: Duration,
         stop: impl Fn() -> bool,
-    ) -> Result<bool, ProcessorError> {
+    ) -> Result<(bool, bool), ProcessorError> {
+        let started = Instant::now();
+        let mut more = false;
         let mut committed = false;
         let mut ready = Vec::new();
         // Only the first call follows the poll that found the queue empty: by the next one,
@@ -250,13 +256,14 @@ impl Core {
             }
             if self.batch_records >= self.batch_max {
                 committed |= self.commit()?;
-                if stop() {
+                if stop() || started.elapsed() >= budget {
+                    more = true;
                     break;
                 }
             }
         }
         metrics::gauge!(m::MERGE_BUFFERED).set(self.merger.buffered() as f64);
-        Ok(committed)
+        Ok((committed, more))
     }
 
     fn process(&mut self, rec: Rec) -> Result<(), ProcessorError> {

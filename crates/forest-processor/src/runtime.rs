@@ -358,6 +358,10 @@ fn commit_kafka(consumer: &BaseConsumer<Ctx>, core: &Core, mode: CommitMode) {
     }
 }
 
+/// How long one drain may fold and commit full batches before the loop polls again and
+/// commits the durable offsets to Kafka (see `Core::drain`).
+const DRAIN_BUDGET: Duration = Duration::from_millis(100);
+
 /// librdkafka's cached high watermark of a partition (from the last fetch response); no
 /// broker round trip.
 /// Per-lane fetch pausing: keeps the merge buffer under its bound without giving up the
@@ -801,6 +805,8 @@ fn consume_loop(
     // releases only a batch per round.
     let mut poll_budget = usize::MAX;
     let mut early_counted = 0;
+    // Whether the last drain stopped at its budget with records still ready.
+    let mut backlog = false;
     while !shutdown.load(Ordering::Relaxed) && !halt.load(Ordering::Relaxed) {
         if last_export.elapsed() >= Duration::from_secs(5) {
             last_export = std::time::Instant::now();
@@ -841,6 +847,10 @@ fn consume_loop(
             None => Duration::from_millis(50),
         }
         .min(Duration::from_millis(50));
+        if backlog {
+            // The merge still has records ready: do not wait for more.
+            timeout = Duration::ZERO;
+        }
         polled.clear();
         let mut generation = ctx.generation.load(Ordering::SeqCst);
         // Whether this round emptied the consumer's local queue (the merge's idle clock only
@@ -902,15 +912,17 @@ fn consume_loop(
             c.push(rec);
         }
         // Full batches are committed inside drain; a partial one once it is old enough.
-        let mut committed = c.drain(
+        let (mut committed, more) = c.drain(
             |t, p, pos| {
                 cached_high_watermark(consumer, &ctopics[t as usize], p).is_some_and(|h| pos >= h)
             },
             cfg.max_idle,
             cfg.max_buffered,
             consumer_idle,
+            DRAIN_BUDGET,
             || shutdown.load(Ordering::Relaxed) || halt.load(Ordering::Relaxed),
         )?;
+        backlog = more;
         let t2 = std::time::Instant::now();
         t_drain += t2 - t1;
         if c.batch_started
