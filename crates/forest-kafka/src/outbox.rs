@@ -282,9 +282,11 @@ impl OutboxProducer {
         let mut c = client_config(brokers, &[]);
         c.set("enable.idempotence", "true")
             .set("acks", "all")
-            // A batch's outputs are sent together and then awaited, so lingering only delays
-            // them: every batch waited the whole 5 ms this once was (BENCHMARKS.md, session 6).
-            .set("linger.ms", "0")
+            // 0 would save every batch these 5 ms (its outputs are sent together and then
+            // awaited), but it splits them over several produce requests in flight, and with
+            // that the mock cluster's broker-fault test lost or doubled an order (BENCHMARKS.md,
+            // session 6; the same signature as pipelined delivery in the outbox section).
+            .set("linger.ms", "5")
             .set("compression.type", "lz4")
             .set("queue.buffering.max.messages", "1000000")
             // Keyed outputs land in the partition the input producers use for that key (the
