@@ -3,9 +3,7 @@
 //! is not another test's.
 
 use forest_tests::*;
-use std::time::{Duration, Instant};
-
-const CATCH_UP: Duration = Duration::from_secs(300);
+use std::time::Duration;
 
 /// Backpressure: the output topics' broker becomes slow (1 s round trips) for 12 s while
 /// plenty of input is waiting. The processor waits for each batch's outputs before reading
@@ -17,7 +15,6 @@ fn a_slow_output_broker_holds_consumption_back_and_memory_stays_bounded() {
     use rdkafka::mocking::MockCoordinator;
     // Always the mock cluster (two brokers: inputs and the group on broker 1, outputs on 2).
     let b = TestBroker::embedded_cluster("backpressure", 2);
-    let started = Instant::now();
     let cluster = b.embedded.as_ref().expect("embedded broker").cluster();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = b.processor_config(dir.path(), "g");
@@ -40,23 +37,12 @@ fn a_slow_output_broker_holds_consumption_back_and_memory_stays_bounded() {
     cluster
         .coordinator(MockCoordinator::Group(cfg.group_id.clone()), 1)
         .expect("group coordinator");
-    let records = produce(&b, workload(81, 300_000, 30_000));
-    let want = expected(&Default::default(), &records);
-    let ends = end_offsets(&b, &records);
-    let bound = uncommitted_bound(&cfg);
-    // Memory: the processor's buffers hold at most `bound` records (~200 B each with their
-    // allocations: ~11 MB) and librdkafka's prefetch is capped by its queue settings; the
-    // 240,000-record backlog buffered in the process would take ~50 MB more. Measured growth
-    // was ~20 MB; the bound allows 64 MB. (The counter check above is the precise one.)
-    const RSS_GROWTH_BOUND: u64 = 64 << 20;
-    let get = forest_processor::ProcessorStats::get;
-    let p = start(cfg);
-    wait_until("the processor is under way", CATCH_UP, || {
-        get(&p.stats.committed_records) >= 20_000
-    });
-    let phase = SlowPhase::run(
-        &p.stats,
-        Duration::from_secs(12),
+    slow_phase_campaign(
+        &b,
+        dir.path(),
+        cfg,
+        81,
+        "backpressure (12 s of 1 s output round trips)",
         || {
             cluster
                 .broker_round_trip_time(2, Duration::from_millis(1_000))
@@ -67,20 +53,5 @@ fn a_slow_output_broker_holds_consumption_back_and_memory_stays_bounded() {
                 .broker_round_trip_time(2, Duration::ZERO)
                 .expect("output broker back to normal")
         },
-    );
-    wait_caught_up(&[&p.stats], &ends, CATCH_UP);
-    let stats = p.stats.clone();
-    p.stop().expect("graceful stop");
-    phase.check(
-        "backpressure (12 s of 1 s output round trips)",
-        records.len() as u64,
-        bound,
-        RSS_GROWTH_BOUND,
-    );
-    check_stats(&stats, &want, records.len());
-    eprintln!(
-        "backpressure: {}; {:.1} s",
-        check_exact(&b, dir.path(), &want),
-        started.elapsed().as_secs_f64()
     );
 }

@@ -618,6 +618,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A plain consumer for the harness's own reads (assigned partitions, never committing), in
+/// a group of its own (`forest-bench-<role>-<pid>`): `settings`, then `--kafka-config`, win
+/// over the defaults.
+fn plain_consumer(
+    brokers: &str,
+    kafka: &[(String, String)],
+    role: &str,
+    settings: &[(&str, &str)],
+) -> anyhow::Result<BaseConsumer> {
+    let mut c = client_config(brokers, &[]);
+    c.set(
+        "group.id",
+        format!("forest-bench-{role}-{}", std::process::id()),
+    )
+    .set("enable.auto.commit", "false")
+    .set("fetch.wait.max.ms", "10");
+    for (k, v) in settings {
+        c.set(*k, *v);
+    }
+    Ok(c.set_all(kafka).create()?)
+}
+
 /// Until `stop`: reads the latency phase's input topics from the start with a plain consumer
 /// and records each record's age on arrival (now minus its Kafka timestamp) in `hist`.
 fn raw_latency(
@@ -627,15 +649,7 @@ fn raw_latency(
     hist: &forest_processor::LatencyHistogram,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = client_config(brokers, &[])
-        .set(
-            "group.id",
-            format!("forest-bench-rawlat-{}", std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .set_all(kafka)
-        .create()?;
+    let consumer = plain_consumer(brokers, kafka, "rawlat", &[])?;
     let mut tpl = TopicPartitionList::new();
     for t in [&topics.payments, &topics.mobility, &topics.commands] {
         for (p, _) in end_offsets(brokers, t)? {
@@ -671,17 +685,15 @@ fn raw_consume(
     ends: &[(String, i32, i64)],
     want: i64,
 ) -> anyhow::Result<u64> {
-    let consumer: BaseConsumer = client_config(brokers, &[])
-        .set(
-            "group.id",
-            format!("forest-bench-raw-{}", std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .set("queued.min.messages", "100000")
-        .set("max.partition.fetch.bytes", "10485760")
-        .set_all(kafka)
-        .create()?;
+    let consumer = plain_consumer(
+        brokers,
+        kafka,
+        "raw",
+        &[
+            ("queued.min.messages", "100000"),
+            ("max.partition.fetch.bytes", "10485760"),
+        ],
+    )?;
     let mut tpl = TopicPartitionList::new();
     for (t, p, _) in ends {
         tpl.add_partition_offset(t, *p, Offset::Beginning)?;
