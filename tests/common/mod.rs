@@ -779,12 +779,14 @@ pub fn commit_kafka_offsets(b: &TestBroker, group: &str, offsets: &BTreeMap<(Str
 /// This process's resident set size in bytes (`VmRSS` of /proc/self/status).
 /// What a backpressure test saw while something downstream of the consumer was slow.
 /// The most records a processor with `cfg` holds consumed but not durably committed: the open
-/// batch, the merge buffer's hard bound (its bound plus one minimal poll round per lane, see
-/// `Merger::hard_bound`) and one poll round (the consumer loop reads up to max(batch, 5,000)
-/// records per round).
+/// batch (plus, with overlapped commits, the two closed batches the committer thread may hold:
+/// one being written or delivered, one waiting), the merge buffer's hard bound (its bound plus
+/// one minimal poll round per lane, see `Merger::hard_bound`) and one poll round (the consumer
+/// loop reads up to max(batch, 5,000) records per round).
 pub fn uncommitted_bound(cfg: &forest_processor::ProcessorConfig) -> u64 {
     let lanes = 3 * PARTITIONS as usize;
-    (cfg.batch_max_records
+    let batches = if cfg.overlap_commits { 3 } else { 1 };
+    (batches * cfg.batch_max_records
         + cfg.max_buffered
         + lanes * forest_processor::merge::LANE_ROUND_MIN
         + cfg.batch_max_records.max(5_000)) as u64

@@ -29,6 +29,11 @@ pub struct ProcessorArgs {
     /// Records per committed batch.
     #[arg(long, env = "FOREST_BATCH_SIZE", default_value_t = 5_000)]
     batch_size: usize,
+    /// Write each batch and deliver its outputs on a committer thread beside each worker, so
+    /// the worker polls and folds the next batch meanwhile; `false`: the worker does both
+    /// between polls. Transactions mode always runs inline.
+    #[arg(long, env = "FOREST_OVERLAP_COMMITS", default_value_t = true, action = clap::ArgAction::Set)]
+    overlap_commits: bool,
     /// Users kept in the in-memory write-back cache (least recently used evicted first).
     #[arg(long, env = "FOREST_CACHE_USERS", default_value_t = 1_000_000)]
     cache_users: usize,
@@ -176,6 +181,7 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.topics = topics;
     cfg.batch_max_records = args.batch_size;
     cfg.workers = args.workers;
+    cfg.overlap_commits = args.overlap_commits;
     cfg.changelog = args.changelog;
     cfg.exactly_once = args.exactly_once;
     cfg.transactional_id = args.transactional_id;

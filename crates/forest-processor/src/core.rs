@@ -6,6 +6,7 @@ use crate::metrics as m;
 use crate::{CrashPoint, ProcessorConfig, ProcessorError, ProcessorStats};
 use forest_domain::{Event, InputKind, Malformed, Rejection, RuleSet};
 use forest_kafka::headers;
+use crate::sink::{Batch, Committer, Meta, Sink};
 use forest_kafka::{OutboxProducer, fit_dead_letter};
 use forest_store::{OutboxEntry, ProjectionCache, Store};
 use prost::Message as _;
@@ -32,8 +33,14 @@ pub struct Core {
     dlq_topic: String,
     /// Next offsets of partitions applied since the last commit.
     offsets: FxHashMap<(u8, i32), i64>,
-    /// Next offsets of every assigned partition as of the last commit (for Kafka commits).
+    /// Next offsets of every assigned partition as of the last durable batch (for Kafka
+    /// commits).
     pub committed: FxHashMap<(u8, i32), i64>,
+    /// Next offsets as of the last batch closed (durable or still with the committer): what
+    /// the next changelog checkpoint records for lanes the batch did not advance.
+    pub handed: FxHashMap<(u8, i32), i64>,
+    /// Whether a batch became durable since [`Core::take_progress`] last asked.
+    progress: bool,
     pending: Vec<OutboxEntry>,
     /// Dead letters are cut to this many bytes (key + value + headers) before they are
     /// stored: the input's own record limit may exceed what the producer accepts once
@@ -43,15 +50,13 @@ pub struct Core {
     pub batch_started: Option<Instant>,
     /// Record timestamps of the batch, for the latency histogram.
     batch_ts: Vec<i64>,
-    producer: OutboxProducer,
+    /// Writes closed batches and delivers their outputs: inline, or on the committer thread.
+    out: Output,
     stats: Arc<ProcessorStats>,
     crash_at: Option<CrashPoint>,
-    store_write_delay_ms: Arc<std::sync::atomic::AtomicU64>,
     applied_in_run: u64,
-    batches_in_run: u64,
     batch_max: usize,
     dry_run: bool,
-    max_in_flight: usize,
     pub at_least_once: bool,
     /// Metric increments of the batch, emitted once per commit: a labelled `counter!` looks
     /// its series up in the registry on every call, which cost more per event than the
@@ -65,15 +70,25 @@ pub struct Core {
     /// The consumer's group membership, which a transaction's offsets are committed under
     /// (so the broker fences a member that was rebalanced out). Set on every assignment.
     pub group_meta: Option<rdkafka::consumer::ConsumerGroupMetadata>,
-    /// Outbox sequence -> input partition, for changelog checkpoints in flight: once Kafka
-    /// acknowledged one, the store records the changelog end it implies.
-    checkpoint_seqs: FxHashMap<u64, i32>,
+}
+
+enum Output {
+    Inline(Box<Sink>),
+    Thread(Committer),
+}
+
+/// The inline sink (transactions mode always has one).
+fn inline(out: &mut Output) -> Result<&mut Sink, ProcessorError> {
+    match out {
+        Output::Inline(s) => Ok(s),
+        Output::Thread(_) => Err(ProcessorError::Committer("does not run transactions")),
+    }
 }
 
 /// Per-batch counts behind the per-event metrics; label sets are small and bounded, so linear
 /// scans of short vectors beat hashing.
 #[derive(Default)]
-struct Tally {
+pub(crate) struct Tally {
     consumed: [u64; 3],
     applied: u64,
     deduplicated: u64,
@@ -95,7 +110,7 @@ fn bump(v: &mut Vec<(&'static str, u64)>, label: &'static str, by: u64) {
 }
 
 impl Tally {
-    fn emit(&mut self) {
+    pub(crate) fn emit(&mut self) {
         for (i, n) in self.consumed.iter_mut().enumerate() {
             if *n > 0 {
                 let kind = [InputKind::Payment, InputKind::Mobility, InputKind::Command][i];
@@ -143,7 +158,7 @@ impl Core {
         store: Arc<Store>,
         producer: OutboxProducer,
         stats: Arc<ProcessorStats>,
-    ) -> Self {
+    ) -> Result<Self, ProcessorError> {
         let t = &cfg.topics;
         let mut producer = producer;
         // The lower of the configured cap and what this producer can send; the producer
@@ -164,7 +179,22 @@ impl Core {
             (t.mobility.clone(), InputKind::Mobility),
             (t.commands.clone(), InputKind::Command),
         ];
-        Self {
+        let sink = Sink::new(
+            store.clone(),
+            producer,
+            stats.clone(),
+            cfg.crash_at,
+            Arc::clone(&cfg.store_write_delay_ms),
+            cfg.max_outputs_in_flight,
+            cfg.at_least_once_baseline,
+            changelog.clone(),
+        );
+        let out = if transactions || !cfg.overlap_commits {
+            Output::Inline(Box::new(sink))
+        } else {
+            Output::Thread(Committer::spawn(sink)?)
+        };
+        Ok(Self {
             rules: cfg.rules.clone(),
             store,
             cache: ProjectionCache::with_bounds(cfg.cache_users, cfg.cache_bytes),
@@ -174,28 +204,26 @@ impl Core {
             dlq_topic: t.dlq.clone(),
             offsets: FxHashMap::default(),
             committed: FxHashMap::default(),
+            handed: FxHashMap::default(),
+            progress: false,
             pending: Vec::new(),
             dead_letter_max_bytes,
             batch_records: 0,
             batch_started: None,
             batch_ts: Vec::new(),
-            producer,
+            out,
             stats,
             crash_at: cfg.crash_at,
-            store_write_delay_ms: Arc::clone(&cfg.store_write_delay_ms),
             applied_in_run: 0,
-            batches_in_run: 0,
             batch_max: cfg.batch_max_records.max(1),
             dry_run: cfg.dry_run,
-            max_in_flight: cfg.max_outputs_in_flight,
             at_least_once: cfg.at_least_once_baseline,
             tally: Tally::default(),
             changelog,
             brokers: cfg.brokers.clone(),
             transactions,
             group_meta: None,
-            checkpoint_seqs: FxHashMap::default(),
-        }
+        })
     }
 
     pub fn topic_index(&self, name: &str) -> Option<u8> {
@@ -217,9 +245,8 @@ impl Core {
     /// full batches it returns early once `stop` says so (shutdown) or `budget` has passed: a
     /// backlog in the merge buffer can be minutes of work, and until drain returns the loop
     /// neither polls (rebalances, `max.poll.interval.ms`) nor commits the durable offsets to
-    /// Kafka (lag tools saw no progress through a whole backlog). Returns whether anything was
-    /// committed, and whether records may still be ready (the caller then polls without
-    /// waiting and drains again).
+    /// Kafka (lag tools saw no progress through a whole backlog). Returns whether records may
+    /// still be ready (the caller then polls without waiting and drains again).
     pub fn drain(
         &mut self,
         mut caught_up: impl FnMut(u8, i32, i64) -> bool,
@@ -228,10 +255,9 @@ impl Core {
         consumer_idle: bool,
         budget: Duration,
         stop: impl Fn() -> bool,
-    ) -> Result<(bool, bool), ProcessorError> {
+    ) -> Result<bool, ProcessorError> {
         let started = Instant::now();
         let mut more = false;
-        let mut committed = false;
         let mut ready = Vec::new();
         // Only the first call follows the poll that found the queue empty: by the next one,
         // time has gone on folding and writing (seconds, with a slow store or slow outputs)
@@ -255,7 +281,7 @@ impl Core {
                 self.process(rec)?;
             }
             if self.batch_records >= self.batch_max {
-                committed |= self.commit()?;
+                self.commit()?;
                 if stop() || started.elapsed() >= budget {
                     more = true;
                     break;
@@ -263,7 +289,7 @@ impl Core {
             }
         }
         metrics::gauge!(m::MERGE_BUFFERED).set(self.merger.buffered() as f64);
-        Ok((committed, more))
+        Ok(more)
     }
 
     fn process(&mut self, rec: Rec) -> Result<(), ProcessorError> {
@@ -365,9 +391,12 @@ impl Core {
         Ok(())
     }
 
-    /// Writes the batch (projections + offsets + outbox) atomically, then delivers the outbox.
-    /// Returns true if anything was committed.
+    /// Closes the batch: serialises its projections, offsets and outbox into one store write
+    /// and hands it to the sink (which writes it, then delivers the outputs). Returns true if
+    /// there was anything to close. With the committer thread, the batch is durable later:
+    /// [`Core::poll_durable`] and [`Core::flush_outputs`] collect that.
     pub fn commit(&mut self) -> Result<bool, ProcessorError> {
+        self.collect(false)?;
         if self.dry_run {
             // A rebuild: fold and store, emit nothing.
             self.pending.clear();
@@ -375,11 +404,11 @@ impl Core {
         if self.offsets.is_empty() && self.pending.is_empty() {
             return Ok(false);
         }
-        let started = Instant::now();
+        let closed = Instant::now();
         if let Some(b) = self.batch_started {
             self.stats
                 .stage_batch
-                .record_ms(started.duration_since(b).as_millis() as u64);
+                .record_ms(closed.duration_since(b).as_millis() as u64);
         }
         // Index in `pending` of each partition's checkpoint.
         let mut checkpoints: Vec<(usize, i32)> = Vec::new();
@@ -394,9 +423,12 @@ impl Core {
             parts.sort_unstable();
             parts.dedup();
             for p in parts {
+                // A lane this batch did not advance is where the batches before left it
+                // (closed ones: the checkpoint is written after them).
                 let lane = |t: u8| {
                     self.offsets
                         .get(&(t, p))
+                        .or_else(|| self.handed.get(&(t, p)))
                         .or_else(|| self.committed.get(&(t, p)))
                         .copied()
                         .unwrap_or(-1)
@@ -410,7 +442,7 @@ impl Core {
             }
         }
         if self.transactions {
-            return self.commit_transaction(started, &checkpoints);
+            return self.commit_transaction(closed, &checkpoints);
         }
         let inputs = &self.inputs;
         let offsets: Vec<(&str, i32, i64)> = self
@@ -424,47 +456,91 @@ impl Core {
         } else {
             (offsets, &self.pending[..])
         };
-        // Counted here, not from the store's totals, which other workers add to.
         let writes = (self.cache.dirty_len() + offsets.len() + outbox.len()) as u64;
-        let delay = self.store_write_delay_ms.load(Ordering::Relaxed);
-        if delay > 0 {
-            std::thread::sleep(Duration::from_millis(delay));
-        }
-        let seqs = match self.cache.commit(&self.store, offsets, outbox) {
-            Ok(s) => s,
+        let (prepared, ticket) = match self.cache.prepare(&self.store, offsets, outbox) {
+            Ok(p) => p,
             Err(e) => {
-                // Nothing moved: the events will be replayed from the stored offsets (and
-                // counted then).
                 self.discard_batch();
                 return Err(e.into());
             }
         };
-        let durable = Instant::now();
-        self.stats
-            .stage_store
-            .record_ms(durable.duration_since(started).as_millis() as u64);
-        self.batch_durable(writes);
-        self.show_outbox_depth();
-        self.batches_in_run += 1;
-        let entries: Vec<(u64, OutboxEntry)> = if self.at_least_once {
-            (0..).zip(self.pending.drain(..)).collect()
-        } else {
-            seqs.zip(self.pending.drain(..)).collect()
+        let meta = self.close_batch(ticket, writes, closed);
+        let batch = Batch {
+            prepared,
+            entries: std::mem::take(&mut self.pending),
+            checkpoints,
+            meta,
         };
-        for &(i, p) in &checkpoints {
-            self.checkpoint_seqs.insert(entries[i].0, p);
+        match &mut self.out {
+            Output::Inline(sink) => match sink.complete(batch) {
+                Ok(meta) => self.on_durable(meta),
+                Err(e) => {
+                    // What the store holds is the truth; the events are replayed from there.
+                    self.cache.forget_undurable();
+                    return Err(e);
+                }
+            },
+            Output::Thread(committer) => committer.submit(batch)?,
         }
-        if self.crash_at == Some(CrashPoint::AfterStoreWrite(self.batches_in_run)) {
-            return Err(ProcessorError::InjectedCrash(CrashPoint::AfterStoreWrite(
-                self.batches_in_run,
-            )));
-        }
-        self.deliver(entries)?;
-        self.stats
-            .stage_deliver
-            .record_ms(durable.elapsed().as_millis() as u64);
-        self.finish_batch(started);
         Ok(true)
+    }
+
+    /// The batch's bookkeeping, taken out of the core, which starts a fresh batch.
+    fn close_batch(&mut self, ticket: u64, writes: u64, closed: Instant) -> Meta {
+        let offsets: Vec<((u8, i32), i64)> = self.offsets.drain().collect();
+        let shown = offsets
+            .iter()
+            .map(|&((t, p), o)| (self.inputs[t as usize].0.clone(), p, o))
+            .collect();
+        self.handed.extend(offsets.iter().copied());
+        let meta = Meta {
+            ticket,
+            offsets,
+            shown,
+            tally: std::mem::take(&mut self.tally),
+            records: self.batch_records,
+            writes,
+            closed,
+            batch_ts: std::mem::take(&mut self.batch_ts),
+        };
+        self.batch_records = 0;
+        self.batch_started = None;
+        meta
+    }
+
+    /// A batch is durable (and its outputs delivered): its users may leave the cache, and
+    /// its offsets go to Kafka with the next commit there.
+    fn on_durable(&mut self, meta: Meta) {
+        self.cache.durable(meta.ticket);
+        self.committed.extend(meta.offsets);
+        self.progress = true;
+    }
+
+    /// Collects the batches the committer thread finished (with `wait`, waits for all of
+    /// them and for every output to be acknowledged). A failure there is returned here.
+    fn collect(&mut self, wait: bool) -> Result<(), ProcessorError> {
+        let Output::Thread(committer) = &mut self.out else {
+            return Ok(());
+        };
+        let (cache, committed, progress) = (&mut self.cache, &mut self.committed, &mut self.progress);
+        committer.collect(wait, |meta| {
+            cache.durable(meta.ticket);
+            committed.extend(meta.offsets);
+            *progress = true;
+        })
+    }
+
+    /// Whether a batch became durable since the last call (then the durable offsets should
+    /// go to Kafka), after collecting what the committer finished.
+    pub fn poll_durable(&mut self) -> Result<bool, ProcessorError> {
+        self.collect(false)?;
+        Ok(std::mem::take(&mut self.progress))
+    }
+
+    /// Whether a closed batch is still being written or delivered. A partial batch that is
+    /// due waits while this holds (and takes in more records) rather than queueing behind it.
+    pub fn committer_busy(&self) -> bool {
+        matches!(&self.out, Output::Thread(c) if c.busy())
     }
 
     /// Forgets a batch that did not become durable: its cached changes and its metric
@@ -472,52 +548,6 @@ impl Core {
     fn discard_batch(&mut self) {
         self.cache.discard_dirty();
         self.tally = Tally::default();
-    }
-
-    /// Sets the outbox-depth gauge from the store's running count of outbox entries (every
-    /// worker's, since they share the store): what is durably waiting for Kafka, including
-    /// entries a previous run left.
-    pub fn show_outbox_depth(&self) {
-        metrics::gauge!(m::OUTBOX_DEPTH).set(self.store.outbox_depth() as f64);
-    }
-
-    /// Bookkeeping once a batch's store write (of `writes` keys) succeeded: metrics, the
-    /// offsets shown and committed to Kafka, and a fresh batch.
-    fn batch_durable(&mut self, writes: u64) {
-        self.stats.store_writes.fetch_add(writes, Ordering::Relaxed);
-        metrics::counter!(m::STORE_WRITES).increment(writes);
-        self.tally.emit();
-        {
-            let mut shown = lock(&self.stats.committed_offsets);
-            for (&(t, p), &o) in &self.offsets {
-                shown.insert((self.inputs[t as usize].0.clone(), p), o);
-            }
-        }
-        self.committed.extend(self.offsets.drain());
-        self.stats
-            .committed_records
-            .fetch_add(self.batch_records as u64, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        metrics::histogram!(m::BATCH_SIZE).record(self.batch_records as f64);
-        self.batch_records = 0;
-        self.batch_started = None;
-    }
-
-    /// Bookkeeping once a batch is durable and its outputs delivered: batch metrics and the
-    /// produce-to-projection latency of its records.
-    fn finish_batch(&mut self, started: Instant) {
-        metrics::histogram!(m::BATCH_DURATION).record(started.elapsed().as_secs_f64());
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let mut oldest = now_ms;
-        for ts in self.batch_ts.drain(..) {
-            oldest = oldest.min(ts);
-            self.stats
-                .latency
-                .record_ms(now_ms.saturating_sub(ts).max(0) as u64);
-        }
-        metrics::histogram!(m::EVENT_LATENCY).record((now_ms - oldest).max(0) as f64 / 1000.0);
     }
 
     /// Transactions mode: the batch's outputs, changelog records and input offsets go in one
@@ -529,7 +559,7 @@ impl Core {
     /// changelog, and re-reads the batch.
     fn commit_transaction(
         &mut self,
-        started: Instant,
+        closed: Instant,
         checkpoints: &[(usize, i32)],
     ) -> Result<bool, ProcessorError> {
         let entries: Vec<(u64, OutboxEntry)> = (0..).zip(self.pending.drain(..)).collect();
@@ -547,11 +577,12 @@ impl Core {
                 "transactions mode: no consumer group membership to commit offsets under".into(),
             ));
         };
-        let sent = self
+        let sink = inline(&mut self.out)?;
+        let sent = sink
             .producer
             .begin()
-            .and_then(|()| self.producer.send(&entries))
-            .and_then(|()| self.producer.commit_transaction(&tpl, group));
+            .and_then(|()| sink.producer.send(&entries))
+            .and_then(|()| sink.producer.commit_transaction(&tpl, group));
         let delivered = match sent {
             Ok(n) => n,
             Err(e) => {
@@ -564,15 +595,16 @@ impl Core {
         self.stats
             .outputs_delivered
             .fetch_add(delivered as u64, Ordering::Relaxed);
-        self.batches_in_run += 1;
-        if self.crash_at == Some(CrashPoint::AfterTransaction(self.batches_in_run)) {
+        let sink = inline(&mut self.out)?;
+        sink.batches_in_run += 1;
+        if self.crash_at == Some(CrashPoint::AfterTransaction(sink.batches_in_run)) {
             return Err(ProcessorError::InjectedCrash(CrashPoint::AfterTransaction(
-                self.batches_in_run,
+                sink.batches_in_run,
             )));
         }
         // Where each checkpoint landed: the changelog partition ends right after it and the
         // transaction's commit marker.
-        let acked: FxHashMap<u64, i64> = self.producer.take_acked_offsets().into_iter().collect();
+        let acked: FxHashMap<u64, i64> = sink.producer.take_acked_offsets().into_iter().collect();
         let changelog = self.changelog.clone().unwrap_or_default();
         let mut ends: Vec<(i32, i64)> = Vec::with_capacity(checkpoints.len());
         for &(i, p) in checkpoints {
@@ -592,33 +624,13 @@ impl Core {
             self.discard_batch();
             return Err(e.into());
         }
-        self.batch_durable(writes);
-        self.finish_batch(started);
+        // The cache already counts the write durable (ticket 0: nothing to report).
+        let mut meta = self.close_batch(0, writes, closed);
+        let sink = inline(&mut self.out)?;
+        sink.durable(&mut meta);
+        sink.finish(&mut meta);
+        self.on_durable(meta);
         Ok(true)
-    }
-
-    /// Outbox mode with the changelog: records in the store the changelog end each
-    /// acknowledged checkpoint implies (its offset + 1), so a later assignment can tell whether
-    /// another instance wrote the partition's changelog since.
-    fn record_changelog_ends(&mut self) -> Result<(), ProcessorError> {
-        let Some(changelog) = &self.changelog else {
-            return Ok(());
-        };
-        let mut ends: FxHashMap<i32, i64> = FxHashMap::default();
-        for (seq, offset) in self.producer.take_acked_offsets() {
-            if let Some(p) = self.checkpoint_seqs.remove(&seq) {
-                let e = ends.entry(p).or_insert(0);
-                *e = (*e).max(offset + 1);
-            }
-        }
-        if !ends.is_empty() {
-            self.store.commit(
-                std::iter::empty(),
-                ends.iter().map(|(&p, &e)| (changelog.as_str(), p, e)),
-                &[],
-            )?;
-        }
-        Ok(())
     }
 
     /// Forgets every cached projection (all clean after a commit).
@@ -626,30 +638,13 @@ impl Core {
         self.cache.clear();
     }
 
-    /// Sends the batch's outputs without waiting for Kafka, so the next batch is folded while
-    /// they are in flight; waits only when more than `max_in_flight` are unacknowledged (the
-    /// backpressure on a slow output topic). Acknowledged entries leave the outbox.
-    fn deliver(&mut self, entries: Vec<(u64, OutboxEntry)>) -> Result<(), ProcessorError> {
-        self.producer.send(&entries)?;
-        let store = (!self.at_least_once).then_some(&*self.store);
-        let n = self.producer.settle(store, self.max_in_flight)?;
-        self.stats
-            .outputs_delivered
-            .fetch_add(n as u64, Ordering::Relaxed);
-        self.show_outbox_depth();
-        self.record_changelog_ends()
-    }
-
-    /// Waits until every output sent is acknowledged: before partitions are revoked and on
-    /// shutdown.
+    /// Waits until everything closed is durable and every output sent is acknowledged:
+    /// before partitions are revoked and on shutdown.
     pub fn flush_outputs(&mut self) -> Result<(), ProcessorError> {
-        let store = (!self.at_least_once).then_some(&*self.store);
-        let n = self.producer.settle(store, 0)?;
-        self.stats
-            .outputs_delivered
-            .fetch_add(n as u64, Ordering::Relaxed);
-        self.show_outbox_depth();
-        self.record_changelog_ends()
+        match &mut self.out {
+            Output::Inline(sink) => sink.flush_outputs(),
+            Output::Thread(_) => self.collect(true),
+        }
     }
 }
 
@@ -816,13 +811,15 @@ mod tests {
             )
             .unwrap();
             cfg.rules = cheap_rules();
+            // Inline: the local recorder sees this thread's metrics only.
+            cfg.overlap_commits = false;
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64);
             let stats = Arc::new(ProcessorStats::default());
             let core = |cfg: &ProcessorConfig, store: &Arc<Store>| {
                 let producer = OutboxProducer::new(&bootstrap, &[]).unwrap();
-                Core::new(cfg, store.clone(), producer, stats.clone())
+                Core::new(cfg, store.clone(), producer, stats.clone()).unwrap()
             };
 
             // A crash after the fold, before the write: nothing is counted.

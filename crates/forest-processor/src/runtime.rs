@@ -179,6 +179,7 @@ impl ConsumerContext for Ctx {
                     }
                     core.merger.clear();
                     core.committed.clear();
+                    core.handed.clear();
                     // Another worker of this process may get these partitions and change
                     // their users in the shared store: cached copies would go stale.
                     core.clear_cache();
@@ -361,6 +362,9 @@ fn commit_kafka(consumer: &BaseConsumer<Ctx>, core: &Core, mode: CommitMode) {
 /// How long one drain may fold and commit full batches before the loop polls again and
 /// commits the durable offsets to Kafka (see `Core::drain`).
 const DRAIN_BUDGET: Duration = Duration::from_millis(100);
+
+/// Poll timeout while a due batch waits for the committer thread to finish the one before.
+const COMMITTER_WAIT: Duration = Duration::from_millis(2);
 
 /// librdkafka's cached high watermark of a partition (from the last fetch response); no
 /// broker round trip.
@@ -705,7 +709,7 @@ fn run_worker(
     } else {
         forest_kafka::OutboxProducer::new(&cfg.brokers, &cfg.kafka)?
     };
-    let core = Core::new(cfg, store, producer, stats.clone());
+    let core = Core::new(cfg, store, producer, stats.clone())?;
     let topics: Vec<String> = core.inputs.iter().map(|(n, _)| n.clone()).collect();
     let ctopics: Vec<CString> = topics
         .iter()
@@ -842,9 +846,17 @@ fn consume_loop(
         }
         // Wait for records at most until the open batch is due, so a partial batch is not
         // held for a whole idle poll (that alone was ~50 ms of produce-to-projection latency).
-        let mut timeout = match lock(core).batch_started {
-            Some(s) => cfg.batch_max_wait.saturating_sub(s.elapsed()),
-            None => Duration::from_millis(50),
+        // A due batch waits for the committer thread to finish the one before: poll in short
+        // steps meanwhile (whole milliseconds: rdkafka spins through a fraction of one).
+        let mut timeout = {
+            let c = lock(core);
+            match c.batch_started {
+                Some(s) if c.committer_busy() && s.elapsed() >= cfg.batch_max_wait => {
+                    COMMITTER_WAIT
+                }
+                Some(s) => cfg.batch_max_wait.saturating_sub(s.elapsed()),
+                None => Duration::from_millis(50),
+            }
         }
         .min(Duration::from_millis(50));
         if backlog {
@@ -912,7 +924,7 @@ fn consume_loop(
             c.push(rec);
         }
         // Full batches are committed inside drain; a partial one once it is old enough.
-        let (mut committed, more) = c.drain(
+        let more = c.drain(
             |t, p, pos| {
                 cached_high_watermark(consumer, &ctopics[t as usize], p).is_some_and(|h| pos >= h)
             },
@@ -925,13 +937,19 @@ fn consume_loop(
         backlog = more;
         let t2 = std::time::Instant::now();
         t_drain += t2 - t1;
+        let mut progress = c.poll_durable()?;
+        // A due partial batch waits while the committer still writes the one before: it
+        // takes in what arrives meanwhile and goes as soon as the committer is free, instead of
+        // queueing behind it.
         if c.batch_started
             .is_some_and(|s| s.elapsed() >= cfg.batch_max_wait)
+            && !c.committer_busy()
         {
-            committed |= c.commit()?;
+            c.commit()?;
         }
         t_commit += t2.elapsed();
-        if committed {
+        progress |= c.poll_durable()?;
+        if progress {
             commit_kafka(consumer, &c, CommitMode::Async);
         }
         pauses.update(consumer, &c.merger, cfg.max_buffered, &topics, generation);

@@ -147,6 +147,19 @@ pub struct StoreStats {
     pub writes: AtomicU64,
 }
 
+/// One atomic store write, serialised and not yet written (see [`Store::prepare`]).
+pub struct PreparedBatch {
+    batch: WriteBatch,
+    seqs: std::ops::Range<u64>,
+}
+
+impl PreparedBatch {
+    /// Key writes (puts) the batch holds.
+    pub fn writes(&self) -> u64 {
+        self.batch.len() as u64
+    }
+}
+
 pub struct Store {
     db: DB,
     path: PathBuf,
@@ -506,6 +519,19 @@ impl Store {
         offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
         outbox: &[OutboxEntry],
     ) -> Result<std::ops::Range<u64>, StoreError> {
+        let prepared = self.prepare(states, offsets, outbox)?;
+        self.write_prepared(prepared)
+    }
+
+    /// Serialises a [`Store::commit`] without writing it: the processor folds the next batch
+    /// on one thread while another writes this one, and serialising needs the states the fold
+    /// goes on changing. The outbox sequence numbers are reserved now.
+    pub fn prepare<'s, 'o>(
+        &self,
+        states: impl IntoIterator<Item = &'s UserState>,
+        offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
+        outbox: &[OutboxEntry],
+    ) -> Result<PreparedBatch, StoreError> {
         let mut batch = WriteBatch::default();
         let mut buf = Vec::with_capacity(512);
         let proj = self.cf(CF_PROJECTIONS);
@@ -520,7 +546,7 @@ impl Store {
             batch.put_cf(proj, s.user_id.as_bytes(), &bytes);
             buf = bytes;
         }
-        self.write(batch, offsets, outbox)
+        self.seal(batch, offsets, outbox)
     }
 
     /// Like [`Store::commit`], for services whose state is opaque key-value pairs: `None`
@@ -539,7 +565,8 @@ impl Store {
                 None => batch.delete_cf(cf, k),
             }
         }
-        self.write(batch, offsets, outbox)
+        let prepared = self.seal(batch, offsets, outbox)?;
+        self.write_prepared(prepared)
     }
 
     pub fn get_kv(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -562,18 +589,19 @@ impl Store {
         Ok(out)
     }
 
-    fn write<'o>(
+    /// Adds offsets and new outbox entries to a batch of state writes.
+    fn seal<'o>(
         &self,
         mut batch: WriteBatch,
         offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
         outbox: &[OutboxEntry],
-    ) -> Result<std::ops::Range<u64>, StoreError> {
+    ) -> Result<PreparedBatch, StoreError> {
         let offs = self.cf(CF_OFFSETS);
         for (topic, partition, next) in offsets {
             batch.put_cf(offs, offset_key(topic, partition), next.to_be_bytes());
         }
         // Reserved up front: several writers (the processor's workers) share one store. A
-        // failed write just leaves its range unused.
+        // failed or dropped batch just leaves its range unused.
         let first = self
             .next_seq
             .fetch_add(outbox.len() as u64, Ordering::Relaxed);
@@ -585,16 +613,28 @@ impl Store {
             })?;
             batch.put_cf(ob, (first + i as u64).to_be_bytes(), bytes);
         }
+        Ok(PreparedBatch {
+            batch,
+            seqs: first..first + outbox.len() as u64,
+        })
+    }
+
+    /// Writes a [`PreparedBatch`] atomically. Returns the outbox sequence numbers its entries
+    /// got, in order.
+    pub fn write_prepared(
+        &self,
+        prepared: PreparedBatch,
+    ) -> Result<std::ops::Range<u64>, StoreError> {
+        let PreparedBatch { batch, seqs } = prepared;
         let n = batch.len() as u64;
         self.db
             .write_opt(batch, &self.write_opts)
             .map_err(StoreError::Write)?;
-        let end = first + outbox.len() as u64;
         self.outbox_entries
-            .fetch_add(outbox.len() as u64, Ordering::Relaxed);
+            .fetch_add(seqs.end - seqs.start, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.writes.fetch_add(n, Ordering::Relaxed);
-        Ok(first..end)
+        Ok(seqs)
     }
 
     /// Outbox entries not yet delivered, oldest first, at most `limit`.
