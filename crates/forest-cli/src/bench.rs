@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// Processor batch size (records per RocksDB batch).
     #[arg(long, default_value_t = 5_000)]
     batch_size: usize,
+    /// Processor batch window: a batch is closed this many milliseconds after its first
+    /// record if it has not filled up by then.
+    #[arg(long, default_value_t = 10)]
+    batch_max_wait_ms: u64,
     /// Write batches and deliver their outputs on a committer thread beside each worker
     /// (the processor's default); `false` for the worker doing both between polls.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -238,6 +242,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         WARM_UP.as_secs()
     );
     ensure!(
+        args.batch_max_wait_ms > 0,
+        "--batch-max-wait-ms must be at least 1"
+    );
+    ensure!(
         args.latency_at.iter().all(|f| *f > 0.0 && *f <= 2.0),
         "--latency-at takes fractions of the measured throughput, e.g. 0.25,0.5"
     );
@@ -354,6 +362,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 args.exactly_once,
                 args.changelog,
                 args.overlap_commits,
+                Duration::from_millis(args.batch_max_wait_ms),
             )
         },
     )?;
@@ -393,6 +402,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 forest_processor::ExactlyOnce::Outbox,
                 false,
                 args.overlap_commits,
+                Duration::from_millis(args.batch_max_wait_ms),
             )
         },
     )?;
@@ -429,8 +439,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     data_dir.join(format!("latency-{i}")),
                     stop.clone(),
                 );
-                let (batch, workers, mode, changelog, overlap) = (
+                let (batch, wait, workers, mode, changelog, overlap) = (
                     args.batch_size,
+                    Duration::from_millis(args.batch_max_wait_ms),
                     args.workers,
                     args.exactly_once,
                     args.changelog,
@@ -443,6 +454,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     c.topics = tt;
                     c.group_id = format!("forest-bench-lat-{}", std::process::id());
                     c.batch_max_records = batch;
+                    c.batch_max_wait = wait;
                     c.workers = workers;
                     c.overlap_commits = overlap;
                     c.kafka = k;
@@ -742,9 +754,11 @@ fn run_processor(
     mode: forest_processor::ExactlyOnce,
     changelog: bool,
     overlap_commits: bool,
+    batch_wait: Duration,
 ) -> anyhow::Result<Duration> {
     let mut cfg = ProcessorConfig::new(brokers, store);
     cfg.overlap_commits = overlap_commits;
+    cfg.batch_max_wait = batch_wait;
     cfg.exactly_once = mode;
     cfg.changelog = changelog;
     cfg.topics = topics.clone();

@@ -26,9 +26,13 @@ pub struct ProcessorArgs {
     /// Consumer-group members in this process (threads sharing the store); one per core.
     #[arg(long, env = "FOREST_WORKERS", default_value_t = 1)]
     workers: usize,
-    /// Records per committed batch.
+    /// A batch is committed once it holds this many records...
     #[arg(long, env = "FOREST_BATCH_SIZE", default_value_t = 5_000)]
     batch_size: usize,
+    /// ...or after this many milliseconds since the batch's first record, whichever comes
+    /// first (the latency floor at low rates; at high rates batches fill up first).
+    #[arg(long, env = "FOREST_BATCH_MAX_WAIT_MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    batch_max_wait_ms: u64,
     /// Write each batch and deliver its outputs on a committer thread beside each worker, so
     /// the worker polls and folds the next batch meanwhile; `false`: the worker does both
     /// between polls. Transactions mode always runs inline.
@@ -180,6 +184,7 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.group_id = args.group;
     cfg.topics = topics;
     cfg.batch_max_records = args.batch_size;
+    cfg.batch_max_wait = std::time::Duration::from_millis(args.batch_max_wait_ms);
     cfg.workers = args.workers;
     cfg.overlap_commits = args.overlap_commits;
     cfg.changelog = args.changelog;
