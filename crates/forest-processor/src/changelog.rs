@@ -32,6 +32,12 @@
 //! store from recording it) and is restored. An end that cannot be recorded (a crash after the
 //! delivery) only costs an unnecessary restore.
 //!
+//! Leftovers: changelog records a crashed run left in the outbox are dropped at the next
+//! start, never sent late (the partition may have moved, and a stale projection after the new
+//! owner's checkpoints would be restored as the latest), and the store's recorded ends are
+//! invalidated so each partition restores on its next assignment (`runtime::
+//! drop_changelog_leftovers`).
+//!
 //! Transactions mode (`ExactlyOnce::Transactions`): the projections and checkpoints go in the
 //! batch's Kafka transaction, and restores read `read_committed` up to the last stable offset,
 //! so a restore never sees projections after the last committed checkpoint, nor a killed
