@@ -348,6 +348,52 @@ fn changelog_moves_state_to_an_instance_with_an_empty_store() {
     );
 }
 
+/// Outbox mode: changelog records a crashed instance left undelivered must not reach the
+/// changelog late. A crashes with a written batch's changelog records still in its outbox; B
+/// takes every partition over from the changelog, finishes the log and stops; then A comes
+/// back on its old store. Sent now, A's leftovers would land after B's newer projections and
+/// checkpoints, and a restore would take those stale projections with B's offsets (their
+/// events since, lost). A drops them and restores its partitions instead; then C, on an empty
+/// store, restores from the changelog. A's and C's projections must both equal the pure fold.
+#[test]
+fn changelog_leftovers_of_a_crashed_instance_are_not_sent_after_a_newer_owner() {
+    let b = TestBroker::new("changelog-leftovers");
+    let records = produce(&b, workload(53, 40_000, 4_000));
+    let want = expected(&Default::default(), &records);
+    let dirs = [(); 3].map(|()| tempfile::tempdir().unwrap());
+    let cfg = |i: usize, crash| {
+        let mut cfg = b.processor_config(dirs[i].path(), "g");
+        cfg.changelog = true;
+        cfg.batch_max_records = 1_000;
+        cfg.crash_at = crash;
+        cfg
+    };
+    let a = start(cfg(0, Some(CrashPoint::AfterStoreWrite(8))));
+    match a.join_within(CATCH_UP) {
+        Err(ProcessorError::InjectedCrash(_)) => {}
+        other => panic!("expected the injected crash, got {other:?}"),
+    }
+    let left = forest_store::Store::open_read_only(dirs[0].path())
+        .expect("read-only open")
+        .outbox(usize::MAX)
+        .expect("outbox read")
+        .iter()
+        .filter(|(_, e)| e.topic == b.topics.changelog)
+        .count();
+    assert!(left > 0, "the crash left changelog records in A's outbox");
+    let ends = end_offsets(&b, &records);
+    for i in [1, 0, 2] {
+        let p = start(cfg(i, None));
+        wait_caught_up(&[&p.stats], &ends, CATCH_UP);
+        p.stop().expect("graceful stop");
+    }
+    eprintln!(
+        "changelog leftovers: {left} dropped; A after its restart: {}; C from the changelog: {}",
+        check(&b, dirs[0].path(), &want),
+        check(&b, dirs[2].path(), &want)
+    );
+}
+
 /// Transactions mode: each batch's outputs, changelog records and input offsets commit in one
 /// Kafka transaction, and RocksDB is written after it. A crash right after the transaction
 /// committed leaves the store a batch behind the changelog; the restart notices (the store's
