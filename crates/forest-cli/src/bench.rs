@@ -481,6 +481,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     &s.stage_batch,
                     &s.stage_store,
                     &s.stage_deliver,
+                    &s.stage_handoff,
                 ]
                 .map(|h| h.reset())
             };
@@ -540,14 +541,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 stats.latency_durable.quantile_ms(0.5),
                 stats.latency_durable.quantile_ms(0.99),
                 format!(
-                    "| {rate} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {rate} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     q(&stats.latency_durable),
                     q(&stats.latency),
                     q(&kafka_alone),
                     q(&stats.stage_polled),
                     q(&stats.stage_batch),
                     q(&stats.stage_store),
-                    q(&stats.stage_deliver)
+                    q(&stats.stage_deliver),
+                    q(&stats.stage_handoff)
                 ),
             ));
         }
@@ -625,13 +627,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !latencies.is_empty() {
         println!();
         println!(
-            "Latency breakdown, p50 / p99 ms: produce to projection (the batch durable in the store); produce to outputs (durable and its outputs acknowledged); Kafka alone (a plain consumer's arrival age beside the processor); the processor's poll (age when polled); per batch: filling, closing to durable (waiting for the committer included), output delivery."
+            "Latency breakdown, p50 / p99 ms: produce to projection (the batch durable in the store); produce to outputs (durable and its outputs acknowledged); Kafka alone (a plain consumer's arrival age beside the processor); the processor's poll (age when polled); per batch: filling, closing to durable (waiting for the committer included), output delivery, the worker blocked handing the batch to a full committer queue."
         );
         println!();
         println!(
-            "| rate | to projection | to outputs | Kafka alone | polled | batch fill | store write | delivery |"
+            "| rate | to projection | to outputs | Kafka alone | polled | batch fill | store write | delivery | hand-over wait |"
         );
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for (.., row) in &latencies {
             println!("{row}");
         }

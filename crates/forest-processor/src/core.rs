@@ -480,7 +480,13 @@ impl Core {
                     return Err(e);
                 }
             },
-            Output::Thread(committer) => committer.submit(batch)?,
+            Output::Thread(committer) => {
+                let t = Instant::now();
+                committer.submit(batch)?;
+                self.stats
+                    .stage_handoff
+                    .record_ms(t.elapsed().as_millis() as u64);
+            }
         }
         Ok(true)
     }

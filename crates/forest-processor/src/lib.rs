@@ -372,8 +372,11 @@ pub struct ProcessorStats {
     /// projections, offsets and outbox; with overlapped commits, waiting for the committer
     /// thread included)...
     pub stage_store: LatencyHistogram,
-    /// ...and per batch, delivering its outputs until acknowledged.
+    /// ...and per batch, delivering its outputs until acknowledged. Also per batch, how long
+    /// the worker was blocked handing it to a committer thread that already held two (it
+    /// neither polls nor folds meanwhile).
     pub stage_deliver: LatencyHistogram,
+    pub stage_handoff: LatencyHistogram,
     /// Rejected records by reason code (duplicates included).
     pub rejections: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Next offset per (topic, partition) as last committed to the store by this instance.
