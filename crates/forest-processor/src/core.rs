@@ -3,10 +3,10 @@
 
 use crate::merge::{Merger, Rec};
 use crate::metrics as m;
+use crate::sink::{Batch, Committer, Meta, Sink};
 use crate::{CrashPoint, ProcessorConfig, ProcessorError, ProcessorStats};
 use forest_domain::{Event, InputKind, Malformed, Rejection, RuleSet};
 use forest_kafka::headers;
-use crate::sink::{Batch, Committer, Meta, Sink};
 use forest_kafka::{OutboxProducer, fit_dead_letter};
 use forest_store::{OutboxEntry, ProjectionCache, Store};
 use prost::Message as _;
@@ -528,7 +528,8 @@ impl Core {
         let Output::Thread(committer) = &mut self.out else {
             return Ok(());
         };
-        let (cache, committed, progress) = (&mut self.cache, &mut self.committed, &mut self.progress);
+        let (cache, committed, progress) =
+            (&mut self.cache, &mut self.committed, &mut self.progress);
         committer.collect(wait, |meta| {
             cache.durable(meta.ticket);
             committed.extend(meta.offsets);

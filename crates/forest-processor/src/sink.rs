@@ -249,7 +249,7 @@ enum Job {
 }
 
 enum Done {
-    Batch(Meta),
+    Batch(Box<Meta>),
     Flushed,
 }
 
@@ -273,7 +273,7 @@ impl Committer {
             .spawn(move || {
                 for job in rx {
                     let r = match job {
-                        Job::Batch(b) => sink.complete(*b).map(Done::Batch),
+                        Job::Batch(b) => sink.complete(*b).map(|m| Done::Batch(Box::new(m))),
                         Job::Flush => sink.flush_outputs().map(|()| Done::Flushed),
                     };
                     let failed = r.is_err();
@@ -343,7 +343,7 @@ impl Committer {
             match got {
                 Ok(Ok(Done::Batch(meta))) => {
                     self.in_flight -= 1;
-                    durable(meta);
+                    durable(*meta);
                 }
                 Ok(Ok(Done::Flushed)) => self.in_flight -= 1,
                 Ok(Err(e)) => {

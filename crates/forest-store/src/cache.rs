@@ -458,7 +458,10 @@ mod tests {
         // Over the bound of 4, but the second batch's users (not durable) and the dirty one
         // stay; only the first batch's others may go.
         for u in ["n0", "n1", "n2", "u0", "d0"] {
-            assert!(cache.peek(u).is_some(), "{u} was evicted before it was durable");
+            assert!(
+                cache.peek(u).is_some(),
+                "{u} was evicted before it was durable"
+            );
         }
         assert_eq!(cache.len(), 5, "the first batch's other users are evicted");
         assert_eq!(cache.peek("u0").unwrap().balance_g, 2);
@@ -470,7 +473,9 @@ mod tests {
         for u in ["n0", "n1", "n2", "u0", "d0"] {
             assert!(cache.peek(u).is_none(), "{u} kept after a failed write");
         }
-        let b = cache.update(&store, "u0", |s| Ok::<_, ()>(s.balance_g)).unwrap();
+        let b = cache
+            .update(&store, "u0", |s| Ok::<_, ()>(s.balance_g))
+            .unwrap();
         assert_eq!(b, Ok(1));
         let _ = t2;
     }

@@ -23,7 +23,8 @@ mod store;
 
 pub use cache::{ProjectionCache, estimate_bytes};
 pub use store::{
-    OutboxEntry, PreparedBatch, Store, StoreConfig, StoreError, StoreStats, decode_state, encode_state, metrics,
+    OutboxEntry, PreparedBatch, Store, StoreConfig, StoreError, StoreStats, decode_state,
+    encode_state, metrics,
 };
 
 /// Where a service stops abruptly, without committing, so tests can prove recovery. Never set
