@@ -194,9 +194,9 @@ pub struct ProcessorConfig {
     pub workers: usize,
     /// Outputs sent but not yet acknowledged before the processor waits (backpressure on a
     /// slow output topic). 0 (the default) waits for every batch's outputs before the next
-    /// batch is written. KNOWN ISSUE: with more than 0, the broker-fault test on the mock cluster lost a
-    /// TreeMatured in about half the runs (acknowledged, yet not in the topic); until that is
-    /// explained, pipelined delivery stays off.
+    /// batch is written. KNOWN ISSUE: with more than 0, the broker-fault test on the mock
+    /// cluster lost a TreeMatured in about half the runs (acknowledged, yet not in the topic);
+    /// until that is explained, pipelined delivery stays off.
     pub max_outputs_in_flight: usize,
     /// Write each batch and deliver its outputs on a committer thread beside the worker, so
     /// the worker polls and folds the next batch meanwhile (see the `sink` module). Off: the
