@@ -36,7 +36,11 @@
 //! start, never sent late (the partition may have moved, and a stale projection after the new
 //! owner's checkpoints would be restored as the latest), and the store's recorded ends are
 //! invalidated so each partition restores on its next assignment (`runtime::
-//! drop_changelog_leftovers`).
+//! drop_changelog_leftovers`). Known edge, not handled: a changelog partition still empty
+//! at that restart has nothing to restore, so the local state (which includes the dropped
+//! batch) goes on; users of that batch never changed again then lack a changelog projection
+//! while later checkpoints cover their events. Forgetting the partition's local state and
+//! replaying it from the log's start would close it.
 //!
 //! Transactions mode (`ExactlyOnce::Transactions`): the projections and checkpoints go in the
 //! batch's Kafka transaction, and restores read `read_committed` up to the last stable offset,
