@@ -39,7 +39,7 @@ pub struct Core {
     /// Next offsets as of the last batch closed (durable or still with the committer): what
     /// the next changelog checkpoint records for lanes the batch did not advance.
     pub handed: FxHashMap<(u8, i32), i64>,
-    /// Whether a batch became durable since [`Core::take_progress`] last asked.
+    /// Whether a batch became durable since [`Core::poll_durable`] last asked.
     progress: bool,
     pending: Vec<OutboxEntry>,
     /// Dead letters are cut to this many bytes (key + value + headers) before they are
@@ -528,13 +528,12 @@ impl Core {
         let Output::Thread(committer) = &mut self.out else {
             return Ok(());
         };
-        let (cache, committed, progress) =
-            (&mut self.cache, &mut self.committed, &mut self.progress);
-        committer.collect(wait, |meta| {
-            cache.durable(meta.ticket);
-            committed.extend(meta.offsets);
-            *progress = true;
-        })
+        let mut done = Vec::new();
+        let result = committer.collect(wait, |meta| done.push(meta));
+        for meta in done {
+            self.on_durable(meta);
+        }
+        result
     }
 
     /// Whether a batch became durable since the last call (then the durable offsets should
