@@ -53,6 +53,12 @@ pub struct BenchArgs {
     /// (the processor's default); `false` for the worker doing both between polls.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     overlap_commits: bool,
+    /// The processor's projection checkpoint interval in phases (b) and (c), ms: 0 writes
+    /// projections with every batch (its default); above 0 writes them at most this often,
+    /// with offsets, outputs and replay records in every batch (see `forest processor
+    /// --projection-interval-ms`).
+    #[arg(long, default_value_t = 0)]
+    projection_interval_ms: u64,
     /// Seconds of load at each fixed rate of the latency phase (the first 2 s are warm-up and
     /// not measured); 0 skips it.
     #[arg(long, default_value_t = 10)]
@@ -296,6 +302,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             ""
         }
     );
+    if args.projection_interval_ms > 0 {
+        eprintln!(
+            "projections checkpointed every {} ms (replay records in between)",
+            args.projection_interval_ms
+        );
+    }
 
     // Preload.
     let topics = create(&format!("bench-{stamp}."))?;
@@ -349,20 +361,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         |_: &Duration| ProcessorStats::get(&pstats.committed_records),
         || {
             run_processor(
-                &brokers,
-                kafka,
-                &topics,
-                &data_dir.join("processor"),
-                args.batch_size,
+                processor_config(&args, &brokers, &topics, &data_dir.join("processor"), false),
                 &pstats,
                 &ends,
                 Duration::from_secs(3600),
-                false,
-                args.workers,
-                args.exactly_once,
-                args.changelog,
-                args.overlap_commits,
-                Duration::from_millis(args.batch_max_wait_ms),
             )
         },
     )?;
@@ -389,20 +391,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         |_: &Duration| ProcessorStats::get(&astats.committed_records),
         || {
             run_processor(
-                &brokers,
-                kafka,
-                &topics,
-                &data_dir.join("processor-alo"),
-                args.batch_size,
+                processor_config(
+                    &args,
+                    &brokers,
+                    &topics,
+                    &data_dir.join("processor-alo"),
+                    true,
+                ),
                 &astats,
                 &ends,
                 Duration::from_secs(3600),
-                true,
-                args.workers,
-                forest_processor::ExactlyOnce::Outbox,
-                false,
-                args.overlap_commits,
-                Duration::from_millis(args.batch_max_wait_ms),
             )
         },
     )?;
@@ -431,35 +429,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             cfg.seed = workload.seed + 1 + i as u64;
             let stop = Arc::new(AtomicBool::new(false));
             let handle = {
-                let (b, k, tt, s, d, st) = (
-                    brokers.clone(),
-                    kafka.clone(),
-                    t.clone(),
-                    stats.clone(),
-                    data_dir.join(format!("latency-{i}")),
-                    stop.clone(),
+                let mut c = processor_config(
+                    &args,
+                    &brokers,
+                    &t,
+                    &data_dir.join(format!("latency-{i}")),
+                    false,
                 );
-                let (batch, wait, workers, mode, changelog, overlap) = (
-                    args.batch_size,
-                    Duration::from_millis(args.batch_max_wait_ms),
-                    args.workers,
-                    args.exactly_once,
-                    args.changelog,
-                    args.overlap_commits,
-                );
-                std::thread::spawn(move || {
-                    let mut c = ProcessorConfig::new(b, d);
-                    c.exactly_once = mode;
-                    c.changelog = changelog;
-                    c.topics = tt;
-                    c.group_id = format!("forest-bench-lat-{}", std::process::id());
-                    c.batch_max_records = batch;
-                    c.batch_max_wait = wait;
-                    c.workers = workers;
-                    c.overlap_commits = overlap;
-                    c.kafka = k;
-                    forest_processor::run(c, st, s)
-                })
+                c.group_id = format!("forest-bench-lat-{}", std::process::id());
+                let (s, st) = (stats.clone(), stop.clone());
+                std::thread::spawn(move || forest_processor::run(c, st, s))
             };
             // Produce only once the processor owns its partitions: the group join is start-up,
             // not latency.
@@ -742,37 +721,46 @@ fn raw_consume(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_processor(
+/// The processor's settings from the bench's flags. The at-least-once baseline keeps
+/// neither the changelog nor spaced projection checkpoints, which both need the outbox.
+fn processor_config(
+    args: &BenchArgs,
     brokers: &str,
-    kafka: &[(String, String)],
     topics: &Topics,
     store: &Path,
-    batch: usize,
+    at_least_once: bool,
+) -> ProcessorConfig {
+    let mut cfg = ProcessorConfig::new(brokers, store);
+    cfg.overlap_commits = args.overlap_commits;
+    cfg.batch_max_wait = Duration::from_millis(args.batch_max_wait_ms);
+    cfg.batch_max_records = args.batch_size;
+    cfg.workers = args.workers;
+    cfg.topics = topics.clone();
+    cfg.kafka = args.kafka_config.clone();
+    cfg.at_least_once_baseline = at_least_once;
+    if !at_least_once {
+        cfg.exactly_once = args.exactly_once;
+        cfg.changelog = args.changelog;
+        cfg.projection_interval = Duration::from_millis(args.projection_interval_ms);
+    }
+    cfg
+}
+
+fn run_processor(
+    mut cfg: ProcessorConfig,
     stats: &Arc<ProcessorStats>,
     ends: &[(String, i32, i64)],
     timeout: Duration,
-    at_least_once: bool,
-    workers: usize,
-    mode: forest_processor::ExactlyOnce,
-    changelog: bool,
-    overlap_commits: bool,
-    batch_wait: Duration,
 ) -> anyhow::Result<Duration> {
-    let mut cfg = ProcessorConfig::new(brokers, store);
-    cfg.overlap_commits = overlap_commits;
-    cfg.batch_max_wait = batch_wait;
-    cfg.exactly_once = mode;
-    cfg.changelog = changelog;
-    cfg.topics = topics.clone();
-    cfg.at_least_once_baseline = at_least_once;
-    cfg.workers = workers;
     cfg.group_id = format!(
         "forest-bench-{}-{}",
         std::process::id(),
-        if at_least_once { "alo" } else { "eo" }
+        if cfg.at_least_once_baseline {
+            "alo"
+        } else {
+            "eo"
+        }
     );
-    cfg.batch_max_records = batch;
-    cfg.kafka = kafka.to_vec();
     let stop = Arc::new(AtomicBool::new(false));
     let handle = {
         let (s, d) = (stats.clone(), stop.clone());

@@ -38,6 +38,14 @@ pub struct ProcessorArgs {
     /// between polls. Transactions mode always runs inline.
     #[arg(long, env = "FOREST_OVERLAP_COMMITS", default_value_t = true, action = clap::ArgAction::Set)]
     overlap_commits: bool,
+    /// Write projections to RocksDB at most this often, ms; 0 (the default) writes them with
+    /// every batch. Above 0, every batch still stores its offsets and outputs, plus a record
+    /// of the order it folded its records in; a user changed many times in between is written
+    /// once, cutting RocksDB writes per event. After a crash the records since the last
+    /// checkpoint are folded again in the recorded order, their outputs not re-sent. Outbox
+    /// mode only, without --changelog.
+    #[arg(long, env = "FOREST_PROJECTION_INTERVAL_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    projection_interval_ms: u64,
     /// Users kept in the in-memory write-back cache (least recently used evicted first).
     #[arg(long, env = "FOREST_CACHE_USERS", default_value_t = 1_000_000)]
     cache_users: usize,
@@ -187,6 +195,7 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.batch_max_wait = std::time::Duration::from_millis(args.batch_max_wait_ms);
     cfg.workers = args.workers;
     cfg.overlap_commits = args.overlap_commits;
+    cfg.projection_interval = std::time::Duration::from_millis(args.projection_interval_ms);
     cfg.changelog = args.changelog;
     cfg.exactly_once = args.exactly_once;
     cfg.transactional_id = args.transactional_id;

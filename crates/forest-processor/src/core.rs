@@ -3,6 +3,7 @@
 
 use crate::merge::{Merger, Rec};
 use crate::metrics as m;
+use crate::replay::{self, Checkpoints};
 use crate::sink::{Batch, Committer, Meta, Sink};
 use crate::{CrashPoint, ProcessorConfig, ProcessorError, ProcessorStats};
 use forest_domain::{Event, InputKind, Malformed, Rejection, RuleSet};
@@ -70,6 +71,9 @@ pub struct Core {
     /// The consumer's group membership, which a transaction's offsets are committed under
     /// (so the broker fences a member that was rebalanced out). Set on every assignment.
     pub group_meta: Option<rdkafka::consumer::ConsumerGroupMetadata>,
+    /// Projections written less often than offsets and outputs (see [`crate::replay`]);
+    /// `None`: with every batch.
+    checkpoints: Option<Checkpoints>,
 }
 
 enum Output {
@@ -223,6 +227,9 @@ impl Core {
             brokers: cfg.brokers.clone(),
             transactions,
             group_meta: None,
+            checkpoints: (!cfg.projection_interval.is_zero()).then(|| {
+                Checkpoints::new(cfg.projection_interval, cfg.cache_users, cfg.cache_bytes)
+            }),
         })
     }
 
@@ -322,7 +329,17 @@ impl Core {
                 .update(&self.store, &event.user_id, |s| rules.apply(s, &event))?,
             Err(r) => Err(r),
         };
+        // A replayed record's outputs are stored already (see the replay module).
+        let replay = rec.replay;
         match result {
+            Ok(_) if replay => {
+                self.stats.applied.fetch_add(1, Ordering::Relaxed);
+                self.tally.applied += 1;
+            }
+            Err(r) if replay => {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                bump(&mut self.tally.rejected, r.code(), 1);
+            }
             Ok(outcome) => {
                 self.stats.applied.fetch_add(1, Ordering::Relaxed);
                 self.tally.applied += 1;
@@ -379,8 +396,13 @@ impl Core {
                 }
             }
         }
-        self.offsets
-            .insert((rec.topic, rec.partition), rec.offset + 1);
+        if !replay {
+            self.offsets
+                .insert((rec.topic, rec.partition), rec.offset + 1);
+            if let Some(c) = &mut self.checkpoints {
+                c.folded(rec.topic, rec.partition);
+            }
+        }
         self.batch_records += 1;
         self.applied_in_run += 1;
         if self.crash_at == Some(CrashPoint::AfterApplied(self.applied_in_run)) {
@@ -401,7 +423,21 @@ impl Core {
             // A rebuild: fold and store, emit nothing.
             self.pending.clear();
         }
-        if self.offsets.is_empty() && self.pending.is_empty() {
+        // Whether this batch writes the projections (always, unless checkpoints are spaced).
+        let checkpoint = self
+            .checkpoints
+            .as_ref()
+            .is_none_or(|c| c.due(&self.cache, self.merger.replaying()));
+        let checkpoint_work = self
+            .checkpoints
+            .as_ref()
+            .is_some_and(|c| checkpoint && (self.cache.dirty_len() > 0 || c.has_records()));
+        if self.offsets.is_empty() && self.pending.is_empty() && !checkpoint_work {
+            // Nothing to store: no records, or replayed ones only (their projections wait
+            // for the checkpoint, their outputs are stored).
+            self.batch_records = 0;
+            self.batch_started = None;
+            self.batch_ts.clear();
             return Ok(false);
         }
         let closed = Instant::now();
@@ -456,14 +492,33 @@ impl Core {
         } else {
             (offsets, &self.pending[..])
         };
-        let writes = (self.cache.dirty_len() + offsets.len() + outbox.len()) as u64;
-        let (prepared, ticket) = match self.cache.prepare(&self.store, offsets, outbox) {
+        let prepared = if checkpoint {
+            self.cache.prepare(&self.store, offsets, outbox)
+        } else {
+            self.cache
+                .prepare_without_projections(&self.store, offsets, outbox)
+        };
+        let (mut prepared, ticket) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 self.discard_batch();
                 return Err(e.into());
             }
         };
+        if let Some(c) = &mut self.checkpoints {
+            if checkpoint {
+                for (p, seqs) in c.checkpointed() {
+                    self.store.delete_replay(&mut prepared, p, seqs);
+                }
+            } else {
+                // Where each lane stood before this batch: the batches closed before it.
+                let handed = &self.handed;
+                for (p, seq, bytes) in c.records(|t, p| handed.get(&(t, p)).copied()) {
+                    self.store.put_replay(&mut prepared, p, seq, &bytes);
+                }
+            }
+        }
+        let writes = prepared.writes();
         let meta = self.close_batch(ticket, writes, closed);
         let batch = Batch {
             prepared,
@@ -644,6 +699,78 @@ impl Core {
         self.cache.clear();
     }
 
+    /// Partitions are being revoked or the worker stops: the next commit stores the
+    /// projections, unless a replay is under way (see the replay module).
+    pub fn force_checkpoint(&mut self) {
+        if let Some(c) = &mut self.checkpoints {
+            c.force();
+        }
+    }
+
+    /// After a revocation: what was assigned is forgotten (the store has it all).
+    pub fn revoked(&mut self) {
+        self.merger.clear();
+        self.committed.clear();
+        self.handed.clear();
+        if let Some(c) = &mut self.checkpoints {
+            c.revoked();
+        }
+        // Another worker of this process may get these partitions and change their users in
+        // the shared store: cached copies would go stale.
+        self.clear_cache();
+    }
+
+    /// On assignment of `partitions` (numbers): reads their replay records, scripts the merge
+    /// to fold them again, and returns where each replaying partition's lanes must start.
+    /// Empty when checkpoints are not spaced.
+    pub fn resume(
+        &mut self,
+        partitions: &[i32],
+    ) -> Result<FxHashMap<i32, [i64; 3]>, ProcessorError> {
+        let mut starts = FxHashMap::default();
+        let Some(c) = &mut self.checkpoints else {
+            return Ok(starts);
+        };
+        for &p in partitions {
+            let log = self.store.replay_log(p)?;
+            let plan = replay::plan(p, &log)?;
+            c.resumed(p, plan.as_ref().map(|r| r.seqs.clone()));
+            if let Some(r) = plan {
+                let records: u64 = r.runs.iter().map(|&(_, n)| u64::from(n)).sum();
+                tracing::info!(
+                    partition = p,
+                    from = ?r.from,
+                    records,
+                    "folding again the records since the partition's last projection checkpoint"
+                );
+                self.merger.set_script(p, r.runs);
+                starts.insert(p, r.from);
+            }
+        }
+        Ok(starts)
+    }
+
+    /// A lane was assigned with this stored offset (where live folding starts).
+    pub fn lane_assigned(&mut self, lane: u8, partition: i32, stored: Option<i64>) {
+        if let Some(c) = &mut self.checkpoints {
+            c.assigned(lane, partition, stored);
+        }
+    }
+
+    /// With spaced checkpoints and no batch open: stores the projections if a checkpoint is
+    /// due, so they do not wait for the next record.
+    pub fn checkpoint_if_due(&mut self) -> Result<(), ProcessorError> {
+        let due = self.checkpoints.as_ref().is_some_and(|c| {
+            self.batch_records == 0
+                && self.cache.dirty_len() > 0
+                && c.due(&self.cache, self.merger.replaying())
+        });
+        if due {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
     /// Waits until everything closed is durable and every output sent is acknowledged:
     /// before partitions are revoked and on shutdown.
     pub fn flush_outputs(&mut self) -> Result<(), ProcessorError> {
@@ -760,6 +887,7 @@ mod tests {
         use forest_proto::v1 as pb;
         let mut out: Vec<Rec> = (0..3)
             .map(|i| Rec {
+                replay: false,
                 topic: 0,
                 partition: 0,
                 offset: i,
@@ -785,6 +913,7 @@ mod tests {
         }
         .encode_to_vec();
         out.push(Rec {
+            replay: false,
             topic: 0,
             partition: 0,
             offset: 3,

@@ -40,6 +40,9 @@ pub struct Rec {
     pub timestamp: Option<i64>,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
+    /// Released by a replay script (see [`Merger::set_script`]): folded again to rebuild
+    /// projections, its outputs already stored.
+    pub replay: bool,
 }
 
 impl Rec {
@@ -64,6 +67,8 @@ pub struct Merger {
     n_topics: usize,
     gaps: u64,
     early: u64,
+    /// partition number -> the lane order (lane, records) a replay must follow first.
+    scripts: FxHashMap<i32, VecDeque<(u8, u32)>>,
 }
 
 impl Merger {
@@ -169,7 +174,26 @@ impl Merger {
     /// Forgets every lane and its buffered (not yet applied) records.
     pub fn clear(&mut self) {
         self.groups.clear();
+        self.scripts.clear();
         self.buffered = 0;
+    }
+
+    /// Makes the partition's next releases follow `runs` (lane, number of records) exactly,
+    /// whatever the records' timestamps and however long a lane takes to deliver: the order a
+    /// previous run folded them in, which a replay must repeat to rebuild the same state. The
+    /// released records carry [`Rec::replay`]. Then the merge goes on as usual.
+    pub fn set_script(&mut self, partition: i32, runs: impl IntoIterator<Item = (u8, u32)>) {
+        let script: VecDeque<(u8, u32)> = runs.into_iter().filter(|&(_, n)| n > 0).collect();
+        if script.is_empty() {
+            self.scripts.remove(&partition);
+        } else {
+            self.scripts.insert(partition, script);
+        }
+    }
+
+    /// Whether some partition still has a replay script to follow.
+    pub fn replaying(&self) -> bool {
+        !self.scripts.is_empty()
     }
 
     /// Buffers a record. Records of lanes not assigned (a stale fetch after revocation) or
@@ -227,9 +251,44 @@ impl Merger {
             groups,
             buffered,
             early,
+            scripts,
             ..
         } = self;
         for (&partition, lanes) in groups.iter_mut() {
+            if let Some(script) = scripts.get_mut(&partition) {
+                // A replay: the recorded lane order, nothing else; a lane that has not
+                // delivered yet holds the partition (its records are below the offsets the
+                // previous run stored, so they exist).
+                while let Some((t, n)) = script.front_mut() {
+                    let Some(rec) = lanes
+                        .get_mut(*t as usize)
+                        .and_then(Option::as_mut)
+                        .and_then(|l| l.buf.pop_front())
+                    else {
+                        break;
+                    };
+                    *n -= 1;
+                    if *n == 0 {
+                        script.pop_front();
+                    }
+                    *buffered -= 1;
+                    f(Rec {
+                        replay: true,
+                        ..rec
+                    });
+                    released += 1;
+                    if released >= max {
+                        if script.is_empty() {
+                            scripts.remove(&partition);
+                        }
+                        return;
+                    }
+                }
+                if !script.is_empty() {
+                    continue;
+                }
+                scripts.remove(&partition);
+            }
             loop {
                 let mut blocked = false;
                 // Why this release would not be canonical, if an empty lane is behind.
@@ -315,6 +374,7 @@ mod tests {
             timestamp: Some(ts),
             key: None,
             value: None,
+            replay: false,
         }
     }
 
@@ -348,6 +408,50 @@ mod tests {
         assert_eq!(drain(&mut m, false), [(0, 0), (1, 0), (1, 1)]);
         // Once the empty lane is caught up, the rest flows.
         assert_eq!(drain(&mut m, true), [(0, 1)]);
+        assert_eq!(m.buffered(), 0);
+    }
+
+    #[test]
+    fn a_replay_script_overrides_the_timestamp_order_then_the_merge_goes_on() {
+        let mut m = Merger::new(2);
+        m.assign(0, 0, 0);
+        m.assign(1, 0, 0);
+        // The previous run folded lane 1's first record, then two of lane 0's, then lane
+        // 1's second: not the timestamp order.
+        m.set_script(0, [(1, 1), (0, 2), (1, 1)]);
+        assert!(m.replaying());
+        for (o, ts) in [(0, 10), (1, 20), (2, 30)] {
+            m.push(rec(0, o, ts));
+        }
+        // Lane 1 has not delivered: the script waits for it, even with every lane caught up.
+        assert!(drain(&mut m, true).is_empty());
+        m.push(rec(1, 0, 40));
+        let mut got = vec![];
+        m.drain(
+            |_, _, _| true,
+            Duration::from_secs(60),
+            1_000,
+            true,
+            2,
+            |r| got.push((r.topic, r.offset, r.replay)),
+        );
+        assert_eq!(got, [(1, 0, true), (0, 0, true)], "at most `max` at a time");
+        m.push(rec(1, 1, 5));
+        // The script ends; then lane 1, empty and behind its high watermark, holds the rest.
+        assert_eq!(drain(&mut m, false), [(0, 1), (1, 1)]);
+        assert!(!m.replaying(), "the script is done");
+        // Then the usual order, and records are no longer marked as replayed.
+        m.push(rec(1, 2, 25));
+        let mut got = vec![];
+        m.drain(
+            |_, _, _| true,
+            Duration::from_secs(60),
+            1_000,
+            true,
+            usize::MAX,
+            |r| got.push((r.topic, r.offset, r.replay)),
+        );
+        assert_eq!(got, [(1, 2, false), (0, 2, false)]);
         assert_eq!(m.buffered(), 0);
     }
 

@@ -121,6 +121,15 @@ impl ConsumerContext for Ctx {
                     self.fail(e);
                     return;
                 }
+                // Partitions whose projections are older than their offsets fold the records
+                // since their last checkpoint again first (see the replay module).
+                let replays = match core.resume(&partition_numbers(tpl)) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.fail(e);
+                        return;
+                    }
+                };
                 let mut starts = Vec::new();
                 for el in tpl.elements() {
                     let Some(idx) = core.topic_index(el.topic()) else {
@@ -138,10 +147,16 @@ impl ConsumerContext for Ctx {
                 }
                 self.stats.health.add_assigned(starts.len() as i64);
                 for (topic, idx, partition, stored) in starts {
+                    let replay_from = replays
+                        .get(&partition)
+                        .and_then(|from| from.get(idx as usize))
+                        .map(|&o| (o >= 0).then_some(o));
                     let offset = if core.at_least_once {
                         Offset::Stored
                     } else {
-                        stored.map_or(Offset::Beginning, Offset::Offset)
+                        replay_from
+                            .unwrap_or(stored)
+                            .map_or(Offset::Beginning, Offset::Offset)
                     };
                     if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
                         self.fail(ProcessorError::Kafka {
@@ -150,7 +165,9 @@ impl ConsumerContext for Ctx {
                         });
                         return;
                     }
-                    core.merger.assign(idx, partition, stored.unwrap_or(0));
+                    core.merger
+                        .assign(idx, partition, replay_from.unwrap_or(stored).unwrap_or(0));
+                    core.lane_assigned(idx, partition, stored);
                     if let Some(o) = stored {
                         core.committed.insert((idx, partition), o);
                         lock(&self.stats.committed_offsets).insert((topic.clone(), partition), o);
@@ -173,16 +190,12 @@ impl ConsumerContext for Ctx {
                 metrics::counter!(m::REBALANCES, "kind" => "revoke").increment(1);
                 if !self.failed() {
                     let mut core = lock(&self.core);
+                    core.force_checkpoint();
                     match core.commit().and_then(|_| core.flush_outputs()) {
                         Ok(_) => commit_kafka(consumer, &core, CommitMode::Sync),
                         Err(e) => self.fail(e),
                     }
-                    core.merger.clear();
-                    core.committed.clear();
-                    core.handed.clear();
-                    // Another worker of this process may get these partitions and change
-                    // their users in the shared store: cached copies would go stale.
-                    core.clear_cache();
+                    core.revoked();
                     tracing::info!(
                         partitions = tpl.count(),
                         "partitions revoked after committing"
@@ -508,6 +521,16 @@ fn validate(cfg: &ProcessorConfig) -> Result<(), ProcessorError> {
     if cfg.group_id.is_empty() {
         return bad("the consumer group id must not be empty");
     }
+    if !cfg.projection_interval.is_zero()
+        && (cfg.exactly_once == crate::ExactlyOnce::Transactions
+            || cfg.changelog
+            || cfg.dry_run
+            || cfg.at_least_once_baseline)
+    {
+        return bad(
+            "a projection interval above 0 works in the outbox mode only, without the changelog (whose records carry every batch's projections), a dry run or the at-least-once baseline: set it to 0 or drop those options",
+        );
+    }
     if cfg.exactly_once == crate::ExactlyOnce::Transactions {
         if cfg.dry_run || cfg.at_least_once_baseline {
             return bad(
@@ -812,6 +835,7 @@ fn run_worker(
     }
     // Graceful: the close below revokes the partitions, which commits and flushes.
     let mut c = lock(&core);
+    c.force_checkpoint();
     c.commit()?;
     c.flush_outputs()?;
     commit_kafka(&consumer, &c, CommitMode::Sync);
@@ -933,6 +957,7 @@ fn consume_loop(
                         continue;
                     };
                     polled.push(Rec {
+                        replay: false,
                         topic: topic as u8,
                         partition: msg.partition(),
                         offset: msg.offset(),
@@ -984,6 +1009,9 @@ fn consume_loop(
             && !c.committer_busy()
         {
             c.commit()?;
+        }
+        if c.batch_started.is_none() && !c.committer_busy() {
+            c.checkpoint_if_due()?;
         }
         t_commit += t2.elapsed();
         progress |= c.poll_durable()?;

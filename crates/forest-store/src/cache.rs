@@ -72,6 +72,8 @@ pub struct ProjectionCache {
     /// Sum of the slots' `bytes`.
     bytes: usize,
     dirty: Vec<String>,
+    /// Sum of the dirty users' `bytes` (see [`ProjectionCache::dirty_bytes`]).
+    dirty_bytes: usize,
     /// CLOCK's ring: cached users in load order; the front is under the hand. May hold ids
     /// no longer cached (dropped by `discard_dirty`), skipped when the hand reaches them.
     ring: VecDeque<String>,
@@ -96,6 +98,7 @@ impl ProjectionCache {
             max_bytes,
             bytes: 0,
             dirty: Vec::new(),
+            dirty_bytes: 0,
             ring: VecDeque::new(),
             prepared: 0,
             durable: 0,
@@ -141,6 +144,7 @@ impl ProjectionCache {
         if out.is_ok() && !slot.dirty {
             slot.dirty = true;
             self.dirty.push(user_id.to_owned());
+            self.dirty_bytes += slot.bytes;
         }
         Ok(out)
     }
@@ -191,6 +195,27 @@ impl ProjectionCache {
         }
     }
 
+    /// A batch of offsets and outbox entries only: the dirty users stay dirty (so they are
+    /// neither evicted nor forgotten) until a later [`ProjectionCache::prepare`] stores them.
+    /// For a caller that keeps, in the same batch, what it needs to rebuild them after a crash
+    /// (the processor's replay records). Same ticket rules as `prepare`.
+    pub fn prepare_without_projections<'o>(
+        &mut self,
+        store: &Store,
+        offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
+        outbox: &[OutboxEntry],
+    ) -> Result<(crate::PreparedBatch, u64), StoreError> {
+        let prepared = store.prepare([], offsets, outbox)?;
+        self.prepared += 1;
+        Ok((prepared, self.prepared))
+    }
+
+    /// Estimated bytes (see [`estimate_bytes`]) of the dirty users, as of their last write or
+    /// load: what a caller deferring writes weighs against the cache's bounds.
+    pub fn dirty_bytes(&self) -> usize {
+        self.dirty_bytes
+    }
+
     /// The first half of [`ProjectionCache::commit`]: serialises every dirty user with the
     /// offsets and outbox entries, and marks them clean. Returns the batch to write and its
     /// ticket, which [`ProjectionCache::durable`] takes once the write succeeded. Tickets must
@@ -213,6 +238,7 @@ impl ProjectionCache {
         };
         self.prepared += 1;
         let ticket = self.prepared;
+        self.dirty_bytes = 0;
         for u in self.dirty.drain(..) {
             if let Some(s) = self.slots.get_mut(&u) {
                 s.dirty = false;
@@ -248,6 +274,7 @@ impl ProjectionCache {
         });
         self.bytes -= freed;
         self.dirty.clear();
+        self.dirty_bytes = 0;
     }
 
     fn evict(&mut self, users: usize, bytes: usize) {
@@ -284,6 +311,7 @@ impl ProjectionCache {
 
     /// Forgets uncommitted changes (after a failed write, the events are replayed instead).
     pub fn discard_dirty(&mut self) {
+        self.dirty_bytes = 0;
         for u in self.dirty.drain(..) {
             if let Some(slot) = self.slots.remove(&u) {
                 self.bytes -= slot.bytes;
@@ -295,6 +323,7 @@ impl ProjectionCache {
     pub fn clear(&mut self) {
         self.slots.clear();
         self.dirty.clear();
+        self.dirty_bytes = 0;
         self.ring.clear();
         self.bytes = 0;
     }

@@ -3,6 +3,11 @@
 //! - `offsets`: `<topic>\0<partition as 4-byte big-endian>` -> next offset (8-byte big-endian);
 //! - `outbox`: sequence number (8-byte big-endian, so iteration is in order) -> `OutboxEntry`;
 //! - `kv`: other services' state (fulfilment orders, capacity, backlog), opaque bytes;
+//! - `replay`: `<partition as 4-byte big-endian><sequence as 8-byte big-endian>` -> the
+//!   processor's record of the order it folded a batch's records in, for partitions whose
+//!   projections are stored less often than their offsets (opaque bytes here; see
+//!   `forest-processor`'s `replay` module). Added after format v4 without a bump: an older
+//!   store simply has none, which means every projection is as current as its offsets;
 //! - `meta`: format version.
 
 use forest_domain::UserState;
@@ -19,6 +24,16 @@ const CF_OFFSETS: &str = "offsets";
 const CF_OUTBOX: &str = "outbox";
 const CF_META: &str = "meta";
 const CF_KV: &str = "kv";
+const CF_REPLAY: &str = "replay";
+/// Every column family, in the order they are opened.
+const CFS: [&str; 6] = [
+    CF_PROJECTIONS,
+    CF_OFFSETS,
+    CF_OUTBOX,
+    CF_META,
+    CF_KV,
+    CF_REPLAY,
+];
 const FORMAT_KEY: &[u8] = b"format";
 /// Bump when the on-disk encoding changes; a store of another format is refused at open.
 // v2: projections keep recent credits; v3: outbox entries may pin a partition; v4: projections
@@ -250,8 +265,7 @@ impl Store {
     pub fn export_metrics(&self) {
         use rocksdb::statistics::Ticker;
         let sum = |name: &str| -> u64 {
-            [CF_PROJECTIONS, CF_OFFSETS, CF_OUTBOX, CF_META, CF_KV]
-                .iter()
+            CFS.iter()
                 .filter_map(|cf| self.db.cf_handle(cf))
                 .filter_map(|cf| self.db.property_int_value_cf(cf, name).ok().flatten())
                 .sum()
@@ -338,8 +352,7 @@ impl Store {
         );
         db_opts.set_write_buffer_manager(&wbm);
 
-        let cfs = [CF_PROJECTIONS, CF_OFFSETS, CF_OUTBOX, CF_META, CF_KV]
-            .map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
+        let cfs = CFS.map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
         let db = if read_only {
             DB::open_cf_descriptors_read_only(&db_opts, path, cfs, false).map_err(open_err)?
         } else {
@@ -355,7 +368,7 @@ impl Store {
             }
             None => {
                 // A new store is empty; data without a format marker is someone else's.
-                for cf in [CF_PROJECTIONS, CF_OFFSETS, CF_OUTBOX, CF_KV] {
+                for cf in [CF_PROJECTIONS, CF_OFFSETS, CF_OUTBOX, CF_KV, CF_REPLAY] {
                     let handle = db.cf_handle(cf).expect("cf was just opened");
                     if db.iterator_cf(handle, IteratorMode::Start).next().is_some() {
                         return Err(StoreError::NotAStore {
@@ -637,6 +650,58 @@ impl Store {
         Ok(seqs)
     }
 
+    /// Adds the replay record `seq` of `partition` to a prepared batch, so it is stored with
+    /// the batch's offsets and outputs or not at all.
+    pub fn put_replay(&self, b: &mut PreparedBatch, partition: i32, seq: u64, bytes: &[u8]) {
+        b.batch
+            .put_cf(self.cf(CF_REPLAY), replay_key(partition, seq), bytes);
+    }
+
+    /// Deletes the replay records `seqs` of `partition` in a prepared batch (the batch that
+    /// stores the projections they would rebuild).
+    pub fn delete_replay(&self, b: &mut PreparedBatch, partition: i32, seqs: std::ops::Range<u64>) {
+        let cf = self.cf(CF_REPLAY);
+        for seq in seqs {
+            b.batch.delete_cf(cf, replay_key(partition, seq));
+        }
+    }
+
+    /// The replay records of `partition`, in sequence order.
+    pub fn replay_log(&self, partition: i32) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let prefix = partition.to_be_bytes();
+        let mode = IteratorMode::From(&prefix, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_REPLAY), mode) {
+            let (k, v) = item.map_err(StoreError::Read)?;
+            let Some(rest) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            out.push((replay_seq(partition, rest)?, v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Partitions with replay records, i.e. whose stored projections are older than their
+    /// stored offsets (for tests and `forest inspect`).
+    pub fn replay_partitions(&self) -> Result<Vec<i32>, StoreError> {
+        let mut out: Vec<i32> = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_REPLAY), IteratorMode::Start) {
+            let (k, _) = item.map_err(StoreError::Read)?;
+            let p = k
+                .get(..4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(i32::from_be_bytes)
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: "replay".into(),
+                    reason: format!("key of {} bytes, expected 12", k.len()),
+                })?;
+            if out.last() != Some(&p) {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
     /// Outbox entries not yet delivered, oldest first, at most `limit`.
     pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
         let mut out = Vec::new();
@@ -701,6 +766,21 @@ impl Store {
     }
 }
 
+fn replay_key(partition: i32, seq: u64) -> [u8; 12] {
+    let mut k = [0; 12];
+    k[..4].copy_from_slice(&partition.to_be_bytes());
+    k[4..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn replay_seq(partition: i32, rest: &[u8]) -> Result<u64, StoreError> {
+    let b: [u8; 8] = rest.try_into().map_err(|_| StoreError::Corrupt {
+        key: format!("replay/{partition}"),
+        reason: format!("key of {} bytes, expected 12", rest.len() + 4),
+    })?;
+    Ok(u64::from_be_bytes(b))
+}
+
 fn seq_of(k: &[u8]) -> Result<u64, StoreError> {
     let b: [u8; 8] = k.try_into().map_err(|_| StoreError::Corrupt {
         key: "outbox".into(),
@@ -747,6 +827,44 @@ mod tests {
         // Sequence numbers continue after the highest stored one.
         assert_eq!(store.commit([], [], &[entry(3)]).unwrap(), 2..3);
         assert_eq!(store.outbox_len().unwrap(), 2);
+    }
+
+    #[test]
+    fn replay_records_are_stored_with_their_batch_kept_per_partition_and_deleted_by_range() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+            let mut b = store.prepare([], [("t", 1, 10)], &[]).unwrap();
+            store.put_replay(&mut b, 1, 0, b"one");
+            store.put_replay(&mut b, -1, 7, b"minus one");
+            // Not written: a dropped batch leaves nothing behind.
+            let mut dropped = store.prepare([], [("t", 2, 10)], &[]).unwrap();
+            store.put_replay(&mut dropped, 2, 0, b"lost");
+            drop(dropped);
+            assert_eq!(b.writes(), 3);
+            store.write_prepared(b).unwrap();
+            let mut b = store.prepare([], [("t", 1, 20)], &[]).unwrap();
+            store.put_replay(&mut b, 1, 1, b"two");
+            store.put_replay(&mut b, 256, 0, b"other");
+            store.write_prepared(b).unwrap();
+        }
+        let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+        assert_eq!(
+            store.replay_log(1).unwrap(),
+            vec![(0, b"one".to_vec()), (1, b"two".to_vec())]
+        );
+        assert_eq!(store.replay_log(2).unwrap(), vec![]);
+        assert_eq!(
+            store.replay_log(-1).unwrap(),
+            vec![(7, b"minus one".to_vec())]
+        );
+        assert_eq!(store.replay_partitions().unwrap(), vec![1, 256, -1]);
+        let mut b = store.prepare([], [], &[]).unwrap();
+        store.delete_replay(&mut b, 1, 0..2);
+        store.write_prepared(b).unwrap();
+        assert_eq!(store.replay_log(1).unwrap(), vec![]);
+        assert_eq!(store.replay_log(256).unwrap(), vec![(0, b"other".to_vec())]);
+        assert_eq!(store.replay_partitions().unwrap(), vec![256, -1]);
     }
 
     #[test]
