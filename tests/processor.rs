@@ -62,23 +62,63 @@ fn projections_trees_and_dead_letters_match_the_pure_fold() {
 
 #[test]
 fn two_workers_in_one_process_share_the_store_and_match_the_pure_fold() {
-    let b = TestBroker::new("workers");
+    two_workers("workers", Duration::ZERO);
+}
+
+/// Two workers with projections checkpointed every 300 ms: the second worker's arrival
+/// revokes the first's partitions (a forced checkpoint), and timed checkpoints run beside
+/// batches that store offsets and replay records only.
+#[test]
+fn two_workers_with_spaced_projection_checkpoints_match_the_pure_fold() {
+    two_workers("workers-spaced", Duration::from_millis(300));
+}
+
+fn two_workers(name: &str, projection_interval: Duration) {
+    let get = forest_processor::ProcessorStats::get;
+    let b = TestBroker::new(name);
     let records = produce(&b, workload(5, 200_000, 20_000));
     let want = expected(&Default::default(), &records);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = b.processor_config(dir.path(), "g");
     cfg.workers = 2;
     cfg.batch_max_records = 500;
+    cfg.projection_interval = projection_interval;
     let p = start(cfg);
     wait_caught_up(&[&p.stats], &end_offsets(&b, &records), CATCH_UP);
-    let rebalances = forest_processor::ProcessorStats::get(&p.stats.rebalances);
+    let stats = p.stats.clone();
     p.stop().expect("graceful stop");
+    let (rebalances, batches, checkpoints) = (
+        get(&stats.rebalances),
+        get(&stats.batches),
+        get(&stats.projection_checkpoints),
+    );
     // Both workers joined: each saw at least one assignment.
     assert!(
         rebalances >= 2,
         "two members, {rebalances} rebalance callbacks"
     );
-    eprintln!("two workers: {}", check(&b, dir.path(), &want));
+    if projection_interval.is_zero() {
+        assert_eq!(checkpoints, batches, "every batch stores its projections");
+    } else {
+        // 200,000 records in batches of at most 500: at least 400 batches, of which only the
+        // timed, revocation and shutdown ones store projections.
+        assert!(
+            checkpoints >= 2 && checkpoints * 4 < batches,
+            "{checkpoints} of {batches} batches stored projections"
+        );
+    }
+    let store = forest_store::Store::open_read_only(dir.path()).expect("read-only open");
+    assert_eq!(
+        store.replay_partitions().expect("replay records"),
+        Vec::<i32>::new()
+    );
+    drop(store);
+    eprintln!(
+        "{name}: {checkpoints} of {batches} batches stored projections, {} store writes for {} records; {}",
+        get(&stats.store_writes),
+        records.len(),
+        check(&b, dir.path(), &want)
+    );
 }
 
 /// Crashes at several points, then a restart on the same store: projections, trees and dead
@@ -149,6 +189,14 @@ fn crash_campaign(name: &str, projection_interval: Duration) {
             get(&stats.outputs_delivered) >= left_by_last_crash,
             "the run after a crash delivered the {left_by_last_crash} outputs it left ({} delivered)",
             get(&stats.outputs_delivered)
+        );
+        // Every run after the first starts from replay records when checkpoints are spaced,
+        // and never otherwise.
+        let replayed = get(&stats.replayed);
+        assert_eq!(
+            replayed > 0,
+            spaced && crash != CrashPoint::AfterApplied(7_000),
+            "{crash:?}: {replayed} records folded again"
         );
         let store = forest_store::Store::open_read_only(dir.path()).expect("read-only open");
         let replaying = store.replay_partitions().expect("replay records");

@@ -104,6 +104,8 @@ pub(crate) struct Tally {
     /// trees again) does not count them twice.
     trees: Vec<(&'static str, u64)>,
     dead_letters_truncated: u64,
+    /// Records folded again by a replay (see the replay module).
+    replayed: u64,
 }
 
 fn bump(v: &mut Vec<(&'static str, u64)>, label: &'static str, by: u64) {
@@ -140,6 +142,9 @@ impl Tally {
         }
         for (species, n) in self.trees.drain(..) {
             metrics::counter!(m::TREES_MATURED, "species" => species).increment(n);
+        }
+        if self.replayed > 0 {
+            metrics::counter!(m::EVENTS_REPLAYED).increment(std::mem::take(&mut self.replayed));
         }
         if self.dead_letters_truncated > 0 {
             metrics::counter!(m::DLQ_TRUNCATED)
@@ -331,6 +336,10 @@ impl Core {
         };
         // A replayed record's outputs are stored already (see the replay module).
         let replay = rec.replay;
+        if replay {
+            self.stats.replayed.fetch_add(1, Ordering::Relaxed);
+            self.tally.replayed += 1;
+        }
         match result {
             Ok(_) if replay => {
                 self.stats.applied.fetch_add(1, Ordering::Relaxed);
@@ -519,7 +528,7 @@ impl Core {
             }
         }
         let writes = prepared.writes();
-        let meta = self.close_batch(ticket, writes, closed);
+        let meta = self.close_batch(ticket, writes, closed, checkpoint);
         let batch = Batch {
             prepared,
             entries: std::mem::take(&mut self.pending),
@@ -547,7 +556,7 @@ impl Core {
     }
 
     /// The batch's bookkeeping, taken out of the core, which starts a fresh batch.
-    fn close_batch(&mut self, ticket: u64, writes: u64, closed: Instant) -> Meta {
+    fn close_batch(&mut self, ticket: u64, writes: u64, closed: Instant, checkpoint: bool) -> Meta {
         let offsets: Vec<((u8, i32), i64)> = self.offsets.drain().collect();
         let shown = offsets
             .iter()
@@ -563,6 +572,7 @@ impl Core {
             writes,
             closed,
             batch_ts: std::mem::take(&mut self.batch_ts),
+            checkpoint,
         };
         self.batch_records = 0;
         self.batch_started = None;
@@ -686,7 +696,7 @@ impl Core {
             return Err(e.into());
         }
         // The cache already counts the write durable (ticket 0: nothing to report).
-        let mut meta = self.close_batch(0, writes, closed);
+        let mut meta = self.close_batch(0, writes, closed, true);
         let sink = inline(&mut self.out)?;
         sink.durable(&mut meta);
         sink.finish(&mut meta);

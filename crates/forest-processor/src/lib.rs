@@ -410,6 +410,11 @@ pub struct ProcessorStats {
     pub forgotten_users: AtomicU64,
     /// Kafka transactions committed ([`ExactlyOnce::Transactions`]).
     pub transactions: AtomicU64,
+    /// Durable batches that stored the projections (every batch unless
+    /// [`ProcessorConfig::projection_interval`] spaces them).
+    pub projection_checkpoints: AtomicU64,
+    /// Records folded again from replay records (see [`replay`]).
+    pub replayed: AtomicU64,
 }
 
 impl ProcessorStats {

@@ -27,9 +27,21 @@ pub const RESTORE_DURATION: &str = "forest_restore_duration_seconds";
 pub const TRANSACTIONS: &str = "forest_transactions_total";
 pub const FORGOTTEN_USERS: &str = "forest_forgotten_projections_total";
 pub const RESTORE_READ: &str = "forest_restore_read_records";
+pub const PROJECTION_CHECKPOINTS: &str = "forest_projection_checkpoints_total";
+pub const EVENTS_REPLAYED: &str = "forest_events_replayed_total";
 
 /// Registers descriptions with the installed recorder (call once at start-up).
 pub fn describe() {
+    describe_counter!(
+        PROJECTION_CHECKPOINTS,
+        Unit::Count,
+        "Store writes that carried the changed projections: every batch by default, at most one per --projection-interval-ms when it is above 0."
+    );
+    describe_counter!(
+        EVENTS_REPLAYED,
+        Unit::Count,
+        "Input records folded again after a restart or reassignment because their batch stored offsets and outputs but not projections (--projection-interval-ms above 0); their outputs are not sent again."
+    );
     describe_counter!(
         TRANSACTIONS,
         Unit::Count,
