@@ -71,8 +71,8 @@ pub struct Core {
     /// The consumer's group membership, which a transaction's offsets are committed under
     /// (so the broker fences a member that was rebalanced out). Set on every assignment.
     pub group_meta: Option<rdkafka::consumer::ConsumerGroupMetadata>,
-    /// Projections written less often than offsets and outputs (see [`crate::replay`]);
-    /// `None`: with every batch.
+    /// When projections are stored, and the replay records of batches that did not store
+    /// them (see [`crate::replay`]); `None` where replays cannot run (see [`replays_here`]).
     checkpoints: Option<Checkpoints>,
 }
 
@@ -232,7 +232,9 @@ impl Core {
             brokers: cfg.brokers.clone(),
             transactions,
             group_meta: None,
-            checkpoints: (!cfg.projection_interval.is_zero()).then(|| {
+            // Also with an interval of 0: replay records a run with spaced checkpoints left
+            // are followed and deleted all the same.
+            checkpoints: replays_here(cfg).then(|| {
                 Checkpoints::new(cfg.projection_interval, cfg.cache_users, cfg.cache_bytes)
             }),
         })
@@ -409,7 +411,11 @@ impl Core {
             self.offsets
                 .insert((rec.topic, rec.partition), rec.offset + 1);
             if let Some(c) = &mut self.checkpoints {
-                c.folded(rec.topic, rec.partition);
+                // A batch that is not a checkpoint needs its fold order: every batch with
+                // spaced checkpoints, and batches during a replay (which defers checkpoints).
+                if c.spaced() || self.merger.replaying() {
+                    c.folded(rec.topic, rec.partition);
+                }
             }
         }
         self.batch_records += 1;
@@ -789,6 +795,17 @@ impl Core {
             Output::Thread(_) => self.collect(true),
         }
     }
+}
+
+/// Whether this configuration keeps projections, offsets and outputs in the store alone, the
+/// one in which replay records are written and followed: the outbox mode without the
+/// changelog (whose records carry every batch's projections), a dry run or the at-least-once
+/// baseline. A store with replay records is refused in the others.
+pub(crate) fn replays_here(cfg: &ProcessorConfig) -> bool {
+    cfg.exactly_once == crate::ExactlyOnce::Outbox
+        && !cfg.changelog
+        && !cfg.dry_run
+        && !cfg.at_least_once_baseline
 }
 
 fn kind_label(k: InputKind) -> &'static str {

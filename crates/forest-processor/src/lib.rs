@@ -365,6 +365,8 @@ pub struct ProcessorStats {
     pub trees: AtomicU64,
     pub batches: AtomicU64,
     pub outputs_delivered: AtomicU64,
+    /// RocksDB key writes: every put and delete of the batches, and the outbox deletions once
+    /// outputs are acknowledged.
     pub store_writes: AtomicU64,
     /// Input records applied or rejected and durably committed.
     pub committed_records: AtomicU64,

@@ -126,7 +126,7 @@ pub fn describe() {
     describe_counter!(
         STORE_WRITES,
         Unit::Count,
-        "Keys written to RocksDB (puts and deletes)."
+        "Keys written to RocksDB (puts and deletes): projections, offsets, outbox entries and their deletion once acknowledged, replay records."
     );
     describe_counter!(
         REBALANCES,

@@ -172,6 +172,11 @@ impl Checkpoints {
         self.force = false;
     }
 
+    /// Whether projections are stored less often than every batch.
+    pub(crate) fn spaced(&self) -> bool {
+        !self.interval.is_zero()
+    }
+
     pub(crate) fn force(&mut self) {
         self.force = true;
     }

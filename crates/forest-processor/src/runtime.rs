@@ -624,6 +624,13 @@ pub fn run(
         &[&t.payments, &t.mobility, &t.commands],
     );
     let store = Arc::new(Store::open(&cfg.store_path, &cfg.store)?);
+    let replaying = store.replay_partitions()?;
+    if !replaying.is_empty() && !crate::core::replays_here(&cfg) {
+        return Err(ProcessorError::Config(format!(
+            "{} holds replay records for partitions {replaying:?} (a run with --projection-interval-ms above 0 stopped before storing their projections): start once in the outbox mode without --changelog, --dry-run or the at-least-once baseline, let it catch up and stop it, then switch",
+            cfg.store_path.display()
+        )));
+    }
     stats.health.set_store_open(true);
     deliver_leftovers(&cfg, &store, &stats)?;
     // Partitions this store has state for start unowned: the retention clock of those the

@@ -215,6 +215,13 @@ impl Sink {
         self.stats
             .outputs_delivered
             .fetch_add(n as u64, Ordering::Relaxed);
+        if store.is_some() && n > 0 {
+            // Each acknowledged output's outbox entry was deleted: a key write too.
+            self.stats
+                .store_writes
+                .fetch_add(n as u64, Ordering::Relaxed);
+            metrics::counter!(m::STORE_WRITES).increment(n as u64);
+        }
         self.show_outbox_depth();
         self.record_changelog_ends()
     }
