@@ -67,6 +67,8 @@ struct Service {
     logs: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// Environment of the next start (settings that change between incarnations).
+    env: Vec<(&'static str, String)>,
 }
 
 impl Service {
@@ -77,6 +79,7 @@ impl Service {
             logs: logs.to_path_buf(),
             child: None,
             starts: 0,
+            env: Vec::new(),
         }
     }
 
@@ -87,6 +90,7 @@ impl Service {
                 .expect("log file");
         let child = forest()
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -456,6 +460,16 @@ fn sigkill_campaign_loses_nothing_and_doubles_nothing() {
     // killed mid-work many times.
     let mut loadgen = Service::new("loadgen", loadgen_args, dir.path());
     loadgen.run_to_completion();
+    // Each processor incarnation stores projections with every batch, or (spaced) every
+    // 300 ms or 3 s, so kills leave replay records, kills land during replays, and a run may
+    // follow replay records another setting left.
+    let mut intervals = Vec::new();
+    let mut pick_interval = |s: &mut Service, rng: &mut rand_chacha::ChaCha8Rng| {
+        let ms = ["0", "300", "3000"][rng.random_range(0..3)];
+        intervals.push(ms);
+        s.env = vec![("FOREST_PROJECTION_INTERVAL_MS", ms.to_string())];
+    };
+    pick_interval(&mut services[0], &mut rng);
     for s in &mut services {
         s.start();
     }
@@ -531,6 +545,9 @@ fn sigkill_campaign_loses_nothing_and_doubles_nothing() {
                     s.kill();
                     kills[victim] += 1;
                 }
+                if victim == 0 {
+                    pick_interval(s, &mut rng);
+                }
                 s.start();
                 *w = (progress(victim), None, Instant::now(), Duration::ZERO);
             } else {
@@ -538,6 +555,16 @@ fn sigkill_campaign_loses_nothing_and_doubles_nothing() {
             }
         }
     }
+    // How many processor incarnations started by folding records again from replay records.
+    let replays = (1..=services[0].starts)
+        .filter(|i| {
+            std::fs::read_to_string(dir.path().join(format!("processor-{i}.log")))
+                .is_ok_and(|l| l.contains("folding again the records since"))
+        })
+        .count();
+    eprintln!(
+        "processor projection intervals by incarnation (ms): {intervals:?}; {replays} incarnations replayed"
+    );
     eprintln!(
         "chaos: {} SIGKILLs (processor {}, fulfilment {}), {} SIGTERMs (max exit {:?}), {mid_work} of them while the victim's offsets were moving, in {:.1} s",
         kills[0] + kills[1],
