@@ -176,7 +176,12 @@ pub fn restore(
         .map(|(t, o)| (*t, partition, o))
         .chain(std::iter::once((changelog, partition, end)))
         .collect();
-    store.commit(states.iter(), offsets, &[])?;
+    // No replay runs where the changelog is on, so no position is needed.
+    store.commit(
+        states.iter().map(|s| (s, forest_store::NO_POSITION)),
+        offsets,
+        &[],
+    )?;
     done.users = states.len() as u64;
     let secs = started.elapsed().as_secs_f64();
     metrics::counter!(m::RESTORED_USERS).increment(done.users);

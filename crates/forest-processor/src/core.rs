@@ -9,7 +9,7 @@ use crate::{CrashPoint, ProcessorConfig, ProcessorError, ProcessorStats};
 use forest_domain::{Event, InputKind, Malformed, Rejection, RuleSet};
 use forest_kafka::headers;
 use forest_kafka::{OutboxProducer, fit_dead_letter};
-use forest_store::{OutboxEntry, ProjectionCache, Store};
+use forest_store::{Flush, OutboxEntry, ProjectionCache, Store};
 use prost::Message as _;
 use rustc_hash::FxHashMap;
 use std::sync::atomic::Ordering;
@@ -40,6 +40,9 @@ pub struct Core {
     /// Next offsets as of the last batch closed (durable or still with the committer): what
     /// the next changelog checkpoint records for lanes the batch did not advance.
     pub handed: FxHashMap<(u8, i32), i64>,
+    /// Next offset of each lane after the records folded so far, replayed ones included:
+    /// the position a projection written now reflects.
+    pos: FxHashMap<(u8, i32), i64>,
     /// Whether a batch became durable since [`Core::poll_durable`] last asked.
     progress: bool,
     pending: Vec<OutboxEntry>,
@@ -214,6 +217,7 @@ impl Core {
             offsets: FxHashMap::default(),
             committed: FxHashMap::default(),
             handed: FxHashMap::default(),
+            pos: FxHashMap::default(),
             progress: false,
             pending: Vec::new(),
             dead_letter_max_bytes,
@@ -330,18 +334,30 @@ impl Core {
             }
         });
         let rules = &self.rules;
-        let result = match decoded {
-            Ok(event) => self
-                .cache
-                .update(&self.store, &event.user_id, |s| rules.apply(s, &event))?,
-            Err(r) => Err(r),
-        };
-        // A replayed record's outputs are stored already (see the replay module).
+        // A replayed record's outputs are stored already (see the replay module), and its
+        // user's stored projection may hold it already: then it is not folded again.
         let replay = rec.replay;
+        let replay_at = replay.then_some((rec.topic, rec.offset));
+        let result = match decoded {
+            Ok(event) => self.cache.update_at(
+                &self.store,
+                &event.user_id,
+                rec.partition,
+                replay_at,
+                |s| rules.apply(s, &event),
+            )?,
+            Err(r) => Some(Err(r)),
+        };
+        self.pos.insert((rec.topic, rec.partition), rec.offset + 1);
         if replay {
             self.stats.replayed.fetch_add(1, Ordering::Relaxed);
             self.tally.replayed += 1;
         }
+        let Some(result) = result else {
+            // Replayed, and already in the stored projection.
+            self.stats.replay_skipped.fetch_add(1, Ordering::Relaxed);
+            return self.counted();
+        };
         match result {
             Ok(_) if replay => {
                 self.stats.applied.fetch_add(1, Ordering::Relaxed);
@@ -418,6 +434,11 @@ impl Core {
                 }
             }
         }
+        self.counted()
+    }
+
+    /// One more record of the batch (applied, rejected or skipped by a replay).
+    fn counted(&mut self) -> Result<(), ProcessorError> {
         self.batch_records += 1;
         self.applied_in_run += 1;
         if self.crash_at == Some(CrashPoint::AfterApplied(self.applied_in_run)) {
@@ -438,18 +459,30 @@ impl Core {
             // A rebuild: fold and store, emit nothing.
             self.pending.clear();
         }
-        // Whether this batch writes the projections (always, unless checkpoints are spaced).
-        let checkpoint = self
+        // Which dirty users this batch writes: all of them, unless projections are spaced.
+        let now = Instant::now();
+        let next = self.cache.next_ticket();
+        let flush = match &mut self.checkpoints {
+            Some(c) => {
+                for p in c.held() {
+                    if !self.merger.replaying_partition(p) {
+                        c.replay_done(p, next);
+                    }
+                }
+                c.flush(&self.cache, now)
+            }
+            None => Flush::ALL,
+        };
+        let oldest = self.cache.oldest_dirty();
+        let flush_work =
+            oldest.is_some_and(|s| s < flush.before) || self.cache.dirty_len() > flush.max_dirty;
+        let delete_work = self
             .checkpoints
             .as_ref()
-            .is_none_or(|c| c.due(&self.cache, self.merger.replaying()));
-        let checkpoint_work = self
-            .checkpoints
-            .as_ref()
-            .is_some_and(|c| checkpoint && (self.cache.dirty_len() > 0 || c.has_records()));
-        if self.offsets.is_empty() && self.pending.is_empty() && !checkpoint_work {
-            // Nothing to store: no records, or replayed ones only (their projections wait
-            // for the checkpoint, their outputs are stored).
+            .is_some_and(|c| c.deletes_due(oldest));
+        if self.offsets.is_empty() && self.pending.is_empty() && !flush_work && !delete_work {
+            // Nothing to store: no records, or replayed ones only (their users are written
+            // later, their outputs are stored).
             self.batch_records = 0;
             self.batch_started = None;
             self.batch_ts.clear();
@@ -507,13 +540,13 @@ impl Core {
         } else {
             (offsets, &self.pending[..])
         };
-        let prepared = if checkpoint {
-            self.cache.prepare(&self.store, offsets, outbox)
-        } else {
-            self.cache
-                .prepare_without_projections(&self.store, offsets, outbox)
-        };
-        let (mut prepared, ticket) = match prepared {
+        let pos = &self.pos;
+        let position =
+            |p: i32| [0u8, 1, 2].map(|t| pos.get(&(t, p)).copied().unwrap_or(replay::BEGINNING));
+        let prepared = self
+            .cache
+            .prepare_flush(&self.store, flush, position, offsets, outbox);
+        let (mut prepared, ticket, written) = match prepared {
             Ok(p) => p,
             Err(e) => {
                 self.discard_batch();
@@ -521,20 +554,25 @@ impl Core {
             }
         };
         if let Some(c) = &mut self.checkpoints {
-            if checkpoint {
-                for (p, seqs) in c.checkpointed() {
-                    self.store.delete_replay(&mut prepared, p, seqs);
-                }
-            } else {
-                // Where each lane stood before this batch: the batches closed before it.
-                let handed = &self.handed;
-                for (p, seq, bytes) in c.records(|t, p| handed.get(&(t, p)).copied()) {
-                    self.store.put_replay(&mut prepared, p, seq, &bytes);
-                }
+            let dirty_left = self.cache.dirty_len() > 0;
+            let watermark = self.cache.oldest_dirty();
+            // Where each lane stood before this batch: the batches closed before it.
+            let handed = &self.handed;
+            let replays = c.prepared(ticket, now, dirty_left, watermark, |t, p| {
+                handed.get(&(t, p)).copied()
+            });
+            self.stats
+                .replay_records
+                .fetch_add(replays.put.len() as u64, Ordering::Relaxed);
+            for (p, seq, bytes) in replays.put {
+                self.store.put_replay(&mut prepared, p, seq, &bytes);
+            }
+            for (p, seqs) in replays.delete {
+                self.store.delete_replay(&mut prepared, p, seqs);
             }
         }
         let writes = prepared.writes();
-        let meta = self.close_batch(ticket, writes, closed, checkpoint);
+        let meta = self.close_batch(ticket, writes, closed, written as u64);
         let batch = Batch {
             prepared,
             entries: std::mem::take(&mut self.pending),
@@ -562,7 +600,7 @@ impl Core {
     }
 
     /// The batch's bookkeeping, taken out of the core, which starts a fresh batch.
-    fn close_batch(&mut self, ticket: u64, writes: u64, closed: Instant, checkpoint: bool) -> Meta {
+    fn close_batch(&mut self, ticket: u64, writes: u64, closed: Instant, written: u64) -> Meta {
         let offsets: Vec<((u8, i32), i64)> = self.offsets.drain().collect();
         let shown = offsets
             .iter()
@@ -578,7 +616,7 @@ impl Core {
             writes,
             closed,
             batch_ts: std::mem::take(&mut self.batch_ts),
-            checkpoint,
+            written,
         };
         self.batch_records = 0;
         self.batch_started = None;
@@ -696,13 +734,14 @@ impl Core {
             .map(|(&(t, p), &o)| (inputs[t as usize].0.as_str(), p, o))
             .chain(ends.iter().map(|&(p, e)| (changelog.as_str(), p, e)))
             .collect();
-        let writes = (self.cache.dirty_len() + offsets.len()) as u64;
+        let written = self.cache.dirty_len() as u64;
+        let writes = written + offsets.len() as u64;
         if let Err(e) = self.cache.commit(&self.store, offsets, &[]) {
             self.discard_batch();
             return Err(e.into());
         }
         // The cache already counts the write durable (ticket 0: nothing to report).
-        let mut meta = self.close_batch(0, writes, closed, true);
+        let mut meta = self.close_batch(0, writes, closed, written);
         let sink = inline(&mut self.out)?;
         sink.durable(&mut meta);
         sink.finish(&mut meta);
@@ -715,8 +754,9 @@ impl Core {
         self.cache.clear();
     }
 
-    /// Partitions are being revoked or the worker stops: the next commit stores the
-    /// projections, unless a replay is under way (see the replay module).
+    /// Partitions are being revoked or the worker stops: the next commit writes every changed
+    /// projection (a partition still replaying keeps its replay records; see the replay
+    /// module).
     pub fn force_checkpoint(&mut self) {
         if let Some(c) = &mut self.checkpoints {
             c.force();
@@ -728,6 +768,7 @@ impl Core {
         self.merger.clear();
         self.committed.clear();
         self.handed.clear();
+        self.pos.clear();
         if let Some(c) = &mut self.checkpoints {
             c.revoked();
         }
@@ -757,7 +798,7 @@ impl Core {
                     partition = p,
                     from = ?r.from,
                     records,
-                    "folding again the records since the partition's last projection checkpoint"
+                    "folding again the records since the oldest of its projections not yet written"
                 );
                 self.merger.set_script(p, r.runs);
                 starts.insert(p, r.from);
@@ -767,21 +808,22 @@ impl Core {
     }
 
     /// A lane was assigned with this stored offset (where live folding starts).
-    pub fn lane_assigned(&mut self, lane: u8, partition: i32, stored: Option<i64>) {
+    pub fn lane_assigned(&mut self, lane: u8, partition: i32, start: i64, stored: Option<i64>) {
+        self.pos.insert((lane, partition), start);
         if let Some(c) = &mut self.checkpoints {
             c.assigned(lane, partition, stored);
         }
     }
 
-    /// With spaced checkpoints and no batch open: stores the projections if a checkpoint is
-    /// due, so they do not wait for the next record.
-    pub fn checkpoint_if_due(&mut self) -> Result<(), ProcessorError> {
-        let due = self.checkpoints.as_ref().is_some_and(|c| {
-            self.batch_records == 0
-                && self.cache.dirty_len() > 0
-                && c.due(&self.cache, self.merger.replaying())
-        });
-        if due {
+    /// With no batch open: writes the users whose turn has come and deletes the replay
+    /// records that are done with, so they do not wait for the next record.
+    pub fn flush_if_due(&mut self) -> Result<(), ProcessorError> {
+        let idle_work = self.batch_records == 0
+            && self
+                .checkpoints
+                .as_ref()
+                .is_some_and(|c| self.cache.dirty_len() > 0 || c.deletes_due(None));
+        if idle_work {
             self.commit()?;
         }
         Ok(())

@@ -412,11 +412,14 @@ pub struct ProcessorStats {
     pub forgotten_users: AtomicU64,
     /// Kafka transactions committed ([`ExactlyOnce::Transactions`]).
     pub transactions: AtomicU64,
-    /// Durable batches that stored the projections (every batch unless
-    /// [`ProcessorConfig::projection_interval`] spaces them).
-    pub projection_checkpoints: AtomicU64,
-    /// Records folded again from replay records (see [`replay`]).
+    /// Projections written (see [`ProcessorConfig::projection_interval`]), and replay
+    /// records stored for the batches whose users were not all written with them.
+    pub projections_written: AtomicU64,
+    pub replay_records: AtomicU64,
+    /// Records folded again from replay records (see [`replay`]), and of those, records
+    /// skipped because their user's stored projection already held them.
     pub replayed: AtomicU64,
+    pub replay_skipped: AtomicU64,
 }
 
 impl ProcessorStats {

@@ -191,6 +191,11 @@ impl Merger {
         }
     }
 
+    /// Whether the partition still has a replay script to follow.
+    pub fn replaying_partition(&self, partition: i32) -> bool {
+        self.scripts.contains_key(&partition)
+    }
+
     /// Whether some partition still has a replay script to follow.
     pub fn replaying(&self) -> bool {
         !self.scripts.is_empty()

@@ -27,15 +27,15 @@ pub const RESTORE_DURATION: &str = "forest_restore_duration_seconds";
 pub const TRANSACTIONS: &str = "forest_transactions_total";
 pub const FORGOTTEN_USERS: &str = "forest_forgotten_projections_total";
 pub const RESTORE_READ: &str = "forest_restore_read_records";
-pub const PROJECTION_CHECKPOINTS: &str = "forest_projection_checkpoints_total";
+pub const PROJECTIONS_WRITTEN: &str = "forest_projections_written_total";
 pub const EVENTS_REPLAYED: &str = "forest_events_replayed_total";
 
 /// Registers descriptions with the installed recorder (call once at start-up).
 pub fn describe() {
     describe_counter!(
-        PROJECTION_CHECKPOINTS,
+        PROJECTIONS_WRITTEN,
         Unit::Count,
-        "Store writes that carried the changed projections: every batch by default, at most one per --projection-interval-ms when it is above 0."
+        "Projections written to RocksDB: each user a batch changed, or with --projection-interval-ms above 0 each user changed since it was last written, once it has been unwritten that long."
     );
     describe_counter!(
         EVENTS_REPLAYED,

@@ -46,9 +46,10 @@
 //! stay in the cache until the checkpoint, so a checkpoint also comes when they reach half of
 //! the cache's bounds, unless a replay is running.
 
-use forest_store::{ProjectionCache, StoreError};
+use forest_store::{Flush, ProjectionCache, StoreError};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -109,21 +110,29 @@ pub fn plan(partition: i32, log: &[(u64, Vec<u8>)]) -> Result<Option<Replay>, St
     }))
 }
 
-/// The checkpoint state of one worker.
+/// When a worker writes projections, and the replay records of the batches whose users are
+/// not all written yet.
 pub(crate) struct Checkpoints {
     interval: Duration,
-    last: Instant,
     max_dirty_users: usize,
     max_dirty_bytes: usize,
+    /// Closed batches' tickets and when they closed, oldest first (back to the newest one
+    /// closed at least `interval` ago).
+    closed: VecDeque<(u64, Instant)>,
     /// The open batch's fold order per partition number (live records only).
     runs: FxHashMap<i32, Vec<(u8, u32)>>,
-    /// Per partition number: the replay records stored since its last checkpoint (an empty
-    /// range once checkpointed; the next record takes `end`).
-    stored: FxHashMap<i32, Range<u64>>,
+    /// Next replay record sequence number per partition number.
+    next_seq: FxHashMap<i32, u64>,
+    /// Stored replay records not yet deleted, in ticket order: (the ticket of the batch whose
+    /// users they rebuild, partition, sequence numbers).
+    pending: VecDeque<(u64, i32, Range<u64>)>,
+    /// A previous run's replay records of partitions still replaying: they join `pending`
+    /// when the partition's replay ends.
+    held: FxHashMap<i32, Range<u64>>,
     /// Where live folding of each lane began in this assignment: its stored offset, or
     /// [`BEGINNING`].
     starts: FxHashMap<(u8, i32), i64>,
-    /// Checkpoint with the next commit (revocation, shutdown).
+    /// Write every dirty user with the next commit (revocation, shutdown).
     force: bool,
 }
 
@@ -131,14 +140,21 @@ impl Checkpoints {
     pub(crate) fn new(interval: Duration, cache_users: usize, cache_bytes: usize) -> Self {
         Self {
             interval,
-            last: Instant::now(),
             max_dirty_users: (cache_users / 2).max(1),
             max_dirty_bytes: cache_bytes / 2,
+            closed: VecDeque::new(),
             runs: FxHashMap::default(),
-            stored: FxHashMap::default(),
+            next_seq: FxHashMap::default(),
+            pending: VecDeque::new(),
+            held: FxHashMap::default(),
             starts: FxHashMap::default(),
             force: false,
         }
+    }
+
+    /// Whether projections are written later than their batch.
+    pub(crate) fn spaced(&self) -> bool {
+        !self.interval.is_zero()
     }
 
     /// A live record of `lane` in `partition` was folded into the open batch.
@@ -156,93 +172,160 @@ impl Checkpoints {
             .insert((lane, partition), stored.unwrap_or(BEGINNING));
     }
 
-    /// A partition's stored replay records (a replay is under way, or none left: `None`).
+    /// A partition was assigned with these stored replay records (`None`: none).
     pub(crate) fn resumed(&mut self, partition: i32, seqs: Option<Range<u64>>) {
         match seqs {
-            Some(s) => self.stored.insert(partition, s),
-            None => self.stored.remove(&partition),
-        };
+            Some(s) => {
+                self.next_seq.insert(partition, s.end);
+                self.held.insert(partition, s);
+            }
+            None => {
+                self.next_seq.remove(&partition);
+                self.held.remove(&partition);
+            }
+        }
+    }
+
+    /// Partitions whose previous run's replay records are held.
+    pub(crate) fn held(&self) -> Vec<i32> {
+        self.held.keys().copied().collect()
+    }
+
+    /// The partition's replay is over: its previous run's records can go once the users
+    /// the replay dirtied (in batch `ticket` at the latest) are written.
+    pub(crate) fn replay_done(&mut self, partition: i32, ticket: u64) {
+        if let Some(seqs) = self.held.remove(&partition) {
+            self.pending.push_back((ticket, partition, seqs));
+        }
     }
 
     /// Partitions were revoked: the next assignment reads everything back from the store.
     pub(crate) fn revoked(&mut self) {
         self.runs.clear();
-        self.stored.clear();
+        self.next_seq.clear();
+        self.pending.clear();
+        self.held.clear();
         self.starts.clear();
         self.force = false;
-    }
-
-    /// Whether projections are stored less often than every batch.
-    pub(crate) fn spaced(&self) -> bool {
-        !self.interval.is_zero()
     }
 
     pub(crate) fn force(&mut self) {
         self.force = true;
     }
 
-    /// Whether the next commit is a checkpoint.
-    pub(crate) fn due(&self, cache: &ProjectionCache, replaying: bool) -> bool {
-        !replaying
-            && (self.force
-                || self.last.elapsed() >= self.interval
-                || cache.dirty_len() >= self.max_dirty_users
-                || cache.dirty_bytes() >= self.max_dirty_bytes)
+    /// Which users the next batch writes: all of them when forced or not spaced; else those
+    /// dirty since a batch closed at least `interval` ago, and more while the dirty ones are
+    /// over half the cache's bounds.
+    pub(crate) fn flush(&mut self, cache: &ProjectionCache, now: Instant) -> Flush {
+        if self.force || !self.spaced() {
+            return Flush::ALL;
+        }
+        let Some(cut) = now.checked_sub(self.interval) else {
+            return Flush {
+                before: 0,
+                max_dirty: self.max_dirty(cache),
+            };
+        };
+        // Keep only the newest batch closed before the cut, and those after it.
+        while self.closed.get(1).is_some_and(|&(_, t)| t <= cut) {
+            self.closed.pop_front();
+        }
+        let before = match self.closed.front() {
+            Some(&(ticket, t)) if t <= cut => ticket + 1,
+            _ => 0,
+        };
+        Flush {
+            before,
+            max_dirty: self.max_dirty(cache),
+        }
     }
 
-    /// Whether some replay record waits for a checkpoint to delete it.
-    pub(crate) fn has_records(&self) -> bool {
-        self.stored.values().any(|r| !r.is_empty())
+    fn max_dirty(&self, cache: &ProjectionCache) -> usize {
+        let by_bytes = match cache.dirty_bytes() {
+            b if b > self.max_dirty_bytes => {
+                (cache.dirty_len() as u128 * self.max_dirty_bytes as u128 / b as u128) as usize
+            }
+            _ => usize::MAX,
+        };
+        self.max_dirty_users.min(by_bytes)
     }
 
-    /// A checkpoint: the replay records to delete with it, by partition number.
-    pub(crate) fn checkpointed(&mut self) -> Vec<(i32, Range<u64>)> {
-        self.last = Instant::now();
-        self.force = false;
-        self.runs.clear();
-        self.stored
-            .iter_mut()
-            .filter(|(_, r)| !r.is_empty())
-            .map(|(&p, r)| {
-                let done = r.clone();
-                r.start = r.end;
-                (p, done)
-            })
-            .collect()
-    }
-
-    /// A batch without projections: its replay records, (partition, sequence, bytes).
-    /// `lane_at(lane, partition)` is where a lane stood after the batches closed before
-    /// (`None`: none advanced it in this assignment).
-    pub(crate) fn records(
+    /// The batch `ticket` was prepared. `dirty_left`: whether users stay dirty after it, so
+    /// its records must be kept for a replay; `watermark`: the ticket of the batch in which
+    /// the longest-dirty user became dirty (every user dirtied before is written). Returns
+    /// the replay records to put, (partition, sequence, bytes), and to delete. `lane_at(lane,
+    /// partition)` is where a lane stood after the batches closed before (`None`: none
+    /// advanced it in this assignment).
+    pub(crate) fn prepared(
         &mut self,
+        ticket: u64,
+        now: Instant,
+        dirty_left: bool,
+        watermark: Option<u64>,
         lane_at: impl Fn(u8, i32) -> Option<i64>,
-    ) -> Vec<(i32, u64, Vec<u8>)> {
-        let mut out = Vec::with_capacity(self.runs.len());
-        for (p, runs) in self.runs.drain() {
-            let lane = |t: u8| {
-                lane_at(t, p)
-                    .or_else(|| self.starts.get(&(t, p)).copied())
-                    .unwrap_or(BEGINNING)
-            };
-            let record = ReplayRecord {
-                from: [lane(0), lane(1), lane(2)],
-                runs,
-            };
-            let seqs = self.stored.entry(p).or_insert(0..0);
-            out.push((p, seqs.end, record.encode()));
-            seqs.end += 1;
+    ) -> Replays {
+        self.force = false;
+        self.closed.push_back((ticket, now));
+        let mut out = Replays::default();
+        if dirty_left {
+            for (p, runs) in self.runs.drain() {
+                let lane = |t: u8| {
+                    lane_at(t, p)
+                        .or_else(|| self.starts.get(&(t, p)).copied())
+                        .unwrap_or(BEGINNING)
+                };
+                let record = ReplayRecord {
+                    from: [lane(0), lane(1), lane(2)],
+                    runs,
+                };
+                let seq = self.next_seq.entry(p).or_insert(0);
+                out.put.push((p, *seq, record.encode()));
+                self.pending.push_back((ticket, p, *seq..*seq + 1));
+                *seq += 1;
+            }
+        } else {
+            // Every user this batch changed is written with it: nothing to replay.
+            self.runs.clear();
+        }
+        let watermark = watermark.unwrap_or(u64::MAX);
+        while self.pending.front().is_some_and(|(t, _, _)| *t < watermark) {
+            if let Some((_, p, seqs)) = self.pending.pop_front() {
+                out.delete.push((p, seqs));
+            }
         }
         out
     }
+
+    /// Whether stored replay records wait for a batch to delete them.
+    pub(crate) fn deletes_due(&self, watermark: Option<u64>) -> bool {
+        let watermark = watermark.unwrap_or(u64::MAX);
+        self.pending.front().is_some_and(|(t, _, _)| *t < watermark)
+    }
+}
+
+/// Replay records a batch puts and deletes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Replays {
+    pub put: Vec<(i32, u64, Vec<u8>)>,
+    pub delete: Vec<(i32, Range<u64>)>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn decoded(put: &[(i32, u64, Vec<u8>)]) -> Vec<(i32, u64, ReplayRecord)> {
+        let mut v: Vec<_> = put
+            .iter()
+            .map(|(p, s, b)| (*p, *s, ReplayRecord::decode(b, *p, *s).unwrap()))
+            .collect();
+        v.sort_by_key(|(p, s, _)| (*p, *s));
+        v
+    }
+
     #[test]
     fn runs_of_one_lane_coalesce_and_records_say_where_each_lane_began() {
+        let now = Instant::now();
         let mut c = Checkpoints::new(Duration::from_secs(3600), 100, 1 << 20);
         c.assigned(0, 4, Some(100));
         c.assigned(1, 4, None);
@@ -251,14 +334,12 @@ mod tests {
             c.folded(lane, 4);
         }
         c.folded(1, 5);
-        let mut recs = c.records(|t, p| (t == 2 && p == 4).then_some(9));
-        recs.sort();
-        let decoded: Vec<(i32, u64, ReplayRecord)> = recs
-            .iter()
-            .map(|(p, s, b)| (*p, *s, ReplayRecord::decode(b, *p, *s).unwrap()))
-            .collect();
+        let r = c.prepared(1, now, true, Some(1), |t, p| {
+            (t == 2 && p == 4).then_some(9)
+        });
+        assert!(r.delete.is_empty());
         assert_eq!(
-            decoded,
+            decoded(&r.put),
             vec![
                 (
                     4,
@@ -278,19 +359,61 @@ mod tests {
                 ),
             ]
         );
-        assert!(c.has_records());
-        // The next record of partition 4 takes the next sequence number.
+        // Batch 2: users of batch 1 still dirty; the next record of partition 4 is seq 1.
         c.folded(0, 4);
-        let recs = c.records(|_, _| None);
-        assert_eq!(recs.len(), 1);
-        assert_eq!((recs[0].0, recs[0].1), (4, 1));
-        // A checkpoint deletes them all, and numbering goes on after them.
-        let mut deleted = c.checkpointed();
+        let r = c.prepared(2, now, true, Some(1), |_, _| None);
+        assert_eq!((r.put.len(), r.put[0].0, r.put[0].1), (1, 4, 1));
+        assert!(r.delete.is_empty());
+        // Batch 3 writes the users dirtied in batch 1: its records go, batch 2's stay.
+        let r = c.prepared(3, now, true, Some(2), |_, _| None);
+        assert!(r.put.is_empty(), "no live records in batch 3");
+        let mut deleted = r.delete;
         deleted.sort_by_key(|(p, _)| *p);
-        assert_eq!(deleted, vec![(4, 0..2), (5, 0..1)]);
-        assert!(!c.has_records());
-        c.folded(0, 4);
-        assert_eq!(c.records(|_, _| None)[0].1, 2);
+        assert_eq!(deleted, vec![(4, 0..1), (5, 0..1)]);
+        // Batch 4 leaves nothing dirty: its own records are not written, the rest go.
+        c.folded(1, 5);
+        let r = c.prepared(4, now, false, None, |_, _| None);
+        assert_eq!(
+            r,
+            Replays {
+                put: vec![],
+                delete: vec![(4, 1..2)],
+            }
+        );
+        assert!(!c.deletes_due(None));
+        // Numbering goes on after the deleted records.
+        c.folded(1, 5);
+        assert_eq!(c.prepared(5, now, true, Some(5), |_, _| None).put[0].1, 1);
+    }
+
+    #[test]
+    fn a_previous_runs_records_go_once_the_replay_is_over_and_its_users_written() {
+        let now = Instant::now();
+        let mut c = Checkpoints::new(Duration::from_secs(3600), 100, 1 << 20);
+        c.resumed(2, Some(3..6));
+        assert_eq!(c.held(), vec![2]);
+        // Mid-replay, nothing dirty: the held records stay.
+        assert!(
+            c.prepared(1, now, false, None, |_, _| None)
+                .delete
+                .is_empty()
+        );
+        c.replay_done(2, 2);
+        assert!(c.held().is_empty());
+        assert!(!c.deletes_due(Some(2)), "users of batch 2 are still dirty");
+        assert!(
+            c.prepared(2, now, true, Some(2), |_, _| None)
+                .delete
+                .is_empty()
+        );
+        assert!(c.deletes_due(Some(3)));
+        assert_eq!(
+            c.prepared(3, now, false, None, |_, _| None).delete,
+            vec![(2, 3..6)]
+        );
+        // New records of that partition continue its numbering.
+        c.folded(0, 2);
+        assert_eq!(c.prepared(4, now, true, Some(4), |_, _| None).put[0].1, 6);
     }
 
     #[test]
@@ -318,16 +441,22 @@ mod tests {
     }
 
     #[test]
-    fn a_checkpoint_is_due_on_time_on_force_or_on_dirty_users_but_never_mid_replay() {
+    fn the_flush_takes_users_dirty_since_batches_closed_an_interval_ago_or_all_when_forced() {
         let cache = ProjectionCache::new(10);
-        let mut c = Checkpoints::new(Duration::from_secs(3600), 10, 1 << 20);
-        assert!(!c.due(&cache, false));
+        let t0 = Instant::now();
+        let mut c = Checkpoints::new(Duration::from_millis(100), 10, 1 << 20);
+        assert_eq!(c.flush(&cache, t0).before, 0, "no batch closed yet");
+        c.prepared(1, t0, true, None, |_, _| None);
+        c.prepared(2, t0 + Duration::from_millis(50), true, None, |_, _| None);
+        c.prepared(3, t0 + Duration::from_millis(120), true, None, |_, _| None);
+        assert_eq!(c.flush(&cache, t0 + Duration::from_millis(99)).before, 0);
+        assert_eq!(c.flush(&cache, t0 + Duration::from_millis(100)).before, 2);
+        assert_eq!(c.flush(&cache, t0 + Duration::from_millis(160)).before, 3);
+        let f = c.flush(&cache, t0 + Duration::from_millis(160));
+        assert_eq!(f.max_dirty, 5, "half the cache's users");
         c.force();
-        assert!(c.due(&cache, false));
-        assert!(!c.due(&cache, true), "mid-replay");
-        c.checkpointed();
-        assert!(!c.due(&cache, false), "a checkpoint resets the force");
-        let c = Checkpoints::new(Duration::ZERO, 10, 1 << 20);
-        assert!(c.due(&cache, false));
+        assert_eq!(c.flush(&cache, t0).before, u64::MAX);
+        let mut every = Checkpoints::new(Duration::ZERO, 10, 1 << 20);
+        assert_eq!(every.flush(&cache, t0).before, u64::MAX);
     }
 }

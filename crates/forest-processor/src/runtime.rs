@@ -167,7 +167,14 @@ impl ConsumerContext for Ctx {
                     }
                     core.merger
                         .assign(idx, partition, replay_from.unwrap_or(stored).unwrap_or(0));
-                    core.lane_assigned(idx, partition, stored);
+                    core.lane_assigned(
+                        idx,
+                        partition,
+                        replay_from
+                            .unwrap_or(stored)
+                            .unwrap_or(crate::replay::BEGINNING),
+                        stored,
+                    );
                     if let Some(o) = stored {
                         core.committed.insert((idx, partition), o);
                         lock(&self.stats.committed_offsets).insert((topic.clone(), partition), o);
@@ -1018,7 +1025,7 @@ fn consume_loop(
             c.commit()?;
         }
         if c.batch_started.is_none() && !c.committer_busy() {
-            c.checkpoint_if_due()?;
+            c.flush_if_due()?;
         }
         t_commit += t2.elapsed();
         progress |= c.poll_durable()?;

@@ -40,8 +40,8 @@ pub(crate) struct Meta {
     pub closed: Instant,
     /// Record timestamps, for the latency histograms.
     pub batch_ts: Vec<i64>,
-    /// Whether the batch stores the projections (always, unless checkpoints are spaced).
-    pub checkpoint: bool,
+    /// Projections the batch writes.
+    pub written: u64,
 }
 
 /// A batch closed by the worker: serialised, not yet written.
@@ -146,12 +146,10 @@ impl Sink {
             .store_writes
             .fetch_add(meta.writes, Ordering::Relaxed);
         metrics::counter!(m::STORE_WRITES).increment(meta.writes);
-        if meta.checkpoint {
-            self.stats
-                .projection_checkpoints
-                .fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(m::PROJECTION_CHECKPOINTS).increment(1);
-        }
+        self.stats
+            .projections_written
+            .fetch_add(meta.written, Ordering::Relaxed);
+        metrics::counter!(m::PROJECTIONS_WRITTEN).increment(meta.written);
         meta.tally.emit();
         {
             let mut shown = lock(&self.stats.committed_offsets);

@@ -1,6 +1,6 @@
 //! A write-back cache of projections in front of the [`Store`].
 
-use crate::{OutboxEntry, Store, StoreError};
+use crate::{NO_POSITION, OutboxEntry, Position, Store, StoreError};
 use forest_domain::UserState;
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
@@ -18,6 +18,12 @@ struct Slot {
     /// durable ticket, that write may not have landed, and the store still holds an older
     /// state: the slot must not be evicted (a reload would read the old one).
     ticket: u64,
+    /// The input partition of the user's last update (its position is that partition's).
+    partition: i32,
+    /// The input position the stored state reflects (as loaded or last written).
+    position: Position,
+    /// While dirty: the ticket of the batch in which it became dirty.
+    since: u64,
 }
 
 /// Estimated memory of a cached projection: the slot, the map entry's key, and the heap
@@ -71,7 +77,10 @@ pub struct ProjectionCache {
     max_bytes: usize,
     /// Sum of the slots' `bytes`.
     bytes: usize,
-    dirty: Vec<String>,
+    /// Dirty users in the order they became dirty, with that batch's ticket (the slot's
+    /// `since`). An entry whose slot is no longer dirty with that `since` is stale and skipped.
+    dirty: VecDeque<(String, u64)>,
+    dirty_count: usize,
     /// Sum of the dirty users' `bytes` (see [`ProjectionCache::dirty_bytes`]).
     dirty_bytes: usize,
     /// CLOCK's ring: cached users in load order; the front is under the hand. May hold ids
@@ -81,6 +90,23 @@ pub struct ProjectionCache {
     /// write is durable.
     prepared: u64,
     durable: u64,
+}
+
+/// Which dirty users a batch writes (see [`ProjectionCache::prepare_flush`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Flush {
+    /// Users dirty since a batch whose ticket is below this.
+    pub before: u64,
+    /// And then more, oldest first, until at most this many stay dirty.
+    pub max_dirty: usize,
+}
+
+impl Flush {
+    /// Every dirty user.
+    pub const ALL: Flush = Flush {
+        before: u64::MAX,
+        max_dirty: 0,
+    };
 }
 
 impl ProjectionCache {
@@ -97,7 +123,8 @@ impl ProjectionCache {
             capacity,
             max_bytes,
             bytes: 0,
-            dirty: Vec::new(),
+            dirty: VecDeque::new(),
+            dirty_count: 0,
             dirty_bytes: 0,
             ring: VecDeque::new(),
             prepared: 0,
@@ -119,15 +146,32 @@ impl ProjectionCache {
         user_id: &str,
         f: impl FnOnce(&mut UserState) -> Result<T, E>,
     ) -> Result<Result<T, E>, StoreError> {
+        let out = self.update_at(store, user_id, 0, None, f)?;
+        Ok(out.expect("only a replayed record is skipped"))
+    }
+
+    /// [`ProjectionCache::update`] for a record of input `partition`. With `replay` (the
+    /// record's lane and offset), the record is being folded again after a restart: if the
+    /// user's stored position is past it, the stored state has it already and `f` does not
+    /// run (`None`). That is exact because a replay folds a partition's records in the order
+    /// they were first folded, so a stored position marks a prefix of that order.
+    pub fn update_at<T, E>(
+        &mut self,
+        store: &Store,
+        user_id: &str,
+        partition: i32,
+        replay: Option<(u8, i64)>,
+        f: impl FnOnce(&mut UserState) -> Result<T, E>,
+    ) -> Result<Option<Result<T, E>>, StoreError> {
         let slot = match self.slots.get_mut(user_id) {
             Some(slot) => {
                 slot.referenced = true;
                 slot
             }
             None => {
-                let state = store
-                    .get_user(user_id)?
-                    .unwrap_or_else(|| UserState::new(user_id));
+                let (state, position) = store
+                    .get_user_at(user_id)?
+                    .unwrap_or_else(|| (UserState::new(user_id), NO_POSITION));
                 let bytes = estimate_bytes(&state);
                 self.bytes += bytes;
                 self.ring.push_back(user_id.to_owned());
@@ -137,34 +181,76 @@ impl ProjectionCache {
                     referenced: false,
                     bytes,
                     ticket: 0,
+                    partition,
+                    position,
+                    since: 0,
                 })
             }
         };
+        slot.partition = partition;
+        if let Some((lane, offset)) = replay {
+            if slot
+                .position
+                .get(lane as usize)
+                .is_some_and(|&p| p > offset)
+            {
+                return Ok(None);
+            }
+        }
         let out = f(&mut slot.state);
         if out.is_ok() && !slot.dirty {
             slot.dirty = true;
-            self.dirty.push(user_id.to_owned());
+            slot.since = self.prepared + 1;
+            self.dirty.push_back((user_id.to_owned(), slot.since));
+            self.dirty_count += 1;
             self.dirty_bytes += slot.bytes;
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
-    /// The user's projection as the cache sees it (committed or not), without changing it.
+    /// The cached projection of a user, if cached (for tests and diagnostics).
     pub fn peek(&self, user_id: &str) -> Option<&UserState> {
         self.slots.get(user_id).map(|s| &s.state)
     }
 
-    /// Users changed since the last commit.
-    /// The projections changed since the last commit (what the next commit writes).
+    /// The dirty users' states: what the next full flush will write (the changelog mirrors
+    /// them).
     pub fn dirty_states(&self) -> impl Iterator<Item = &UserState> {
         self.dirty
             .iter()
-            .filter_map(|u| self.slots.get(u))
+            .filter_map(|(u, since)| self.slots.get(u).filter(|s| s.dirty && s.since == *since))
             .map(|s| &s.state)
     }
 
     pub fn dirty_len(&self) -> usize {
-        self.dirty.len()
+        self.dirty_count
+    }
+
+    /// Estimated bytes (see [`estimate_bytes`]) of the dirty users, as of their last write or
+    /// load: what a caller deferring writes weighs against the cache's bounds.
+    pub fn dirty_bytes(&self) -> usize {
+        self.dirty_bytes
+    }
+
+    /// The ticket of the batch being filled: users that become dirty now carry it.
+    pub fn next_ticket(&self) -> u64 {
+        self.prepared + 1
+    }
+
+    /// The ticket of the batch in which the longest-dirty user became dirty (`None`: none
+    /// is dirty). Every user dirtied in an earlier batch has been written since.
+    pub fn oldest_dirty(&mut self) -> Option<u64> {
+        while let Some((u, since)) = self.dirty.front() {
+            if self
+                .slots
+                .get(u)
+                .is_some_and(|s| s.dirty && s.since == *since)
+            {
+                return Some(*since);
+            }
+            self.dirty.pop_front();
+        }
+        None
     }
 
     pub fn len(&self) -> usize {
@@ -175,7 +261,9 @@ impl ProjectionCache {
         self.slots.is_empty()
     }
 
-    /// Writes dirty users, offsets and outbox entries in one batch; then trims the cache.
+    /// Writes every dirty user once, with the batch's next offsets and outbox entries, in one
+    /// atomic batch; then trims the cache to its bounds. Returns the outbox sequence numbers
+    /// assigned. Tickets must be written and reported durable in order.
     pub fn commit<'o>(
         &mut self,
         store: &Store,
@@ -195,64 +283,84 @@ impl ProjectionCache {
         }
     }
 
-    /// A batch of offsets and outbox entries only: the dirty users stay dirty (so they are
-    /// neither evicted nor forgotten) until a later [`ProjectionCache::prepare`] stores them.
-    /// For a caller that keeps, in the same batch, what it needs to rebuild them after a crash
-    /// (the processor's replay records). Same ticket rules as `prepare`.
-    pub fn prepare_without_projections<'o>(
-        &mut self,
-        store: &Store,
-        offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
-        outbox: &[OutboxEntry],
-    ) -> Result<(crate::PreparedBatch, u64), StoreError> {
-        let prepared = store.prepare([], offsets, outbox)?;
-        self.prepared += 1;
-        Ok((prepared, self.prepared))
-    }
-
-    /// Estimated bytes (see [`estimate_bytes`]) of the dirty users, as of their last write or
-    /// load: what a caller deferring writes weighs against the cache's bounds.
-    pub fn dirty_bytes(&self) -> usize {
-        self.dirty_bytes
-    }
-
     /// The first half of [`ProjectionCache::commit`]: serialises every dirty user with the
     /// offsets and outbox entries, and marks them clean. Returns the batch to write and its
     /// ticket, which [`ProjectionCache::durable`] takes once the write succeeded. Tickets must
-    /// be written and reported durable in order.
+    /// be written and reported durable in order. Positions are not tracked
+    /// ([`NO_POSITION`]).
     pub fn prepare<'o>(
         &mut self,
         store: &Store,
         offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
         outbox: &[OutboxEntry],
     ) -> Result<(crate::PreparedBatch, u64), StoreError> {
-        self.dirty.sort_unstable();
+        let (prepared, ticket, _) =
+            self.prepare_flush(store, Flush::ALL, |_| NO_POSITION, offsets, outbox)?;
+        Ok((prepared, ticket))
+    }
+
+    /// [`ProjectionCache::prepare`] writing only the users `flush` selects, oldest dirty
+    /// first, each with `position(its partition)`; the others stay dirty (so they are neither
+    /// evicted nor forgotten) for a later batch. For a caller that keeps in the same batch
+    /// what rebuilds them after a crash (the processor's replay records). Also returns how
+    /// many users it writes.
+    pub fn prepare_flush<'o>(
+        &mut self,
+        store: &Store,
+        flush: Flush,
+        position: impl Fn(i32) -> Position,
+        offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
+        outbox: &[OutboxEntry],
+    ) -> Result<(crate::PreparedBatch, u64, usize), StoreError> {
+        let mut taken: Vec<(String, u64)> = Vec::new();
+        while let Some(since) = self.oldest_dirty() {
+            if since >= flush.before && self.dirty_count - taken.len() <= flush.max_dirty {
+                break;
+            }
+            if let Some(entry) = self.dirty.pop_front() {
+                taken.push(entry);
+            }
+        }
+        // Key order: the memtable's skip list then finds each insert near the previous one.
+        taken.sort_unstable();
         let prepared = {
             let slots = &self.slots;
-            let states = self
-                .dirty
+            let states = taken
                 .iter()
-                .filter_map(|u| slots.get(u))
-                .map(|s| &s.state);
-            store.prepare(states, offsets, outbox)?
+                .filter_map(|(u, _)| slots.get(u))
+                .map(|s| (&s.state, position(s.partition)));
+            store.prepare(states, offsets, outbox)
+        };
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                // Still dirty: back in the queue (its order only matters to the caller's
+                // replay bookkeeping, which a failed batch ends anyway).
+                for entry in taken.into_iter().rev() {
+                    self.dirty.push_front(entry);
+                }
+                return Err(e);
+            }
         };
         self.prepared += 1;
         let ticket = self.prepared;
-        self.dirty_bytes = 0;
-        for u in self.dirty.drain(..) {
-            if let Some(s) = self.slots.get_mut(&u) {
+        for (u, _) in &taken {
+            if let Some(s) = self.slots.get_mut(u) {
                 s.dirty = false;
                 s.ticket = ticket;
+                s.position = position(s.partition);
+                self.dirty_bytes = self.dirty_bytes.saturating_sub(s.bytes);
                 let b = estimate_bytes(&s.state);
                 self.bytes = self.bytes - s.bytes + b;
                 s.bytes = b;
             }
         }
-        Ok((prepared, ticket))
+        self.dirty_count -= taken.len();
+        Ok((prepared, ticket, taken.len()))
     }
 
-    /// Records that the write of `ticket` (and so of every earlier one) is durable, and trims
-    /// the cache to its bounds.
+    /// The prepared batch `ticket` (and every one before it) is durable: its users may be
+    /// evicted again, and the cache is trimmed to its bounds.
     pub fn durable(&mut self, ticket: u64) {
         self.durable = self.durable.max(ticket);
         if self.slots.len() > self.capacity || self.bytes > self.max_bytes {
@@ -260,8 +368,9 @@ impl ProjectionCache {
         }
     }
 
-    /// Drops every user whose latest state is dirty, or prepared and not durable: after a
-    /// failed write, what the store holds is the truth.
+    /// A prepared write failed (or will never be written): drops every user whose cached
+    /// state is not durably stored (dirty, or prepared but not durable), so their next use
+    /// reads what the store holds.
     pub fn forget_undurable(&mut self) {
         let durable = self.durable;
         let mut freed = 0;
@@ -274,6 +383,7 @@ impl ProjectionCache {
         });
         self.bytes -= freed;
         self.dirty.clear();
+        self.dirty_count = 0;
         self.dirty_bytes = 0;
     }
 
@@ -309,20 +419,26 @@ impl ProjectionCache {
         }
     }
 
-    /// Forgets uncommitted changes (after a failed write, the events are replayed instead).
+    /// Drops every dirty user (a failed batch): the next update reloads what the store holds.
     pub fn discard_dirty(&mut self) {
-        self.dirty_bytes = 0;
-        for u in self.dirty.drain(..) {
-            if let Some(slot) = self.slots.remove(&u) {
-                self.bytes -= slot.bytes;
+        let mut freed = 0;
+        self.slots.retain(|_, s| {
+            if s.dirty {
+                freed += s.bytes;
             }
-        }
+            !s.dirty
+        });
+        self.bytes -= freed;
+        self.dirty.clear();
+        self.dirty_count = 0;
+        self.dirty_bytes = 0;
     }
 
-    /// Drops every cached user (e.g. on partition revocation: memory goes back).
+    /// Empties the cache (partitions revoked: another worker may change these users).
     pub fn clear(&mut self) {
         self.slots.clear();
         self.dirty.clear();
+        self.dirty_count = 0;
         self.dirty_bytes = 0;
         self.ring.clear();
         self.bytes = 0;
@@ -374,6 +490,98 @@ mod tests {
             .update(store, u, |s| Ok::<_, ()>(s.balance_g += 1))
             .unwrap()
             .unwrap();
+    }
+
+    #[test]
+    fn a_replayed_record_below_the_stored_position_is_skipped_and_flushes_take_the_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+        let mut cache = ProjectionCache::new(100);
+        let bump = |s: &mut UserState| Ok::<_, ()>(s.balance_g += 1);
+        // Batch 1 changes a (partition 3) and b; batch 2 changes b and c.
+        for u in ["a", "b"] {
+            cache.update_at(&store, u, 3, None, bump).unwrap();
+        }
+        let (p, t1, n) = cache
+            .prepare_flush(
+                &store,
+                Flush {
+                    before: 0,
+                    max_dirty: usize::MAX,
+                },
+                |_| NO_POSITION,
+                [],
+                &[],
+            )
+            .unwrap();
+        assert_eq!(
+            (n, cache.dirty_len(), cache.oldest_dirty()),
+            (0, 2, Some(1))
+        );
+        store.write_prepared(p).unwrap();
+        cache.durable(t1);
+        for u in ["b", "c"] {
+            cache.update_at(&store, u, 3, None, bump).unwrap();
+        }
+        // Batch 2 writes the users dirty since batch 1, at partition 3's position then.
+        let (p, t2, n) = cache
+            .prepare_flush(
+                &store,
+                Flush {
+                    before: 2,
+                    max_dirty: usize::MAX,
+                },
+                |p| [p as i64 * 10, 5, -2],
+                [],
+                &[],
+            )
+            .unwrap();
+        assert_eq!(
+            (n, cache.dirty_len(), cache.oldest_dirty()),
+            (2, 1, Some(2))
+        );
+        store.write_prepared(p).unwrap();
+        cache.durable(t2);
+        assert_eq!(
+            store
+                .get_user_at("b")
+                .unwrap()
+                .map(|(s, pos)| (s.balance_g, pos)),
+            Some((2, [30, 5, -2]))
+        );
+        assert_eq!(store.get_user("c").unwrap(), None, "c waits");
+        // After a restart: a record of lane 1 below b's position is in its state already;
+        // one at or past it is not.
+        let mut cache = ProjectionCache::new(100);
+        assert_eq!(
+            cache.update_at(&store, "b", 3, Some((1, 4)), bump).unwrap(),
+            None
+        );
+        assert_eq!(
+            cache
+                .update_at(&store, "b", 3, Some((0, 30)), bump)
+                .unwrap(),
+            Some(Ok(()))
+        );
+        assert_eq!(
+            cache.update_at(&store, "c", 3, Some((0, 0)), bump).unwrap(),
+            Some(Ok(()))
+        );
+        assert_eq!(cache.peek("b").map(|s| s.balance_g), Some(3));
+        // Over the bound on dirty users, the oldest go first.
+        let (_, _, n) = cache
+            .prepare_flush(
+                &store,
+                Flush {
+                    before: 0,
+                    max_dirty: 1,
+                },
+                |_| NO_POSITION,
+                [],
+                &[],
+            )
+            .unwrap();
+        assert_eq!((n, cache.dirty_len()), (1, 1));
     }
 
     #[test]

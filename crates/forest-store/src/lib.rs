@@ -21,10 +21,10 @@
 mod cache;
 mod store;
 
-pub use cache::{ProjectionCache, estimate_bytes};
+pub use cache::{Flush, ProjectionCache, estimate_bytes};
 pub use store::{
-    OutboxEntry, PreparedBatch, Store, StoreConfig, StoreError, StoreStats, decode_state,
-    encode_state, metrics,
+    NO_POSITION, OutboxEntry, Position, PreparedBatch, Store, StoreConfig, StoreError, StoreStats,
+    decode_state, encode_state, metrics,
 };
 
 /// Where a service stops abruptly, without committing, so tests can prove recovery. Never set

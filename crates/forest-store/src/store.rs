@@ -1,5 +1,7 @@
 //! The RocksDB layer. Column families and their keys:
-//! - `projections`: UTF-8 user id -> postcard-encoded `UserState`;
+//! - `projections`: UTF-8 user id -> the input position the projection reflects (its
+//!   partition's three lane offsets, 8-byte big-endian each; see [`Position`]) followed by the
+//!   postcard-encoded `UserState`;
 //! - `offsets`: `<topic>\0<partition as 4-byte big-endian>` -> next offset (8-byte big-endian);
 //! - `outbox`: sequence number (8-byte big-endian, so iteration is in order) -> `OutboxEntry`;
 //! - `kv`: other services' state (fulfilment orders, capacity, backlog), opaque bytes;
@@ -37,8 +39,18 @@ const CFS: [&str; 6] = [
 const FORMAT_KEY: &[u8] = b"format";
 /// Bump when the on-disk encoding changes; a store of another format is refused at open.
 // v2: projections keep recent credits; v3: outbox entries may pin a partition; v4: projections
-// keep each credit's rule id and rules version, and walking's per-day step counts.
-const FORMAT: &[u8] = b"forest-store-v4";
+// keep each credit's rule id and rules version, and walking's per-day step counts; v5: each
+// projection is prefixed with the input position it reflects.
+const FORMAT: &[u8] = b"forest-store-v5";
+
+/// Where in its partition's input a stored projection stands: the next offset of each of
+/// the partition's lanes (by topic index) as of the write, or a negative value for a lane
+/// the writer had not read. A replay skips a user's records below its position: they are in
+/// the stored state already (see `forest-processor`'s `replay` module).
+pub type Position = [i64; 3];
+
+/// The position of a projection that reflects no input offsets (restored, or new).
+pub const NO_POSITION: Position = [-2; 3];
 
 /// A store operation that failed. Each variant says whether retrying can help.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +200,23 @@ pub struct Store {
     cache: Cache,
     /// The options the DB was opened with: they hold RocksDB's statistics (tickers).
     opts: Options,
+}
+
+/// Splits a stored projection value into its position and the postcard-encoded state.
+fn split_value<'v>(v: &'v [u8], user: &[u8]) -> Result<(Position, &'v [u8]), StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        key: format!("projections/{}", String::from_utf8_lossy(user)),
+        reason: format!(
+            "value of {} bytes, shorter than its 24-byte position",
+            v.len()
+        ),
+    };
+    let (head, state) = v.split_at_checked(24).ok_or_else(corrupt)?;
+    let mut pos = [0i64; 3];
+    for (i, chunk) in head.chunks_exact(8).enumerate() {
+        pos[i] = i64::from_be_bytes(chunk.try_into().map_err(|_| corrupt())?);
+    }
+    Ok((pos, state))
 }
 
 /// A projection in the store's encoding (postcard), e.g. for the changelog topic.
@@ -427,6 +456,11 @@ impl Store {
     }
 
     pub fn get_user(&self, user_id: &str) -> Result<Option<UserState>, StoreError> {
+        Ok(self.get_user_at(user_id)?.map(|(s, _)| s))
+    }
+
+    /// A stored projection and the input position it reflects.
+    pub fn get_user_at(&self, user_id: &str) -> Result<Option<(UserState, Position)>, StoreError> {
         match self
             .db
             .get_pinned_cf(self.cf(CF_PROJECTIONS), user_id)
@@ -434,8 +468,9 @@ impl Store {
         {
             None => Ok(None),
             Some(bytes) => {
-                postcard::from_bytes(&bytes)
-                    .map(Some)
+                let (pos, state) = split_value(&bytes, user_id.as_bytes())?;
+                postcard::from_bytes(state)
+                    .map(|s| Some((s, pos)))
                     .map_err(|e| StoreError::Corrupt {
                         key: format!("projections/{user_id}"),
                         reason: e.to_string(),
@@ -450,7 +485,8 @@ impl Store {
             .iterator_cf(self.cf(CF_PROJECTIONS), IteratorMode::Start)
             .map(|item| {
                 let (k, v) = item.map_err(StoreError::Read)?;
-                postcard::from_bytes(&v).map_err(|e| StoreError::Corrupt {
+                let (_, state) = split_value(&v, &k)?;
+                postcard::from_bytes(state).map_err(|e| StoreError::Corrupt {
                     key: format!("projections/{}", String::from_utf8_lossy(&k)),
                     reason: e.to_string(),
                 })
@@ -528,7 +564,7 @@ impl Store {
     /// sequence numbers assigned, in order.
     pub fn commit<'s, 'o>(
         &self,
-        states: impl IntoIterator<Item = &'s UserState>,
+        states: impl IntoIterator<Item = (&'s UserState, Position)>,
         offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
         outbox: &[OutboxEntry],
     ) -> Result<std::ops::Range<u64>, StoreError> {
@@ -541,15 +577,18 @@ impl Store {
     /// goes on changing. The outbox sequence numbers are reserved now.
     pub fn prepare<'s, 'o>(
         &self,
-        states: impl IntoIterator<Item = &'s UserState>,
+        states: impl IntoIterator<Item = (&'s UserState, Position)>,
         offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
         outbox: &[OutboxEntry],
     ) -> Result<PreparedBatch, StoreError> {
         let mut batch = WriteBatch::default();
         let mut buf = Vec::with_capacity(512);
         let proj = self.cf(CF_PROJECTIONS);
-        for s in states {
+        for (s, pos) in states {
             buf.clear();
+            for o in pos {
+                buf.extend_from_slice(&o.to_be_bytes());
+            }
             let bytes = postcard::to_extend(s, std::mem::take(&mut buf)).map_err(|e| {
                 StoreError::Corrupt {
                     key: format!("projections/{}", s.user_id),
@@ -812,13 +851,14 @@ mod tests {
         {
             let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
             let seqs = store
-                .commit([&s], [("pay", 3, 100)], &[entry(1), entry(2)])
+                .commit([(&s, [7, -2, 9])], [("pay", 3, 100)], &[entry(1), entry(2)])
                 .unwrap();
             assert_eq!(seqs, 0..2);
             store.remove_outbox([0]).unwrap();
         }
         let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
-        assert_eq!(store.get_user("alice").unwrap(), Some(s));
+        assert_eq!(store.get_user("alice").unwrap(), Some(s.clone()));
+        assert_eq!(store.get_user_at("alice").unwrap(), Some((s, [7, -2, 9])));
         assert_eq!(store.get_user("bob").unwrap(), None);
         assert_eq!(store.offset("pay", 3).unwrap(), Some(100));
         assert_eq!(store.offset("pay", 4).unwrap(), None);
@@ -942,7 +982,9 @@ mod tests {
         // The memtables' reservation is charged to the block cache: writing fills it.
         let big = UserState::new("x".repeat(100));
         for i in 0..2_000 {
-            store.commit([&big], [("t", 0, i)], &[]).unwrap();
+            store
+                .commit([(&big, NO_POSITION)], [("t", 0, i)], &[])
+                .unwrap();
         }
         assert!(store.cache.get_usage() > 0);
         assert!(store.cache.get_usage() <= (64 << 20) + (1 << 20));
