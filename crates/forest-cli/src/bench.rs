@@ -53,10 +53,9 @@ pub struct BenchArgs {
     /// (the processor's default); `false` for the worker doing both between polls.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     overlap_commits: bool,
-    /// The processor's projection checkpoint interval in phases (b) and (c), ms: 0 writes
-    /// projections with every batch (its default); above 0 writes them at most this often,
-    /// with offsets, outputs and replay records in every batch (see `forest processor
-    /// --projection-interval-ms`).
+    /// How long the processor may leave a changed projection unwritten in phases (b) and
+    /// (c), ms: 0 writes it with the batch (its default); above 0 see `forest processor
+    /// --projection-interval-ms`.
     #[arg(long, default_value_t = 0)]
     projection_interval_ms: u64,
     /// Seconds of load at each fixed rate of the latency phase (the first 2 s are warm-up and
@@ -304,7 +303,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     if args.projection_interval_ms > 0 {
         eprintln!(
-            "projections checkpointed every {} ms (replay records in between)",
+            "projections written up to {} ms after they change (replay records meanwhile)",
             args.projection_interval_ms
         );
     }

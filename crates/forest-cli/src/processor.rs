@@ -38,12 +38,12 @@ pub struct ProcessorArgs {
     /// between polls. Transactions mode always runs inline.
     #[arg(long, env = "FOREST_OVERLAP_COMMITS", default_value_t = true, action = clap::ArgAction::Set)]
     overlap_commits: bool,
-    /// Write projections to RocksDB at most this often, ms; 0 (the default) writes them with
-    /// every batch. Above 0, every batch still stores its offsets and outputs, plus a record
-    /// of the order it folded its records in; a user changed many times in between is written
-    /// once, cutting RocksDB writes per event. After a crash the records since the last
-    /// checkpoint are folded again in the recorded order, their outputs not re-sent. Outbox
-    /// mode only, without --changelog.
+    /// How long a changed projection may stay unwritten in RocksDB, ms; 0 (the default)
+    /// writes every user with the batch that changed it. Above 0, every batch still stores
+    /// its offsets and outputs, plus a record of the order it folded its records in; a user
+    /// changed many times meanwhile is written once, cutting RocksDB writes per event. After a
+    /// crash the records since the oldest unwritten change are folded again in the recorded
+    /// order, their outputs not re-sent. Outbox mode only, without --changelog.
     #[arg(long, env = "FOREST_PROJECTION_INTERVAL_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     projection_interval_ms: u64,
     /// Users kept in the in-memory write-back cache (least recently used evicted first).

@@ -17,10 +17,10 @@
 //!   not dead-lettered: a producer retry is not bad input.
 //! - The input topics are merged per partition number in a deterministic order (see
 //!   [`merge`]), so a replay folds one user's events in the same order.
-//! - With [`ProcessorConfig::projection_interval`] above zero, projections are written less
-//!   often than offsets and outputs; each batch stores the order it folded its records in, and
-//!   a restart folds the records since a partition's last projection checkpoint again in that
-//!   order, without re-sending their outputs (see [`replay`]).
+//! - With [`ProcessorConfig::projection_interval`] above zero, projections are written later
+//!   than offsets and outputs; each batch stores the order it folded its records in, and a
+//!   restart folds the records since the oldest unwritten change again in that order, without
+//!   re-sending their outputs (see [`replay`]).
 //! - With [`ExactlyOnce::Transactions`], outputs are exactly once for read_committed
 //!   consumers instead: each batch's outputs, changelog records and input offsets commit in one
 //!   Kafka transaction, RocksDB is written after it, and a crash in between is repaired from
@@ -231,16 +231,16 @@ pub struct ProcessorConfig {
     /// changelog has it). `None` keeps it forever. Without the changelog local state is the
     /// only copy and is never deleted.
     pub state_retention: Option<Duration>,
-    /// How often projections are written to the store. Zero (the default): with every batch.
-    /// Above zero: every batch still stores its input offsets and outputs, plus a small
-    /// replay record of the order it folded its records in; the changed projections are
-    /// written together (a "projection checkpoint") once this long has passed since the last
-    /// one, when the unwritten projections reach half the cache's bounds, before partitions
-    /// are revoked and at shutdown. A user touched many times between checkpoints is written
-    /// once, which is what cuts RocksDB writes per event. After a crash, the records since a
-    /// partition's last checkpoint are folded again in the recorded order, their outputs
-    /// (already stored) not sent again: see the `replay` module. Only with the outbox mode
-    /// and without the changelog, whose records carry each batch's projections.
+    /// How long a changed projection may stay unwritten. Zero (the default): every batch
+    /// writes the users it changed. Above zero: every batch still stores its input offsets
+    /// and outputs, plus a small replay record of the order it folded its records in, and
+    /// writes the users changed at least this long ago (oldest first; all of them before
+    /// partitions are revoked and at shutdown). A user changed many times meanwhile is
+    /// written once, which is what cuts RocksDB writes per event. After a crash, the records
+    /// since the oldest unwritten change are folded again in the recorded order, skipping
+    /// what each user's stored projection already holds, their outputs (already stored) not
+    /// sent again: see the [`replay`] module. Only with the outbox mode and without the
+    /// changelog, whose records carry each batch's projections.
     pub projection_interval: Duration,
 }
 

@@ -1,27 +1,38 @@
-//! Projection checkpoints less often than offsets and outputs, and the replay that makes them
+//! Projections written less often than offsets and outputs, and the replay that makes it
 //! safe ([`crate::ProcessorConfig::projection_interval`]).
 //!
-//! **Why.** A batch writes every user it changed, so RocksDB writes per event are the batch's
-//! distinct users over its events: about 0.5 with batches of 5,000 events over 100,000 Zipf
-//! users. Writing a user once per checkpoint interval instead of once per batch cuts that to
-//! the interval's distinct users, without making batches (and latency) longer.
+//! **Why.** A batch that writes every user it changed costs as many RocksDB writes as the
+//! batch has distinct users: about 0.5 per event with batches of 5,000 events over 100,000
+//! Zipf users. Writing a user once it has been changed and unwritten for the interval writes
+//! a hot user once per interval instead of once per batch, without longer batches.
 //!
-//! **How.** Every batch still stores, in its one `WriteBatch`, its input offsets and its
-//! outputs (the outbox), and per partition number it advanced a *replay record*: where each of
-//! the partition's lanes stood when the batch began (`from`) and the order, as runs of
-//! (lane, records), in which the batch folded the partition's records. A *checkpoint* batch
-//! writes every changed projection instead and deletes the replay records of the worker's
-//! partitions in the same `WriteBatch`. So for every partition, at every moment, the store
-//! holds:
-//! - projections equal to the fold of the records below the first replay record's `from`
-//!   (below the stored offsets if there is none);
-//! - offsets and outputs of everything folded, as before.
+//! **How.**
+//! - Every batch still stores, in its one `WriteBatch`, its input offsets and outputs (the
+//!   outbox), and the users whose turn has come: those dirty since a batch that closed at least
+//!   the interval ago, oldest first (more when the dirty ones pass half the cache's bounds).
+//!   So the write load is spread over batches: no batch serialises a whole interval's users,
+//!   which stalled the polling thread for ~75 ms per 40,000 users when all were written at
+//!   once (session 8 in BENCHMARKS.md).
+//! - Each stored projection carries the *position* it reflects: the next offset of each lane
+//!   of its partition at the batch that wrote it (the store's value prefix).
+//! - A batch after which some user stays dirty also stores, per partition number it
+//!   advanced, a *replay record*: where each lane stood when the batch began (`from`) and the
+//!   order, as runs of (lane, records), in which it folded the partition's records.
+//! - A replay record is deleted, in a later batch, once every user dirtied up to its batch has
+//!   been written.
+//!
+//! So for every partition, at every moment, the store holds offsets and outputs of everything
+//! folded, and projections that, folded further with the partition's records from the first
+//! replay record's `from` in the recorded order, skipping each user's records below its
+//! stored position, give the live state.
 //!
 //! On assignment, a partition with replay records seeks its lanes to the first record's
 //! `from`, and the merge follows the records' runs exactly ([`crate::merge::Merger::set_script`]).
-//! Those records are folded again into the projections, but their outputs and offsets are not
-//! stored again: the outbox already holds or has sent them. Then the partition goes on live
-//! from its stored offsets.
+//! Each record is folded again unless its user's stored position is past it (the stored state
+//! has it: a position marks a prefix of the recorded order). Outputs and offsets of replayed
+//! records are not stored again: the outbox holds or has sent them. Then the partition goes on
+//! live from its stored offsets. Its previous run's replay records are deleted like the
+//! others once the users the replay dirtied are written.
 //!
 //! **Why the order is recorded, not recomputed.** The live merge does not wait for a lane that
 //! is caught up (see [`crate::merge`]), so the order records were folded in is not always a
@@ -30,21 +41,20 @@
 //! were sent. Following the record, the replay rebuilds exactly the state whose outputs are
 //! already out.
 //!
-//! **Rules that keep it exact.**
-//! - No checkpoint while any of the worker's partitions is still replaying. Its users would be
-//!   stored halfway through the replay, and the replay records, deleted with the same
-//!   checkpoint, could not finish them. A replay reads records that are already in Kafka, so
-//!   it normally finishes within a few poll rounds.
-//! - Partitions revoked or a shutdown mid-replay: an offsets-only batch, and the cached
-//!   projections are dropped. Whoever gets the partition next replays it.
-//! - A replayed record is counted in the consumed and applied counters again. Its trees and
-//!   dead letters are not counted again, because their batch counted them when it was durable.
+//! **Also.**
+//! - Revocation and shutdown write every dirty user. A partition revoked mid-replay keeps its
+//!   replay records, and whoever gets it next replays the rest (users written meanwhile carry
+//!   their positions, so nothing is folded twice).
+//! - A replayed record counts in the consumed, applied and replayed counters again. Its trees
+//!   and dead letters are not counted again: their batch counted them when it was durable.
+//! - With an interval of 0 every batch writes every user it changed and stores no replay
+//!   record, but replay records an earlier run left are still followed and deleted.
 //!
-//! **Limits.** Only in the outbox mode and without the changelog: changelog records carry
-//! every batch's projections, which is the write this saves. Projections read from the store
-//! (`forest user`, `forest inspect`) lag by up to the interval. The unwritten projections must
-//! stay in the cache until the checkpoint, so a checkpoint also comes when they reach half of
-//! the cache's bounds, unless a replay is running.
+//! **Limits.** Only in the outbox mode without the changelog (changelog records carry every
+//! batch's projections, which is the write this saves); a store with replay records is refused
+//! in the other modes. Projections read from the store (`forest user`, `forest inspect`) lag by
+//! up to the interval. A replay needs the records since its first replay record still in
+//! Kafka: keep the input topics' retention far above the interval.
 
 use forest_store::{Flush, ProjectionCache, StoreError};
 use rustc_hash::FxHashMap;

@@ -57,6 +57,11 @@ pub fn estimate_bytes(s: &UserState) -> usize {
 /// the store; that state is exactly what the uncommitted events produced, so dropping the cache
 /// (a crash) and replaying from the stored offsets reproduces it.
 ///
+/// A caller may also write only some dirty users per batch ([`ProjectionCache::prepare_flush`],
+/// oldest dirty first, each stored with the input position it reflects), if it keeps what
+/// rebuilds the others (the processor's replay records); [`ProjectionCache::update_at`] then
+/// skips a replayed record the stored projection holds already.
+///
 /// Writes may be split in two ([`ProjectionCache::prepare`] on the folding thread,
 /// [`Store::write_prepared`] on another, then [`ProjectionCache::durable`]): until a prepared
 /// write is durable, its users stay cached however full the cache is.

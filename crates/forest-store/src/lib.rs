@@ -5,7 +5,10 @@
 //! - [`Store::commit`] writes projections, partition offsets and new outbox entries in ONE
 //!   `WriteBatch` with the write-ahead log on: after a crash the store holds all of a batch or
 //!   none of it, so the stored offsets always describe exactly the events the stored
-//!   projections reflect. That is what makes a replay from the stored offsets exact.
+//!   projections reflect. That is what makes a replay from the stored offsets exact. (A
+//!   caller may write projections later than their offsets if it stores, in the same batches,
+//!   what rebuilds them: each projection then carries the input [`Position`] it reflects,
+//!   and the `replay` column family holds the caller's records.)
 //! - Outbox entries get increasing sequence numbers and stay until [`Store::remove_outbox`]
 //!   deletes them after Kafka acknowledged them: an output is never lost, and may be delivered
 //!   more than once (downstream dedupes by its deterministic id).

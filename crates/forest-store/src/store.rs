@@ -8,8 +8,8 @@
 //! - `replay`: `<partition as 4-byte big-endian><sequence as 8-byte big-endian>` -> the
 //!   processor's record of the order it folded a batch's records in, for partitions whose
 //!   projections are stored less often than their offsets (opaque bytes here; see
-//!   `forest-processor`'s `replay` module). Added after format v4 without a bump: an older
-//!   store simply has none, which means every projection is as current as its offsets;
+//!   `forest-processor`'s `replay` module). None means every projection is as current as
+//!   its offsets;
 //! - `meta`: format version.
 
 use forest_domain::UserState;
