@@ -63,7 +63,11 @@ fn bench(c: &mut Criterion) {
                         }
                     }
                     store
-                        .commit(states.iter(), [("t", 0, i as i64)], &[])
+                        .commit(
+                            states.iter().map(|s| (s, forest_store::NO_POSITION)),
+                            [("t", 0, i as i64)],
+                            &[],
+                        )
                         .expect("commit");
                 }
                 (store, dir)
