@@ -384,16 +384,24 @@ mod tests {
     }
 
     fn drain(m: &mut Merger, caught_up: bool) -> Vec<(u8, i64)> {
-        let mut out = vec![];
+        drain_with(m, caught_up, usize::MAX)
+            .into_iter()
+            .map(|(t, o, _)| (t, o))
+            .collect()
+    }
+
+    /// Up to `max` records: (topic, offset, replayed).
+    fn drain_with(m: &mut Merger, caught_up: bool, max: usize) -> Vec<(u8, i64, bool)> {
+        let mut got = vec![];
         m.drain(
             |_, _, _| caught_up,
             Duration::from_secs(60),
             1_000,
             true,
-            usize::MAX,
-            |r| out.push((r.topic, r.offset)),
+            max,
+            |r| got.push((r.topic, r.offset, r.replay)),
         );
-        out
+        got
     }
 
     #[test]
@@ -431,32 +439,21 @@ mod tests {
         // Lane 1 has not delivered: the script waits for it, even with every lane caught up.
         assert!(drain(&mut m, true).is_empty());
         m.push(rec(1, 0, 40));
-        let mut got = vec![];
-        m.drain(
-            |_, _, _| true,
-            Duration::from_secs(60),
-            1_000,
-            true,
-            2,
-            |r| got.push((r.topic, r.offset, r.replay)),
+        assert_eq!(
+            drain_with(&mut m, true, 2),
+            [(1, 0, true), (0, 0, true)],
+            "at most `max` at a time"
         );
-        assert_eq!(got, [(1, 0, true), (0, 0, true)], "at most `max` at a time");
         m.push(rec(1, 1, 5));
         // The script ends; then lane 1, empty and behind its high watermark, holds the rest.
         assert_eq!(drain(&mut m, false), [(0, 1), (1, 1)]);
         assert!(!m.replaying(), "the script is done");
         // Then the usual order, and records are no longer marked as replayed.
         m.push(rec(1, 2, 25));
-        let mut got = vec![];
-        m.drain(
-            |_, _, _| true,
-            Duration::from_secs(60),
-            1_000,
-            true,
-            usize::MAX,
-            |r| got.push((r.topic, r.offset, r.replay)),
+        assert_eq!(
+            drain_with(&mut m, true, usize::MAX),
+            [(1, 2, false), (0, 2, false)]
         );
-        assert_eq!(got, [(1, 2, false), (0, 2, false)]);
         assert_eq!(m.buffered(), 0);
     }
 

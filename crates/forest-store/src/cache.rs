@@ -507,18 +507,12 @@ mod tests {
         for u in ["a", "b"] {
             cache.update_at(&store, u, 3, None, bump).unwrap();
         }
-        let (p, t1, n) = cache
-            .prepare_flush(
-                &store,
-                Flush {
-                    before: 0,
-                    max_dirty: usize::MAX,
-                },
-                |_| NO_POSITION,
-                [],
-                &[],
-            )
-            .unwrap();
+        let flush = |cache: &mut ProjectionCache, before, max_dirty, pos: fn(i32) -> Position| {
+            cache
+                .prepare_flush(&store, Flush { before, max_dirty }, pos, [], &[])
+                .unwrap()
+        };
+        let (p, t1, n) = flush(&mut cache, 0, usize::MAX, |_| NO_POSITION);
         assert_eq!(
             (n, cache.dirty_len(), cache.oldest_dirty()),
             (0, 2, Some(1))
@@ -529,18 +523,7 @@ mod tests {
             cache.update_at(&store, u, 3, None, bump).unwrap();
         }
         // Batch 2 writes the users dirty since batch 1, at partition 3's position then.
-        let (p, t2, n) = cache
-            .prepare_flush(
-                &store,
-                Flush {
-                    before: 2,
-                    max_dirty: usize::MAX,
-                },
-                |p| [p as i64 * 10, 5, -2],
-                [],
-                &[],
-            )
-            .unwrap();
+        let (p, t2, n) = flush(&mut cache, 2, usize::MAX, |p| [p as i64 * 10, 5, -2]);
         assert_eq!(
             (n, cache.dirty_len(), cache.oldest_dirty()),
             (2, 1, Some(2))
@@ -574,18 +557,7 @@ mod tests {
         );
         assert_eq!(cache.peek("b").map(|s| s.balance_g), Some(3));
         // Over the bound on dirty users, the oldest go first.
-        let (_, _, n) = cache
-            .prepare_flush(
-                &store,
-                Flush {
-                    before: 0,
-                    max_dirty: 1,
-                },
-                |_| NO_POSITION,
-                [],
-                &[],
-            )
-            .unwrap();
+        let (_, _, n) = flush(&mut cache, 0, 1, |_| NO_POSITION);
         assert_eq!((n, cache.dirty_len()), (1, 1));
     }
 
