@@ -337,6 +337,20 @@ impl Core {
         // A replayed record's outputs are stored already (see the replay module), and its
         // user's stored projection may hold it already: then it is not folded again.
         let replay = rec.replay;
+        if replay {
+            // Every replayed record lies below its lane's stored offset (the previous run
+            // folded it); one at or past it means the log changed under the replay records,
+            // and folding it as a replay would drop its outputs.
+            let stored = self.committed.get(&(rec.topic, rec.partition)).copied();
+            if stored.is_none_or(|o| rec.offset >= o) {
+                return Err(ProcessorError::Replay {
+                    topic: topic_name.clone(),
+                    partition: rec.partition,
+                    offset: rec.offset,
+                    stored,
+                });
+            }
+        }
         let replay_at = replay.then_some((rec.topic, rec.offset));
         let result = match decoded {
             Ok(event) => self.cache.update_at(
@@ -480,9 +494,16 @@ impl Core {
             .checkpoints
             .as_ref()
             .is_some_and(|c| c.deletes_due(oldest));
-        if self.offsets.is_empty() && self.pending.is_empty() && !flush_work && !delete_work {
-            // Nothing to store: no records, or replayed ones only (their users are written
-            // later, their outputs are stored).
+        // A batch of replayed records only still closes (an almost empty write): it takes a
+        // ticket, so the users it dirtied get their turn to be written and the replay records
+        // their turn to go, even if no new input ever arrives.
+        if self.batch_records == 0
+            && self.offsets.is_empty()
+            && self.pending.is_empty()
+            && !flush_work
+            && !delete_work
+        {
+            // Nothing to store.
             self.batch_records = 0;
             self.batch_started = None;
             self.batch_ts.clear();

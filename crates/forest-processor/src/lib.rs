@@ -340,12 +340,24 @@ pub enum ProcessorError {
     /// start).
     #[error("the committer thread {0}")]
     Committer(&'static str),
+    /// A replay read a record its replay records do not cover: the input log no longer holds
+    /// what the previous run folded (retention, compaction or truncation since), so the
+    /// unwritten projections cannot be rebuilt exactly. Rebuild the store (`forest rebuild`).
+    #[error(
+        "replaying {topic}/{partition} reached offset {offset}, at or past the stored offset {stored:?}: the log no longer holds the records the replay records describe; rebuild the store with `forest rebuild`"
+    )]
+    Replay {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        stored: Option<i64>,
+    },
 }
 
 impl ProcessorError {
     pub fn is_retriable(&self) -> bool {
         match self {
-            Self::Config(_) | Self::Committer(_) => false,
+            Self::Config(_) | Self::Committer(_) | Self::Replay { .. } => false,
             Self::Store(e) => e.is_retriable(),
             Self::Outbox(e) => e.is_retriable(),
             // A restore reads Kafka: a broker back up answers a retry.

@@ -53,8 +53,13 @@
 //! **Limits.** Only in the outbox mode without the changelog (changelog records carry every
 //! batch's projections, which is the write this saves); a store with replay records is refused
 //! in the other modes. Projections read from the store (`forest user`, `forest inspect`) lag by
-//! up to the interval. A replay needs the records since its first replay record still in
-//! Kafka: keep the input topics' retention far above the interval.
+//! up to the interval, and after a crash until the partition's replay has run (offsets at the
+//! log's end do not mean every projection is written while replay records remain). A replay
+//! needs the records since its first replay record still in Kafka: keep the input topics'
+//! retention far above the interval; a replay that meets a record at or past its lane's stored
+//! offset (the log changed under it) stops with [`crate::ProcessorError::Replay`] rather than
+//! fold it without its outputs. Positions assume a user's partition never changes (a fixed
+//! input partition count, which the co-partitioned merge assumes too).
 
 use forest_store::{Flush, ProjectionCache, StoreError};
 use rustc_hash::FxHashMap;
@@ -275,7 +280,10 @@ impl Checkpoints {
         lane_at: impl Fn(u8, i32) -> Option<i64>,
     ) -> Replays {
         self.force = false;
-        self.closed.push_back((ticket, now));
+        if self.spaced() {
+            // (Pruned by `flush`; not needed when every batch writes every user.)
+            self.closed.push_back((ticket, now));
+        }
         let mut out = Replays::default();
         if dirty_left {
             for (p, runs) in self.runs.drain() {
