@@ -147,6 +147,55 @@ fn crash_at_several_points_with_a_short_projection_interval_replays_exactly() {
     crash_campaign("crash-short", Duration::from_nanos(1));
 }
 
+/// A crash with every record folded and its offsets stored but no user written (an hour's
+/// interval), then a restart with a 200 ms interval and no new input: the replay's users are
+/// written and its replay records deleted while the processor idles. (They once waited for
+/// new input, since a batch of replayed records only did not count as a batch.)
+#[test]
+fn a_replay_with_no_new_input_writes_its_users_within_the_interval() {
+    let get = forest_processor::ProcessorStats::get;
+    let b = TestBroker::new("quiet-replay");
+    let records = produce(&b, workload(4, 20_000, 2_000));
+    let want = expected(&Default::default(), &records);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = b.processor_config(dir.path(), "g");
+    cfg.projection_interval = Duration::from_secs(3600);
+    cfg.crash_at = Some(CrashPoint::WhenCaughtUp);
+    match start(cfg.clone()).join_within(CATCH_UP) {
+        Err(ProcessorError::InjectedCrash(CrashPoint::WhenCaughtUp)) => {}
+        other => panic!("expected the injected crash when caught up, got {other:?}"),
+    }
+    let replay_partitions = || {
+        let store = forest_store::Store::open_read_only(dir.path()).expect("read-only open");
+        store.replay_partitions().expect("replay records")
+    };
+    let left = replay_partitions();
+    assert!(!left.is_empty(), "the crash left replay records");
+    cfg.crash_at = None;
+    cfg.projection_interval = Duration::from_millis(200);
+    let p = start(cfg);
+    wait_until(
+        "the replay's users written and its replay records deleted, with no new input",
+        Duration::from_secs(60),
+        || get(&p.stats.replayed) > 0 && replay_partitions().is_empty(),
+    );
+    let (replayed, consumed) = (get(&p.stats.replayed), get(&p.stats.consumed));
+    p.stop().expect("graceful stop");
+    assert_eq!(
+        replayed, consumed,
+        "every record the restart read was a replay"
+    );
+    assert_eq!(
+        consumed as usize,
+        records.len(),
+        "the replay covered the whole input: no user was written before the crash"
+    );
+    eprintln!(
+        "quiet replay: partitions {left:?} replayed {replayed} of {consumed} records consumed; {}",
+        check(&b, dir.path(), &want)
+    );
+}
+
 fn crash_campaign(name: &str, projection_interval: Duration) {
     let spaced = !projection_interval.is_zero();
     let b = TestBroker::new(name);

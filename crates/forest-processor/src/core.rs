@@ -451,6 +451,11 @@ impl Core {
         self.counted()
     }
 
+    /// Records applied (or rejected) by this run so far.
+    pub fn applied_in_run(&self) -> u64 {
+        self.applied_in_run
+    }
+
     /// One more record of the batch (applied, rejected or skipped by a replay).
     fn counted(&mut self) -> Result<(), ProcessorError> {
         self.batch_records += 1;

@@ -1027,6 +1027,20 @@ fn consume_loop(
         if c.batch_started.is_none() && !c.committer_busy() {
             c.flush_if_due()?;
         }
+        if cfg.crash_at == Some(crate::CrashPoint::WhenCaughtUp)
+            && consumer_idle
+            && c.batch_started.is_none()
+            && c.merger.buffered() == 0
+            && c.applied_in_run() > 0
+            && c.merger.lanes().iter().all(|&(t, p, pos, _)| {
+                cached_high_watermark(consumer, &ctopics[t as usize], p).is_some_and(|h| pos >= h)
+            })
+        {
+            c.flush_outputs()?;
+            return Err(ProcessorError::InjectedCrash(
+                crate::CrashPoint::WhenCaughtUp,
+            ));
+        }
         t_commit += t2.elapsed();
         progress |= c.poll_durable()?;
         if progress {

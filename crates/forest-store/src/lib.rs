@@ -42,4 +42,8 @@ pub enum CrashPoint {
     /// Processor in transactions mode: right after the N-th batch's Kafka transaction
     /// committed, before the store is written (the window the changelog restore covers).
     AfterTransaction(u64),
+    /// Processor: once it has applied records, read every assigned lane to its high
+    /// watermark, and every batch is durable with its outputs delivered; projections not yet
+    /// written stay unwritten (the quiet end of a run with spaced projection writes).
+    WhenCaughtUp,
 }
