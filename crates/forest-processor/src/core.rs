@@ -508,10 +508,7 @@ impl Core {
             && !flush_work
             && !delete_work
         {
-            // Nothing to store.
-            self.batch_records = 0;
-            self.batch_started = None;
-            self.batch_ts.clear();
+            // Nothing to store (and no batch open: a record would have counted).
             return Ok(false);
         }
         let closed = Instant::now();
@@ -775,11 +772,6 @@ impl Core {
         Ok(true)
     }
 
-    /// Forgets every cached projection (all clean after a commit).
-    pub fn clear_cache(&mut self) {
-        self.cache.clear();
-    }
-
     /// Partitions are being revoked or the worker stops: the next commit writes every changed
     /// projection (a partition still replaying keeps its replay records; see the replay
     /// module).
@@ -800,7 +792,7 @@ impl Core {
         }
         // Another worker of this process may get these partitions and change their users in
         // the shared store: cached copies would go stale.
-        self.clear_cache();
+        self.cache.clear();
     }
 
     /// On assignment of `partitions` (numbers): reads their replay records, scripts the merge

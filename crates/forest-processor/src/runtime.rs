@@ -528,12 +528,7 @@ fn validate(cfg: &ProcessorConfig) -> Result<(), ProcessorError> {
     if cfg.group_id.is_empty() {
         return bad("the consumer group id must not be empty");
     }
-    if !cfg.projection_interval.is_zero()
-        && (cfg.exactly_once == crate::ExactlyOnce::Transactions
-            || cfg.changelog
-            || cfg.dry_run
-            || cfg.at_least_once_baseline)
-    {
+    if !cfg.projection_interval.is_zero() && !crate::core::replays_here(cfg) {
         return bad(
             "a projection interval above 0 works in the outbox mode only, without the changelog (whose records carry every batch's projections), a dry run or the at-least-once baseline: set it to 0 or drop those options",
         );
