@@ -1,13 +1,16 @@
 //! The pure fold over a realistic behaviour mix: events/s of `RuleSet::apply`, including the
-//! per-user hash-map lookup the processor's cache does.
+//! per-user hash-map lookup the processor's cache does (`fold/`), the same with look-ahead
+//! prefetching (`fold/ahead_`, how much of it is waiting for memory), and the floor under any
+//! fold with per-user state in a hash map (`floor/`).
 //!
-//! Run: `cargo bench -p forest-benches --bench fold`
+//! Run: `cargo bench -p forest-benches --profile test --bench fold`
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use forest_benches::{events, fold, records};
-use forest_domain::RuleSet;
+use forest_benches::{Slab, events, fold, fold_ahead, records};
+use forest_domain::{RuleSet, UserState};
 use rustc_hash::FxHashMap;
 use std::hint::black_box;
+use xxhash_rust::xxh3::xxh3_64;
 
 fn bench(c: &mut Criterion) {
     let rules = RuleSet::default();
@@ -26,9 +29,70 @@ fn bench(c: &mut Criterion) {
                 BatchSize::PerIteration,
             )
         });
+        g.bench_function(format!("ahead_1M_events_{users}_users"), |b| {
+            b.iter_batched(
+                Slab::default,
+                |mut slab| {
+                    black_box(fold_ahead(&rules, &mut slab, &evs));
+                    slab
+                },
+                BatchSize::PerIteration,
+            )
+        });
     }
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The floor under any fold that keeps per-user state in a hash map, as the processor's cache
+/// does: per event only find the user's (already loaded) projection and bump one field. At
+/// 1 M users this is a random memory access per event, and it bounds what the rules can reach.
+fn floor(c: &mut Criterion) {
+    let mut g = c.benchmark_group("floor");
+    for users in [10_000u64, 1_000_000] {
+        let evs = events(&records(1_000_000, users));
+        g.throughput(Throughput::Elements(evs.len() as u64));
+        g.sample_size(10);
+        let mut by_id = FxHashMap::<String, UserState>::default();
+        let mut by_hash = FxHashMap::<u64, UserState>::default();
+        for e in &evs {
+            by_id
+                .entry(e.user_id.clone())
+                .or_insert_with(|| UserState::new(e.user_id.clone()));
+            by_hash
+                .entry(xxh3_64(e.user_id.as_bytes()))
+                .or_insert_with(|| UserState::new(e.user_id.clone()));
+        }
+        g.bench_function(format!("lookup_only_{users}_users"), |b| {
+            b.iter_batched_ref(
+                || by_id.clone(),
+                |states| {
+                    for e in &evs {
+                        if let Some(s) = states.get_mut(&e.user_id) {
+                            s.balance_g += 1;
+                        }
+                    }
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        // The same keyed by a hash of the id: no key string to load and compare.
+        let hashes: Vec<u64> = evs.iter().map(|e| xxh3_64(e.user_id.as_bytes())).collect();
+        g.bench_function(format!("lookup_only_by_hash_{users}_users"), |b| {
+            b.iter_batched_ref(
+                || by_hash.clone(),
+                |states| {
+                    for h in &hashes {
+                        if let Some(s) = states.get_mut(h) {
+                            s.balance_g += 1;
+                        }
+                    }
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, floor);
 criterion_main!(benches);

@@ -85,8 +85,24 @@ fn two_workers(name: &str, projection_interval: Duration) {
     cfg.projection_interval = projection_interval;
     let p = start(cfg);
     wait_caught_up(&[&p.stats], &end_offsets(&b, &records), CATCH_UP);
+    // The group settles with both workers holding partitions (what `forest bench` waits for
+    // before it measures latency).
+    let settled = Instant::now();
+    while get(&p.stats.workers_assigned) < 2 && settled.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        get(&p.stats.workers_assigned),
+        2,
+        "workers holding partitions"
+    );
     let stats = p.stats.clone();
     p.stop().expect("graceful stop");
+    assert_eq!(
+        get(&stats.workers_assigned),
+        0,
+        "a stopped worker revoked its partitions"
+    );
     let (rebalances, batches, written, replay_records) = (
         get(&stats.rebalances),
         get(&stats.batches),

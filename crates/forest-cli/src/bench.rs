@@ -47,7 +47,7 @@ pub struct BenchArgs {
     batch_size: usize,
     /// Processor batch window: a batch is closed this many milliseconds after its first
     /// record if it has not filled up by then.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 5)]
     batch_max_wait_ms: u64,
     /// Write batches and deliver their outputs on a committer thread beside each worker
     /// (the processor's default); `false` for the worker doing both between polls.
@@ -439,14 +439,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 let (s, st) = (stats.clone(), stop.clone());
                 std::thread::spawn(move || forest_processor::run(c, st, s))
             };
-            // Produce only once the processor owns its partitions: the group join is start-up,
-            // not latency.
+            // Produce only once every worker owns partitions: the group join is start-up, not
+            // latency. Waiting for the first assignment was not enough with several workers:
+            // one could take every partition, and the others' join then revoked and
+            // reassigned them all about 3 s later (the members' heartbeat interval), inside
+            // the measurement: a ~200-300 ms stall that alone made the phase's p99.
             let joined = Instant::now();
-            while ProcessorStats::get(&stats.rebalances) == 0 {
+            let members = args.workers.min(args.partitions as usize) as u64;
+            while ProcessorStats::get(&stats.workers_assigned) < members {
                 ensure!(!handle.is_finished(), "the latency processor stopped early");
                 ensure!(
                     joined.elapsed() < Duration::from_secs(120),
-                    "the latency processor never got partitions"
+                    "not every latency processor worker got partitions within 120 s"
                 );
                 std::thread::sleep(Duration::from_millis(10));
             }

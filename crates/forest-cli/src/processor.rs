@@ -31,7 +31,7 @@ pub struct ProcessorArgs {
     batch_size: usize,
     /// ...or after this many milliseconds since the batch's first record, whichever comes
     /// first (the latency floor at low rates; at high rates batches fill up first).
-    #[arg(long, env = "FOREST_BATCH_MAX_WAIT_MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    #[arg(long, env = "FOREST_BATCH_MAX_WAIT_MS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     batch_max_wait_ms: u64,
     /// Write each batch and deliver its outputs on a committer thread beside each worker, so
     /// the worker polls and folds the next batch meanwhile; `false`: the worker does both

@@ -914,6 +914,18 @@ impl UserState {
 }
 
 impl RuleSet {
+    /// Starts loading the parts of `state` that applying `event` to it will touch, without
+    /// changing anything: a hint for a caller that knows which event it folds next (a batch),
+    /// so that the memory reads of the next event overlap the work on this one.
+    #[inline]
+    pub fn prefetch(&self, state: &UserState, event: &Event) {
+        let rule = match &event.action {
+            Action::Credit { behaviour, .. } => self.rule(*behaviour),
+            _ => None,
+        };
+        state.prefetch(rule, xxhash_rust::xxh3::xxh3_64(event.event_id.as_bytes()));
+    }
+
     /// Folds one event into a user's projection.
     ///
     /// Deterministic: it reads no clock and does no I/O; "now" is the event's
@@ -1538,6 +1550,26 @@ mod tests {
         // 72 h window: ids from the last 3 days + the current one at most.
         assert!(s.recent_ids.len() <= 12, "{}", s.recent_ids.len());
         assert!(s.counters.len() <= 4, "{:?}", s.counters);
+    }
+
+    #[test]
+    fn another_users_event_is_rejected_without_change() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        r.apply(&mut s, &credit("e1", NOON, Behaviour::SubwayRide, 1))
+            .expect("own event");
+        let before = s.clone();
+        let mut other = credit("e2", NOON + H, Behaviour::SubwayRide, 1);
+        other.user_id = "v".into();
+        assert_eq!(
+            r.apply(&mut s, &other).map(|_| ()),
+            Err(Malformed::WrongUser {
+                state: "u".into(),
+                event: "v".into(),
+            }
+            .into())
+        );
+        assert_eq!(s, before);
     }
 
     #[test]

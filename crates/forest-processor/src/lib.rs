@@ -167,7 +167,9 @@ pub struct ProcessorConfig {
     pub store: StoreConfig,
     /// Commit a batch after this many records...
     pub batch_max_records: usize,
-    /// ...or when this long has passed since the batch's first record.
+    /// ...or when this long has passed since the batch's first record. 5 ms by default: at
+    /// half the maximum rate on Apache Kafka, 10 ms kept p99 produce-to-projection above 50 ms
+    /// (BENCHMARKS.md, session 9).
     pub batch_max_wait: Duration,
     /// Projections kept in memory between batches, at most...
     pub cache_users: usize,
@@ -281,7 +283,7 @@ impl ProcessorConfig {
             store_path: store_path.into(),
             store: StoreConfig::default(),
             batch_max_records: 5_000,
-            batch_max_wait: Duration::from_millis(10),
+            batch_max_wait: Duration::from_millis(5),
             cache_users: 1_000_000,
             cache_bytes: 1 << 30,
             max_buffered: 200_000,
@@ -383,6 +385,10 @@ pub struct ProcessorStats {
     /// Input records applied or rejected and durably committed.
     pub committed_records: AtomicU64,
     pub rebalances: AtomicU64,
+    /// Workers (consumer-group members of this process) that currently hold at least one
+    /// partition. Equal to `workers` once the group has settled; a benchmark measures only
+    /// then, because a worker joining late revokes and reassigns everything mid-measurement.
+    pub workers_assigned: AtomicU64,
     /// Records the co-partition merge released out of the canonical order (a lane idle past
     /// `max_idle`, or the merge buffer over its bound): 0 in a healthy run.
     pub merge_early_releases: AtomicU64,

@@ -80,9 +80,24 @@ struct Ctx {
     /// When the oldest unanswered Kafka offset commit was sent (for its latency histogram).
     commit_started: Mutex<Option<std::time::Instant>>,
     ownership: Arc<Mutex<Ownership>>,
+    /// Partitions this worker holds (`ProcessorStats::workers_assigned` counts the workers
+    /// with any).
+    assigned: std::sync::atomic::AtomicI64,
 }
 
 impl Ctx {
+    /// Keeps this worker's partition count, and the count of workers holding any.
+    fn add_assigned(&self, delta: i64) {
+        self.stats.health.add_assigned(delta);
+        let before = self.assigned.fetch_add(delta, Ordering::SeqCst);
+        let after = before + delta;
+        if before <= 0 && after > 0 {
+            self.stats.workers_assigned.fetch_add(1, Ordering::SeqCst);
+        } else if before > 0 && after <= 0 {
+            self.stats.workers_assigned.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
     fn fail(&self, e: ProcessorError) {
         lock(&self.fatal).get_or_insert(e);
     }
@@ -145,7 +160,7 @@ impl ConsumerContext for Ctx {
                         }
                     }
                 }
-                self.stats.health.add_assigned(starts.len() as i64);
+                self.add_assigned(starts.len() as i64);
                 for (topic, idx, partition, stored) in starts {
                     let replay_from = replays
                         .get(&partition)
@@ -209,7 +224,7 @@ impl ConsumerContext for Ctx {
                     );
                 }
                 lock(&self.ownership).release(&partition_numbers(tpl), Instant::now());
-                self.stats.health.add_assigned(-(tpl.count() as i64));
+                self.add_assigned(-(tpl.count() as i64));
                 self.stats.health.forget_lag();
                 if let Err(e) = consumer.unassign() {
                     tracing::warn!(error = %e, "unassign failed");
@@ -796,6 +811,7 @@ fn run_worker(
         generation: std::sync::atomic::AtomicU64::new(0),
         commit_started: Mutex::new(None),
         ownership: ownership.clone(),
+        assigned: std::sync::atomic::AtomicI64::new(0),
     };
 
     let consumer: BaseConsumer<Ctx> = client_config(&cfg.brokers, &[])
