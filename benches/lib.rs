@@ -55,10 +55,15 @@ fn touch<T>(p: &T) {
     unsafe {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
         let base = std::ptr::from_ref(p).cast::<i8>();
+        let size = std::mem::size_of::<T>();
         let mut off = 0;
-        while off < std::mem::size_of::<T>() {
+        while off < size {
             _mm_prefetch::<_MM_HINT_T0>(base.add(off));
             off += 64;
+        }
+        // `*p` need not start a cache line: its last byte may be on one the loop missed.
+        if size > 0 {
+            _mm_prefetch::<_MM_HINT_T0>(base.add(size - 1));
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -87,15 +87,12 @@ fn two_workers(name: &str, projection_interval: Duration) {
     wait_caught_up(&[&p.stats], &end_offsets(&b, &records), CATCH_UP);
     // The group settles with both workers holding partitions (what `forest bench` waits for
     // before it measures latency).
-    let settled = Instant::now();
-    while get(&p.stats.workers_assigned) < 2 && settled.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(
-        get(&p.stats.workers_assigned),
-        2,
-        "workers holding partitions"
+    wait_until(
+        "both workers to hold partitions",
+        Duration::from_secs(30),
+        || get(&p.stats.workers_assigned) == 2,
     );
+    assert_eq!(get(&p.stats.workers_joined), 2, "workers joined");
     let stats = p.stats.clone();
     p.stop().expect("graceful stop");
     assert_eq!(

@@ -435,7 +435,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     &data_dir.join(format!("latency-{i}")),
                     false,
                 );
-                c.group_id = format!("forest-bench-lat-{}", std::process::id());
+                // A group per phase: a member of an earlier phase that has not left yet must not
+                // rebalance this one.
+                c.group_id = format!("forest-bench-lat-{}-{i}", std::process::id());
                 let (s, st) = (stats.clone(), stop.clone());
                 std::thread::spawn(move || forest_processor::run(c, st, s))
             };
@@ -445,8 +447,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             // reassigned them all about 3 s later (the members' heartbeat interval), inside
             // the measurement: a ~200-300 ms stall that alone made the phase's p99.
             let joined = Instant::now();
-            let members = args.workers.min(args.partitions as usize) as u64;
-            while ProcessorStats::get(&stats.workers_assigned) < members {
+            let holders = args.workers.min(args.partitions as usize) as u64;
+            while ProcessorStats::get(&stats.workers_joined) < args.workers as u64
+                || ProcessorStats::get(&stats.workers_assigned) < holders
+            {
                 ensure!(!handle.is_finished(), "the latency processor stopped early");
                 ensure!(
                     joined.elapsed() < Duration::from_secs(120),
@@ -634,12 +638,13 @@ fn plain_consumer(
     settings: &[(&str, &str)],
 ) -> anyhow::Result<BaseConsumer> {
     let mut c = client_config(brokers, &[]);
-    c.set(
-        "group.id",
-        format!("forest-bench-{role}-{}", std::process::id()),
-    )
-    .set("enable.auto.commit", "false")
-    .set("fetch.wait.max.ms", "10");
+    c.consumer_defaults()
+        .set(
+            "group.id",
+            format!("forest-bench-{role}-{}", std::process::id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10");
     for (k, v) in settings {
         c.set(*k, *v);
     }

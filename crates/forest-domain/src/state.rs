@@ -916,7 +916,9 @@ impl UserState {
 impl RuleSet {
     /// Starts loading the parts of `state` that applying `event` to it will touch, without
     /// changing anything: a hint for a caller that knows which event it folds next (a batch),
-    /// so that the memory reads of the next event overlap the work on this one.
+    /// so that the memory reads of the next event overlap the work on this one. Only the fold
+    /// benchmark's look-ahead variant calls it today (the processor folds record by record;
+    /// BENCHMARKS.md, session 9).
     #[inline]
     pub fn prefetch(&self, state: &UserState, event: &Event) {
         let rule = match &event.action {

@@ -522,6 +522,7 @@ pub fn run(
     }
 
     let consumer: BaseConsumer<LagContext> = client_config(&cfg.brokers, &[])
+        .consumer_defaults()
         .set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

@@ -85,6 +85,7 @@ pub fn run_partner(
 ) -> Result<(), FulfilmentError> {
     let kafka_err = |op| move |source| FulfilmentError::Kafka { op, source };
     let consumer: BaseConsumer = client_config(brokers, &[])
+        .consumer_defaults()
         .set("group.id", group_id)
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "10")

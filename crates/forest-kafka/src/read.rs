@@ -1,6 +1,6 @@
 //! Reading a whole topic back, for checks: the demo's summary, `forest rebuild`, the tests.
 
-use crate::client_config;
+use crate::{ClientConfigExt, client_config};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
@@ -214,6 +214,7 @@ fn read_from(
         }
     };
     let consumer: BaseConsumer<EofIsNotAnError> = client_config(brokers, &[])
+        .consumer_defaults()
         .set("group.id", "forest-reader")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")

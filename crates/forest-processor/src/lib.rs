@@ -386,9 +386,12 @@ pub struct ProcessorStats {
     pub committed_records: AtomicU64,
     pub rebalances: AtomicU64,
     /// Workers (consumer-group members of this process) that currently hold at least one
-    /// partition. Equal to `workers` once the group has settled; a benchmark measures only
-    /// then, because a worker joining late revokes and reassigns everything mid-measurement.
+    /// partition: at most `min(workers, partitions)`, fewer if other instances share the
+    /// group. A benchmark measures only once every worker has joined and this is at its
+    /// maximum, because a worker joining late revokes and reassigns everything.
     pub workers_assigned: AtomicU64,
+    /// Workers that have had an assignment (possibly empty) since they started.
+    pub workers_joined: AtomicU64,
     /// Records the co-partition merge released out of the canonical order (a lane idle past
     /// `max_idle`, or the merge buffer over its bound): 0 in a healthy run.
     pub merge_early_releases: AtomicU64,

@@ -83,17 +83,23 @@ struct Ctx {
     /// Partitions this worker holds (`ProcessorStats::workers_assigned` counts the workers
     /// with any).
     assigned: std::sync::atomic::AtomicI64,
+    /// Whether this worker has had an assignment yet, even an empty one
+    /// (`ProcessorStats::workers_joined`).
+    joined: AtomicBool,
 }
 
 impl Ctx {
-    /// Keeps this worker's partition count, and the count of workers holding any.
-    fn add_assigned(&self, delta: i64) {
-        self.stats.health.add_assigned(delta);
-        let before = self.assigned.fetch_add(delta, Ordering::SeqCst);
-        let after = before + delta;
-        if before <= 0 && after > 0 {
+    /// Sets the partitions this worker holds after a rebalance callback (rebalances are eager:
+    /// an assignment replaces the whole set, a revoke or an error clears it), and keeps the
+    /// process-wide counts in step: partitions for `/readyz`, and the workers holding any,
+    /// which `forest bench` waits on so that no member's late join rebalances the group in
+    /// the middle of a measurement.
+    fn set_assigned(&self, n: i64) {
+        let before = self.assigned.swap(n, Ordering::SeqCst);
+        self.stats.health.add_assigned(n - before);
+        if before <= 0 && n > 0 {
             self.stats.workers_assigned.fetch_add(1, Ordering::SeqCst);
-        } else if before > 0 && after <= 0 {
+        } else if before > 0 && n <= 0 {
             self.stats.workers_assigned.fetch_sub(1, Ordering::SeqCst);
         }
     }
@@ -160,7 +166,7 @@ impl ConsumerContext for Ctx {
                         }
                     }
                 }
-                self.add_assigned(starts.len() as i64);
+                let held = starts.len() as i64;
                 for (topic, idx, partition, stored) in starts {
                     let replay_from = replays
                         .get(&partition)
@@ -197,11 +203,17 @@ impl ConsumerContext for Ctx {
                     tracing::info!(topic, partition, start = ?offset, "partition assigned");
                 }
                 drop(core);
-                if let Err(e) = consumer.assign(tpl) {
-                    self.fail(ProcessorError::Kafka {
+                match consumer.assign(tpl) {
+                    Ok(()) => {
+                        self.set_assigned(held);
+                        if !self.joined.swap(true, Ordering::SeqCst) {
+                            self.stats.workers_joined.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Err(e) => self.fail(ProcessorError::Kafka {
                         op: "assign",
                         source: e,
-                    });
+                    }),
                 }
                 // The membership a transaction commits offsets under changes with every
                 // rebalance.
@@ -224,7 +236,7 @@ impl ConsumerContext for Ctx {
                     );
                 }
                 lock(&self.ownership).release(&partition_numbers(tpl), Instant::now());
-                self.add_assigned(-(tpl.count() as i64));
+                self.set_assigned(0);
                 self.stats.health.forget_lag();
                 if let Err(e) = consumer.unassign() {
                     tracing::warn!(error = %e, "unassign failed");
@@ -233,6 +245,7 @@ impl ConsumerContext for Ctx {
             other => {
                 tracing::error!(error = ?other, "rebalance error");
                 let _ = consumer.unassign();
+                self.set_assigned(0);
             }
         }
     }
@@ -812,9 +825,11 @@ fn run_worker(
         commit_started: Mutex::new(None),
         ownership: ownership.clone(),
         assigned: std::sync::atomic::AtomicI64::new(0),
+        joined: AtomicBool::new(false),
     };
 
     let consumer: BaseConsumer<Ctx> = client_config(&cfg.brokers, &[])
+        .consumer_defaults()
         .set("group.id", &cfg.group_id)
         .set("client.id", format!("forest-processor-{worker}"))
         .set("enable.auto.commit", "false")
