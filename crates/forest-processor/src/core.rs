@@ -320,15 +320,14 @@ impl Core {
         let (topic_name, kind) = &self.inputs[rec.topic as usize];
         let decoded = match rec.timestamp {
             None => Err(Rejection::Malformed(Malformed::NoRecordTimestamp)),
-            Some(ts) => Event::decode(*kind, rec.value.as_deref().unwrap_or_default(), ts),
+            Some(ts) => Event::decode(*kind, rec.value().unwrap_or_default(), ts),
         }
         .and_then(|e| {
-            if rec.key.as_deref() == Some(e.user_id.as_bytes()) {
+            if rec.key() == Some(e.user_id.as_bytes()) {
                 Ok(e)
             } else {
                 Err(Rejection::Malformed(Malformed::KeyMismatch {
-                    key: String::from_utf8_lossy(rec.key.as_deref().unwrap_or_default())
-                        .into_owned(),
+                    key: String::from_utf8_lossy(rec.key().unwrap_or_default()).into_owned(),
                     user_id: e.user_id.clone(),
                 }))
             }
@@ -414,8 +413,8 @@ impl Core {
                     let mut dead_letter = OutboxEntry {
                         partition: None,
                         topic: self.dlq_topic.clone(),
-                        key: rec.key.clone().unwrap_or_default(),
-                        value: rec.value.clone().unwrap_or_default(),
+                        key: rec.key().unwrap_or_default().to_vec(),
+                        value: rec.value().unwrap_or_default().to_vec(),
                         headers: vec![
                             (headers::REASON.into(), r.code().as_bytes().to_vec()),
                             (headers::ERROR.into(), r.to_string().into_bytes()),
@@ -973,15 +972,7 @@ mod tests {
     fn records(now_ms: i64) -> Vec<Rec> {
         use forest_proto::v1 as pb;
         let mut out: Vec<Rec> = (0..3)
-            .map(|i| Rec {
-                replay: false,
-                topic: 0,
-                partition: 0,
-                offset: i,
-                timestamp: Some(now_ms),
-                key: Some(b"mallory".to_vec()),
-                value: Some(vec![0, 1, 2, 3]),
-            })
+            .map(|i| Rec::new(0, 0, i, Some(now_ms), Some(b"mallory"), Some(&[0, 1, 2, 3])))
             .collect();
         let value = pb::PaymentEvent {
             envelope: Some(pb::Envelope {
@@ -999,15 +990,14 @@ mod tests {
             merchant_id: String::new(),
         }
         .encode_to_vec();
-        out.push(Rec {
-            replay: false,
-            topic: 0,
-            partition: 0,
-            offset: 3,
-            timestamp: Some(now_ms),
-            key: Some(b"alice".to_vec()),
-            value: Some(value),
-        });
+        out.push(Rec::new(
+            0,
+            0,
+            3,
+            Some(now_ms),
+            Some(b"alice"),
+            Some(&value),
+        ));
         out
     }
 

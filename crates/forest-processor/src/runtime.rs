@@ -996,15 +996,14 @@ fn consume_loop(
                     let Some(topic) = topics.iter().position(|t| t == name) else {
                         continue;
                     };
-                    polled.push(Rec {
-                        replay: false,
-                        topic: topic as u8,
-                        partition: msg.partition(),
-                        offset: msg.offset(),
-                        timestamp: msg.timestamp().to_millis(),
-                        key: msg.key().map(<[u8]>::to_vec),
-                        value: msg.payload().map(<[u8]>::to_vec),
-                    });
+                    polled.push(Rec::new(
+                        topic as u8,
+                        msg.partition(),
+                        msg.offset(),
+                        msg.timestamp().to_millis(),
+                        msg.key(),
+                        msg.payload(),
+                    ));
                 }
             }
             timeout = Duration::ZERO;
