@@ -15,6 +15,12 @@ mod processor;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+/// mimalloc instead of glibc's malloc: the processor allocates and frees several small
+/// blocks per record (the record's bytes, the decoded event's strings, outbox entries), and
+/// glibc's allocator was 14 % of its profile (BENCHMARKS.md, session 9).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "forest",
