@@ -643,8 +643,7 @@ fn plain_consumer(
             "group.id",
             format!("forest-bench-{role}-{}", std::process::id()),
         )
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10");
+        .set("enable.auto.commit", "false");
     for (k, v) in settings {
         c.set(*k, *v);
     }

@@ -530,7 +530,6 @@ pub fn run(
         // Trees from a processor in transactions mode are visible only once their transaction
         // committed (librdkafka's default, stated here because the guarantee depends on it).
         .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "10")
         // Consumer lag per partition for metrics and /readyz.
         .set("statistics.interval.ms", "5000")
         .set_all(&cfg.kafka)

@@ -88,7 +88,6 @@ pub fn run_partner(
         .consumer_defaults()
         .set("group.id", group_id)
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", "10")
         .set_all(kafka)
         .create()
         .map_err(kafka_err("create consumer"))?;

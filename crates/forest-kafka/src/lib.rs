@@ -114,6 +114,11 @@ pub trait ClientConfigExt {
     /// second and then sits idle: with the default, a plain consumer read a 1 M-event backlog
     /// on Apache Kafka at 200-255 K events/s, and at 1.07 M events/s with 10 ms
     /// (BENCHMARKS.md, session 9).
+    ///
+    /// `fetch.wait.max.ms` 10 (default 500): how long the broker may hold a fetch that found
+    /// nothing. Forest's consumers wait on it in latency-sensitive places: a batch window of a
+    /// few ms, and a restore that is done only at the end-of-partition event, which comes with
+    /// an empty fetch (the default wait was most of a restore's time in transactions mode).
     fn consumer_defaults(&mut self) -> &mut Self;
 }
 
@@ -127,6 +132,7 @@ impl ClientConfigExt for ClientConfig {
 
     fn consumer_defaults(&mut self) -> &mut Self {
         self.set("fetch.queue.backoff.ms", "10")
+            .set("fetch.wait.max.ms", "10")
     }
 }
 

@@ -218,11 +218,10 @@ fn read_from(
         .set("group.id", "forest-reader")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
         // A partition that ends in a transaction marker is done only at the end-of-partition
-        // event, which comes with a fetch that found nothing: do not let that fetch wait the
-        // default 500 ms (it was most of a restore's time in transactions mode).
-        .set("fetch.wait.max.ms", "10")
+        // event, which comes with a fetch that found nothing (`consumer_defaults` keeps that
+        // fetch's wait short).
+        .set("enable.partition.eof", "true")
         .create_with_context(EofIsNotAnError)
         .map_err(err("create consumer"))?;
     let ends: BTreeMap<i32, i64> = marks(&consumer, topic)?

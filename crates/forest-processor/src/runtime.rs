@@ -838,7 +838,6 @@ fn run_worker(
         // Range assigns partition N of every input topic to the same member: the co-partition
         // merge needs all of a user's topics in one place.
         .set("partition.assignment.strategy", "range")
-        .set("fetch.wait.max.ms", "10")
         .set("queued.min.messages", "100000")
         .set("max.partition.fetch.bytes", "10485760")
         // Consumer lag per partition for metrics and /readyz.
