@@ -1,5 +1,6 @@
 //! `forest bench`: the end-to-end benchmark harness. In one run, on one preloaded topic set:
-//! (a) the raw consume-only throughput of a plain rdkafka consumer, (b) the processor's
+//! (a) the raw consume-only throughput of a plain rdkafka consumer (and (a'), the same reading
+//! in batches as the processor does), (b) the processor's
 //! end-to-end throughput (decode, fold, RocksDB, outputs), (c) produce-to-projection latency at
 //! fixed rates; then one table. Works on the embedded broker and on `--brokers`.
 
@@ -352,6 +353,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         || raw_consume(&brokers, kafka, &ends, retained),
     )?;
 
+    // (a') The same, read in batches like the processor (forest_kafka::FetchQueue): the
+    // ceiling for a consumer that reads the way Forest does.
+    let (raw_batched, _) = measure(
+        "(a') raw consume, batched",
+        args.broker_pid,
+        |n: &u64| *n,
+        || raw_consume_batched(&brokers, kafka, &ends, retained),
+    )?;
+
     // (b) The processor, end to end.
     let pstats = Arc::new(ProcessorStats::default());
     let (mut proc, startup) = measure(
@@ -546,7 +556,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "| phase | events | seconds | events/s | CPU-s per M events | RocksDB writes per event | peak RSS MiB |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for p in [&preload, &raw, &proc, &steady, &alo_steady] {
+    for p in [&preload, &raw, &raw_batched, &proc, &steady, &alo_steady] {
         println!(
             "| {} | {} | {:.2} | {:.0} | {:.2} | {} | {:.0} |",
             p.name,
@@ -560,15 +570,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "group join before the first record: {:.2} s; (b)/(a) = {:.2} from the first record ({:.2} including the join)",
+        "group join before the first record: {:.2} s; (b)/(a) = {:.2} from the first record ({:.2} including the join); (b)/(a') = {:.2} from the first record",
         startup.as_secs_f64(),
         steady.rate() / raw.rate(),
-        proc.rate() / raw.rate()
+        proc.rate() / raw.rate(),
+        steady.rate() / raw_batched.rate()
     );
     println!();
     println!("CPU-s per M events by thread group (sampled every 100 ms):");
     println!();
-    let names: std::collections::BTreeSet<&str> = [&preload, &raw, &proc, &alo]
+    let names: std::collections::BTreeSet<&str> = [&preload, &raw, &raw_batched, &proc, &alo]
         .iter()
         .flat_map(|p| p.groups.keys().copied())
         .collect();
@@ -577,7 +588,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         names.iter().copied().collect::<Vec<_>>().join(" | ")
     );
     println!("|---|{}", "---|".repeat(names.len()));
-    for p in [&preload, &raw, &proc, &alo] {
+    for p in [&preload, &raw, &raw_batched, &proc, &alo] {
         let per_m = |g: &str| {
             p.groups.get(g).map_or("-".to_string(), |c| {
                 format!("{:.2}", c / (p.events as f64 / 1e6))
@@ -721,6 +732,63 @@ fn raw_consume(
             }
             Some(Err(e)) => anyhow::bail!("raw consume: {e}"),
             None => {}
+        }
+    }
+    std::hint::black_box(bytes);
+    Ok(n)
+}
+
+/// [`raw_consume`], reading the routed partitions in batches (as the processor does) rather
+/// than one record per poll.
+fn raw_consume_batched(
+    brokers: &str,
+    kafka: &[(String, String)],
+    ends: &[(String, i32, i64)],
+    want: i64,
+) -> anyhow::Result<u64> {
+    let consumer = plain_consumer(
+        brokers,
+        kafka,
+        "rawbatch",
+        &[
+            ("queued.min.messages", "100000"),
+            ("max.partition.fetch.bytes", "10485760"),
+        ],
+    )?;
+    let mut tpl = TopicPartitionList::new();
+    for (t, p, _) in ends {
+        tpl.add_partition_offset(t, *p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let mut fetch = forest_kafka::FetchQueue::new(consumer.client())
+        .context("librdkafka returned no queue")?;
+    for (t, p, _) in ends {
+        ensure!(
+            fetch.route(&std::ffi::CString::new(t.as_str())?, *p),
+            "cannot route {t} [{p}]"
+        );
+    }
+    let mut n = 0u64;
+    let mut bytes = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while (n as i64) < want {
+        ensure!(Instant::now() < deadline, "raw consume timed out");
+        // Records fetched before the routing took effect come through the consumer queue.
+        while let Some(m) = consumer.poll(Duration::ZERO) {
+            let m = m.map_err(|e| anyhow::anyhow!("raw consume: {e}"))?;
+            n += 1;
+            bytes += m.payload_len();
+        }
+        let mut failed = None;
+        fetch.poll(Duration::from_millis(100), 10_000, |r| match r.error() {
+            Some(e) => failed = Some(e),
+            None => {
+                n += 1;
+                bytes += r.payload().map_or(0, <[u8]>::len);
+            }
+        });
+        if let Some((code, text)) = failed {
+            anyhow::bail!("raw consume: {code}: {text}");
         }
     }
     std::hint::black_box(bytes);

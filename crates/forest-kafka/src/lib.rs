@@ -7,10 +7,12 @@
 //! loopback, so `forest demo` and the fast tests need nothing installed; the same code runs
 //! against Apache Kafka when `--brokers` names one.
 
+pub mod fetch;
 pub mod health;
 pub mod outbox;
 mod read;
 
+pub use fetch::{FetchQueue, Fetched};
 pub use health::Health;
 pub use outbox::{
     DEFAULT_MESSAGE_MAX_BYTES, DeliveryError, OutboxProducer, dead_letter_budget, fit_dead_letter,

@@ -509,6 +509,31 @@ impl LanePauses {
     }
 }
 
+/// Routes every input partition assigned to `consumer` to `fetch`; after each rebalance,
+/// because librdkafka drops a partition's routing when its fetching stops.
+fn route_assigned(
+    consumer: &BaseConsumer<Ctx>,
+    fetch: &forest_kafka::FetchQueue<'_>,
+    topics: &[String],
+    ctopics: &[CString],
+) {
+    let assigned = match consumer.assignment() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the assignment to route it failed");
+            return;
+        }
+    };
+    for el in assigned.elements() {
+        let Some(i) = topics.iter().position(|t| t == el.topic()) else {
+            continue;
+        };
+        if !fetch.route(&ctopics[i], el.partition()) {
+            tracing::warn!(topic = el.topic(), partition = el.partition(), "routing a partition to the batch queue failed");
+        }
+    }
+}
+
 fn cached_high_watermark(
     consumer: &BaseConsumer<Ctx>,
     topic: &CString,
@@ -901,6 +926,17 @@ fn consume_loop(
     // committing partial batches.
     let (mut t_poll, mut t_drain, mut t_commit) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let topics: Vec<String> = lock(core).inputs.iter().map(|(n, _)| n.clone()).collect();
+    // Assigned partitions' records, read in batches (one librdkafka call per round instead
+    // of one per record); borrowed from the consumer, so dropped before it.
+    let mut fetch =
+        forest_kafka::FetchQueue::new(consumer.client()).ok_or_else(|| ProcessorError::Kafka {
+            op: "create fetch queue",
+            source: rdkafka::error::KafkaError::ClientCreation(
+                "librdkafka returned no queue".into(),
+            ),
+        })?;
+    // The rebalance generation whose assignment was last routed to `fetch`.
+    let mut routed = u64::MAX;
     let mut polled: Vec<Rec> = Vec::with_capacity(cfg.batch_max_records);
     let mut pauses = LanePauses::default();
     // Records the next poll round may take: unlimited below the pause mark; above it, only the
@@ -970,26 +1006,40 @@ fn consume_loop(
         // runs then). A round reads at least a few thousand records even with small batches,
         // so every lane's queued records reach the merge.
         let mut consumer_idle = false;
-        for _ in 0..cfg.batch_max_records.max(5_000).min(poll_budget) {
-            // The rebalance callback runs inside poll; the core lock is not held here (it is
-            // taken once per poll round below, not per record).
-            let got = consumer.poll(timeout);
+        let round_max = cfg.batch_max_records.max(5_000).min(poll_budget);
+        // First the consumer's own queue, without waiting: rebalances (the callback runs
+        // inside poll; the core lock is not held here, it is taken once per round below),
+        // commit results, errors, and records of partitions not routed to `fetch` yet. It is
+        // drained before `fetch` is read, which keeps each partition in offset order (see
+        // forest_kafka::fetch).
+        let mut drained = false;
+        // Holding no partitions, nothing comes to `fetch`: wait here, for the assignment.
+        let mut main_wait = if ctx.assigned.load(Ordering::Relaxed) <= 0 {
+            timeout
+        } else {
+            Duration::ZERO
+        };
+        for _ in 0..round_max {
+            let got = consumer.poll(main_wait);
+            main_wait = Duration::ZERO;
             let now = ctx.generation.load(Ordering::SeqCst);
             if now != generation {
                 // A rebalance ran inside that poll: what was polled before it belongs to the
-                // old assignment (already committed and revoked); drop it.
+                // old assignment (already committed and revoked); drop it. The new
+                // assignment's partitions are routed to the batch queue.
                 polled.clear();
                 generation = now;
             }
+            if now != routed {
+                route_assigned(consumer, &fetch, &topics, ctopics);
+                routed = now;
+            }
             match got {
                 None => {
-                    consumer_idle = true;
+                    drained = true;
                     break;
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "consumer error");
-                    break;
-                }
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
                 Some(Ok(msg)) => {
                     let name = msg.topic();
                     let Some(topic) = topics.iter().position(|t| t == name) else {
@@ -1005,7 +1055,31 @@ fn consume_loop(
                     ));
                 }
             }
-            timeout = Duration::ZERO;
+        }
+        if drained {
+            // Then the routed partitions' records, many per call; waiting (up to `timeout`)
+            // only if nothing came from the consumer queue either.
+            let want = round_max.saturating_sub(polled.len());
+            let wait = if polled.is_empty() { timeout } else { Duration::ZERO };
+            let got = fetch.poll(wait, want, |r| {
+                if let Some((code, text)) = r.error() {
+                    tracing::warn!(error = %code, detail = %text, partition = r.partition(), "consumer error");
+                    return;
+                }
+                let name = r.topic();
+                let Some(topic) = topics.iter().position(|t| t.as_bytes() == name) else {
+                    return;
+                };
+                polled.push(Rec::new(
+                    topic as u8,
+                    r.partition(),
+                    r.offset(),
+                    r.timestamp(),
+                    r.key(),
+                    r.payload(),
+                ));
+            });
+            consumer_idle = got < want;
         }
         let t1 = std::time::Instant::now();
         t_poll += t1 - t0;
