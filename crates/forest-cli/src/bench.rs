@@ -759,21 +759,20 @@ fn raw_consume_batched(
     for (t, p, _) in ends {
         tpl.add_partition_offset(t, *p, Offset::Beginning)?;
     }
-    consumer.assign(&tpl)?;
-    let mut fetch = forest_kafka::FetchQueue::new(consumer.client())
-        .context("librdkafka returned no queue")?;
+    let mut fetch =
+        forest_kafka::FetchQueue::new(consumer.client()).context("librdkafka returned no queue")?;
+    // Routed before the assignment starts fetching (see forest_kafka::fetch).
+    let router = fetch.router();
     for (t, p, _) in ends {
-        ensure!(
-            fetch.route(&std::ffi::CString::new(t.as_str())?, *p),
-            "cannot route {t} [{p}]"
-        );
+        router.route(&std::ffi::CString::new(t.as_str())?, *p)?;
     }
+    consumer.assign(&tpl)?;
     let mut n = 0u64;
     let mut bytes = 0usize;
     let deadline = Instant::now() + Duration::from_secs(3600);
     while (n as i64) < want {
         ensure!(Instant::now() < deadline, "raw consume timed out");
-        // Records fetched before the routing took effect come through the consumer queue.
+        // Errors, and any record not routed, come through the consumer queue.
         while let Some(m) = consumer.poll(Duration::ZERO) {
             let m = m.map_err(|e| anyhow::anyhow!("raw consume: {e}"))?;
             n += 1;

@@ -6,18 +6,22 @@
 //! protobuf decode. librdkafka's `rd_kafka_consume_batch_queue` takes a whole batch per call;
 //! rust-rdkafka does not wrap it, so this module does, with the unsafe code kept here.
 //!
-//! How: [`FetchQueue::route`] forwards an assigned partition's fetch queue to a queue of
-//! ours, and [`FetchQueue::poll`] reads it in batches. Everything else (rebalances, offset
-//! commit results, errors, statistics) stays on the consumer's own queue, which the caller
-//! must still poll (`BaseConsumer::poll`): that is where the rebalance callback runs.
+//! How: [`Router::route`] forwards a partition's fetch queue to a queue of ours, and
+//! [`FetchQueue::poll`] reads that in batches. Everything else (rebalances, offset commit
+//! results, errors, statistics) stays on the consumer's own queue, which the caller must still
+//! poll (`BaseConsumer::poll`): that is where the rebalance callback runs.
 //!
-//! Ordering: librdkafka stops forwarding a partition when its fetching stops (revoke,
-//! unassign), and once a partition was routed it no longer forwards to the consumer queue by
-//! itself; so after every assignment the caller routes every assigned partition again.
-//! Records a partition forwarded to the consumer queue before it was routed are older than
-//! any record routed after; a caller that drains the consumer queue before reading this one
-//! keeps each partition in offset order. Records fetched before a revoke or a seek are
-//! discarded by librdkafka itself (its per-partition op version).
+//! Routing rules, from librdkafka 2.12's queue code (the unit test below pins them):
+//! - Route a partition in the rebalance callback, before `assign`: fetching starts inside
+//!   `assign`, and records fetched before the routing would go to the consumer queue, where
+//!   they could be read after later records of the same partition.
+//! - Route it again on every assignment: stopping a partition's fetching (revoke, unassign)
+//!   drops its routing, and a partition routed once no longer goes to the consumer queue by
+//!   itself, so an unrouted one stalls.
+//! - Records fetched before a revoke or a seek are discarded by librdkafka itself (its
+//!   per-partition op version), whichever queue holds them.
+//! - A routed partition's records are lost once the [`FetchQueue`] is dropped: drop it only
+//!   when the consumer stops reading.
 
 use rdkafka::bindings as rd;
 use rdkafka::client::{Client, ClientContext};
@@ -25,13 +29,48 @@ use rdkafka::types::RDKafkaErrorCode;
 use std::ffi::CStr;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+/// Routing a partition to a [`FetchQueue`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The queue was dropped (the consumer is closing).
+    #[error("the batch queue is closed")]
+    Closed,
+    #[error("librdkafka has no handle for partition {partition} of {topic}")]
+    NoPartition { topic: String, partition: i32 },
+}
+
+impl RouteError {
+    /// Neither goes away by retrying: the queue stays closed, and librdkafka refuses a
+    /// partition handle only to a non-consumer client.
+    pub fn is_retriable(&self) -> bool {
+        false
+    }
+}
+
+/// The queue's handles, shared with [`Router`]s; `None` once the queue is dropped.
+struct Target {
+    queue: NonNull<rd::rd_kafka_queue_t>,
+    rk: NonNull<rd::rd_kafka_t>,
+}
+
+// SAFETY: librdkafka's client and queue handles may be used from any thread.
+unsafe impl Send for Target {}
+
+/// Routes partitions to a [`FetchQueue`] from wherever the rebalance callback runs. Cheap to
+/// clone; does nothing (`RouteError::Closed`) once the queue is dropped.
+#[derive(Clone)]
+pub struct Router {
+    target: Arc<Mutex<Option<Target>>>,
+}
 
 /// A queue that assigned partitions' fetched records are routed to, read in batches. Borrows
 /// the client so that it is destroyed before the client is.
 pub struct FetchQueue<'c> {
     queue: NonNull<rd::rd_kafka_queue_t>,
-    rk: NonNull<rd::rd_kafka_t>,
+    router: Router,
     /// Message pointers of the batch being read (kept to reuse the allocation).
     batch: Vec<*mut rd::rd_kafka_message_t>,
     _client: PhantomData<&'c ()>,
@@ -52,29 +91,17 @@ impl<'c> FetchQueue<'c> {
         let queue = NonNull::new(unsafe { rd::rd_kafka_queue_new(rk.as_ptr()) })?;
         Some(Self {
             queue,
-            rk,
+            router: Router {
+                target: Arc::new(Mutex::new(Some(Target { queue, rk }))),
+            },
             batch: Vec::new(),
             _client: PhantomData,
         })
     }
 
-    /// Routes `partition` of `topic` to this queue: its records fetched from now on (and those
-    /// it holds and has not handed to the consumer queue) are read with [`FetchQueue::poll`].
-    /// Idempotent. False if librdkafka knows no such partition handle.
-    pub fn route(&self, topic: &CStr, partition: i32) -> bool {
-        // SAFETY: `rk` is live (see `new`); the topic is NUL-terminated. The partition queue
-        // handle is a reference-counted view of the partition's fetch queue, released right
-        // after forwarding (the forward keeps its own reference to our queue).
-        unsafe {
-            let part =
-                rd::rd_kafka_queue_get_partition(self.rk.as_ptr(), topic.as_ptr(), partition);
-            if part.is_null() {
-                return false;
-            }
-            rd::rd_kafka_queue_forward(part, self.queue.as_ptr());
-            rd::rd_kafka_queue_destroy(part);
-        }
-        true
+    /// A handle that routes partitions here (for the rebalance callback).
+    pub fn router(&self) -> Router {
+        self.router.clone()
     }
 
     /// Hands up to `max` queued records to `on_record`, in queue order (each partition's in
@@ -126,22 +153,36 @@ impl<'c> FetchQueue<'c> {
         let got = usize::try_from(got).unwrap_or(0).min(max);
         // SAFETY: librdkafka initialised the first `got` entries.
         unsafe { self.batch.set_len(got) };
-        // Every message is destroyed exactly once, even if `on_record` panics.
-        struct Destroy<'a>(std::slice::Iter<'a, *mut rd::rd_kafka_message_t>);
+        // Every message is destroyed exactly once, the one being handed over included, even
+        // if `on_record` panics.
+        struct Destroy<'a> {
+            batch: &'a [*mut rd::rd_kafka_message_t],
+            next: usize,
+        }
         impl Drop for Destroy<'_> {
             fn drop(&mut self) {
-                for &m in self.0.by_ref() {
-                    // SAFETY: each pointer came from the batch call and is destroyed once.
-                    unsafe { rd::rd_kafka_message_destroy(m) };
+                for &m in &self.batch[self.next..] {
+                    if !m.is_null() {
+                        // SAFETY: each pointer came from the batch call; `next` moves past a
+                        // pointer before it is destroyed, so none is destroyed twice.
+                        unsafe { rd::rd_kafka_message_destroy(m) };
+                    }
                 }
             }
         }
-        let mut it = Destroy(self.batch.iter());
-        while let Some(&m) = it.0.next() {
+        let mut guard = Destroy {
+            batch: &self.batch,
+            next: 0,
+        };
+        while let Some(&m) = guard.batch.get(guard.next) {
             // SAFETY: a non-null message from librdkafka stays valid until destroyed, which
-            // happens right after the callback (the callback cannot keep `Fetched`).
+            // happens after the callback (the callback cannot keep `Fetched`).
             if let Some(msg) = unsafe { m.as_ref() } {
                 on_record(Fetched { msg });
+            }
+            guard.next += 1;
+            if !m.is_null() {
+                // SAFETY: as in `Destroy`.
                 unsafe { rd::rd_kafka_message_destroy(m) };
             }
         }
@@ -151,10 +192,45 @@ impl<'c> FetchQueue<'c> {
 
 impl Drop for FetchQueue<'_> {
     fn drop(&mut self) {
+        // Routers stop using the queue first (under their lock), then it is destroyed.
+        *self
+            .router
+            .target
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         // SAFETY: created in `new` and destroyed once; the client is still live (`'c`).
-        // Partitions still forwarding here hold their own references; librdkafka drops what
-        // they forward once the owner is gone.
+        // Partitions still forwarding here hold their own references; librdkafka discards
+        // what they forward once the owner is gone.
         unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
+    }
+}
+
+impl Router {
+    /// Routes `partition` of `topic` to the queue: its records fetched from now on (and those
+    /// it holds and has not handed to the consumer queue) are read with [`FetchQueue::poll`].
+    /// Idempotent. See the module's routing rules for when to call it.
+    pub fn route(&self, topic: &CStr, partition: i32) -> Result<(), RouteError> {
+        let target = self.target.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(t) = target.as_ref() else {
+            return Err(RouteError::Closed);
+        };
+        // SAFETY: while the target is set, the queue and (through the queue's borrow) the
+        // client are live, and the lock keeps the queue from being destroyed meanwhile. The
+        // topic is NUL-terminated. The partition queue handle is a reference-counted view of
+        // the partition's fetch queue, released right after forwarding (the forward keeps its
+        // own reference to our queue).
+        unsafe {
+            let part = rd::rd_kafka_queue_get_partition(t.rk.as_ptr(), topic.as_ptr(), partition);
+            if part.is_null() {
+                return Err(RouteError::NoPartition {
+                    topic: topic.to_string_lossy().into_owned(),
+                    partition,
+                });
+            }
+            rd::rd_kafka_queue_forward(part, t.queue.as_ptr());
+            rd::rd_kafka_queue_destroy(part);
+        }
+        Ok(())
     }
 }
 
@@ -209,9 +285,8 @@ impl<'m> Fetched<'m> {
 
     pub fn payload(&self) -> Option<&'m [u8]> {
         // SAFETY: as for the key.
-        (!self.msg.payload.is_null()).then(|| unsafe {
-            std::slice::from_raw_parts(self.msg.payload.cast(), self.msg.len)
-        })
+        (!self.msg.payload.is_null())
+            .then(|| unsafe { std::slice::from_raw_parts(self.msg.payload.cast(), self.msg.len) })
     }
 }
 
@@ -284,7 +359,10 @@ mod tests {
     #[test]
     fn routed_partitions_are_read_in_batches_in_offset_order_and_again_after_reassignment() {
         let broker = EmbeddedBroker::start(1).expect("mock cluster");
-        broker.cluster().create_topic("fetch-t", 3, 1).expect("topic");
+        broker
+            .cluster()
+            .create_topic("fetch-t", 3, 1)
+            .expect("topic");
         let brokers = broker.bootstrap_servers();
         let producer: BaseProducer = client_config(&brokers, &[]).create().expect("producer");
         let per_partition = 100i64;
@@ -309,18 +387,18 @@ mod tests {
             .create()
             .expect("consumer");
         let mut fetch = FetchQueue::new(consumer.client()).expect("queue");
+        let router = fetch.router();
         let topic = CString::new("fetch-t").expect("no NUL");
 
-        // Partitions 0 and 1 from the start.
+        // Partitions 0 and 1 from the start, routed before the assignment (as the processor's
+        // rebalance callback does).
         let mut tpl = TopicPartitionList::new();
         for p in [0, 1] {
             tpl.add_partition_offset("fetch-t", p, Offset::Beginning)
                 .expect("tpl");
+            router.route(&topic, p).expect("routed");
         }
         consumer.assign(&tpl).expect("assign");
-        for p in [0, 1] {
-            assert!(fetch.route(&topic, p));
-        }
         let got = read(&consumer, &mut fetch, 200);
         check(&got, &BTreeMap::from([(0, 0), (1, 0)]), per_partition);
         assert_eq!(got.len(), 200);
@@ -329,20 +407,28 @@ mod tests {
         // partition dropped its routing, and a partition once routed no longer goes to the
         // consumer queue by itself: without routing again, partition 0 would stall.
         consumer.unassign().expect("unassign");
+        // Stopping is asynchronous (a group member's next assignment waits for it; here, a
+        // second is ample), and a stop landing after the routing below would undo it.
+        std::thread::sleep(Duration::from_secs(1));
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset("fetch-t", 0, Offset::Offset(40))
-            .expect("tpl");
-        tpl.add_partition_offset("fetch-t", 2, Offset::Offset(70))
-            .expect("tpl");
-        consumer.assign(&tpl).expect("assign");
-        for p in [0, 2] {
-            assert!(fetch.route(&topic, p));
+        for (p, from) in [(0, 40), (2, 70)] {
+            tpl.add_partition_offset("fetch-t", p, Offset::Offset(from))
+                .expect("tpl");
+            router.route(&topic, p).expect("routed");
         }
+        consumer.assign(&tpl).expect("assign");
         let got = read(&consumer, &mut fetch, 90);
         check(&got, &BTreeMap::from([(0, 40), (2, 70)]), per_partition);
         assert_eq!(got.len(), 90);
         // Nothing more arrives.
         assert_eq!(fetch.poll(Duration::from_millis(300), 10, |_| {}), 0);
         assert!(consumer.poll(Duration::ZERO).is_none());
+
+        // Once the queue is gone, routing says so.
+        drop(fetch);
+        assert!(matches!(
+            router.route(&topic, 1),
+            Err(super::RouteError::Closed)
+        ));
     }
 }

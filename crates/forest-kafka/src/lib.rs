@@ -12,7 +12,7 @@ pub mod health;
 pub mod outbox;
 mod read;
 
-pub use fetch::{FetchQueue, Fetched};
+pub use fetch::{FetchQueue, Fetched, RouteError, Router};
 pub use health::Health;
 pub use outbox::{
     DEFAULT_MESSAGE_MAX_BYTES, DeliveryError, OutboxProducer, dead_letter_budget, fit_dead_letter,

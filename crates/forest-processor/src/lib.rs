@@ -334,6 +334,9 @@ pub enum ProcessorError {
     },
     #[error(transparent)]
     Outbox(#[from] forest_kafka::DeliveryError),
+    /// An assigned partition could not be routed to the batch queue.
+    #[error("routing an assigned partition to the batch queue failed: {0}")]
+    Route(#[from] forest_kafka::RouteError),
     #[error("injected crash at {0:?}")]
     InjectedCrash(CrashPoint),
     #[error("restoring input partition {partition} from the changelog failed: {reason}")]
@@ -362,6 +365,7 @@ impl ProcessorError {
             Self::Config(_) | Self::Committer(_) | Self::Replay { .. } => false,
             Self::Store(e) => e.is_retriable(),
             Self::Outbox(e) => e.is_retriable(),
+            Self::Route(e) => e.is_retriable(),
             // A restore reads Kafka: a broker back up answers a retry.
             Self::Kafka { .. } | Self::InjectedCrash(_) | Self::Restore { .. } => true,
         }

@@ -86,6 +86,9 @@ struct Ctx {
     /// Whether this worker has had an assignment yet, even an empty one
     /// (`ProcessorStats::workers_joined`).
     joined: AtomicBool,
+    /// Routes assigned partitions to the consume loop's batch queue (`None` before the loop
+    /// starts: records then come through the consumer queue).
+    router: Mutex<Option<forest_kafka::Router>>,
 }
 
 impl Ctx {
@@ -167,6 +170,29 @@ impl ConsumerContext for Ctx {
                     }
                 }
                 let held = starts.len() as i64;
+                // Before `assign`, which starts fetching: every record of these partitions
+                // then goes to the batch queue, none to the consumer queue ahead of it (see
+                // forest_kafka::fetch). Rebalances are eager, so the previous assignment's
+                // partitions have stopped (and dropped their routing) by now.
+                if let Some(router) = lock(&self.router).as_ref() {
+                    for (topic, _, partition, _) in &starts {
+                        let routed = std::ffi::CString::new(topic.as_str())
+                            .map_err(|_| {
+                                ProcessorError::Config(format!("topic {topic:?} contains NUL"))
+                            })
+                            .and_then(|t| {
+                                router.route(&t, *partition).map_err(ProcessorError::from)
+                            });
+                        match routed {
+                            Ok(())
+                            | Err(ProcessorError::Route(forest_kafka::RouteError::Closed)) => {}
+                            Err(e) => {
+                                self.fail(e);
+                                return;
+                            }
+                        }
+                    }
+                }
                 for (topic, idx, partition, stored) in starts {
                     let replay_from = replays
                         .get(&partition)
@@ -509,31 +535,6 @@ impl LanePauses {
     }
 }
 
-/// Routes every input partition assigned to `consumer` to `fetch`; after each rebalance,
-/// because librdkafka drops a partition's routing when its fetching stops.
-fn route_assigned(
-    consumer: &BaseConsumer<Ctx>,
-    fetch: &forest_kafka::FetchQueue<'_>,
-    topics: &[String],
-    ctopics: &[CString],
-) {
-    let assigned = match consumer.assignment() {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(error = %e, "reading the assignment to route it failed");
-            return;
-        }
-    };
-    for el in assigned.elements() {
-        let Some(i) = topics.iter().position(|t| t == el.topic()) else {
-            continue;
-        };
-        if !fetch.route(&ctopics[i], el.partition()) {
-            tracing::warn!(topic = el.topic(), partition = el.partition(), "routing a partition to the batch queue failed");
-        }
-    }
-}
-
 fn cached_high_watermark(
     consumer: &BaseConsumer<Ctx>,
     topic: &CString,
@@ -851,6 +852,7 @@ fn run_worker(
         ownership: ownership.clone(),
         assigned: std::sync::atomic::AtomicI64::new(0),
         joined: AtomicBool::new(false),
+        router: Mutex::new(None),
     };
 
     let consumer: BaseConsumer<Ctx> = client_config(&cfg.brokers, &[])
@@ -909,6 +911,10 @@ fn run_worker(
     Ok(())
 }
 
+/// The longest the consume loop waits on the batch queue while the consumer queue is not
+/// polled: the most a rebalance or an offset commit result waits for the loop when idle.
+const EVENT_WAIT: Duration = Duration::from_millis(10);
+
 fn consume_loop(
     cfg: &ProcessorConfig,
     consumer: &BaseConsumer<Ctx>,
@@ -935,8 +941,8 @@ fn consume_loop(
                 "librdkafka returned no queue".into(),
             ),
         })?;
-    // The rebalance generation whose assignment was last routed to `fetch`.
-    let mut routed = u64::MAX;
+    // The assign callback routes each new assignment here.
+    *lock(&ctx.router) = Some(fetch.router());
     let mut polled: Vec<Rec> = Vec::with_capacity(cfg.batch_max_records);
     let mut pauses = LanePauses::default();
     // Records the next poll round may take: unlimited below the pause mark; above it, only the
@@ -1025,14 +1031,9 @@ fn consume_loop(
             let now = ctx.generation.load(Ordering::SeqCst);
             if now != generation {
                 // A rebalance ran inside that poll: what was polled before it belongs to the
-                // old assignment (already committed and revoked); drop it. The new
-                // assignment's partitions are routed to the batch queue.
+                // old assignment (already committed and revoked); drop it.
                 polled.clear();
                 generation = now;
-            }
-            if now != routed {
-                route_assigned(consumer, &fetch, &topics, ctopics);
-                routed = now;
             }
             match got {
                 None => {
@@ -1057,10 +1058,15 @@ fn consume_loop(
             }
         }
         if drained {
-            // Then the routed partitions' records, many per call; waiting (up to `timeout`)
-            // only if nothing came from the consumer queue either.
+            // Then the routed partitions' records, many per call; waiting only if nothing came
+            // from the consumer queue either, and at most EVENT_WAIT: events arriving on the
+            // consumer queue meanwhile (a rebalance, a commit result) wait for this.
             let want = round_max.saturating_sub(polled.len());
-            let wait = if polled.is_empty() { timeout } else { Duration::ZERO };
+            let wait = if polled.is_empty() {
+                timeout.min(EVENT_WAIT)
+            } else {
+                Duration::ZERO
+            };
             let got = fetch.poll(wait, want, |r| {
                 if let Some((code, text)) = r.error() {
                     tracing::warn!(error = %code, detail = %text, partition = r.partition(), "consumer error");
