@@ -349,7 +349,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (raw, _) = measure(
         "(a) raw consume",
         args.broker_pid,
-        |n: &u64| *n,
+        |(n, _): &(u64, BaseConsumer)| *n,
         || raw_consume(&brokers, kafka, &ends, retained),
     )?;
 
@@ -358,16 +358,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (raw_batched, _) = measure(
         "(a') raw consume, batched",
         args.broker_pid,
-        |n: &u64| *n,
+        |(n, _): &(u64, BaseConsumer)| *n,
         || raw_consume_batched(&brokers, kafka, &ends, retained),
     )?;
 
     // (b) The processor, end to end.
     let pstats = Arc::new(ProcessorStats::default());
-    let (mut proc, startup) = measure(
+    let (mut proc, started) = measure(
         "(b) processor",
         args.broker_pid,
-        |_: &Duration| ProcessorStats::get(&pstats.committed_records),
+        |_: &Started| ProcessorStats::get(&pstats.committed_records),
         || {
             run_processor(
                 processor_config(&args, &brokers, &topics, &data_dir.join("processor"), false),
@@ -381,23 +381,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(ProcessorStats::get(&pstats.store_writes) as f64 / proc.events.max(1) as f64);
     // The raw consumer assigns partitions directly; the processor first joins its consumer
     // group (seconds, mostly the broker's rebalance delay). Throughput is compared after that.
-    let steady = Phase {
-        name: "(b) processor, from its first record".into(),
-        groups: proc.groups.clone(),
-        secs: (proc.secs - startup.as_secs_f64()).max(1e-3),
-        events: proc.events,
-        cpu: proc.cpu,
-        rss: proc.rss,
-        writes: proc.writes,
-    };
+    let startup = started.first_record;
+    let steady = started
+        .steady
+        .phase("(b) processor, from its first record".into(), &proc);
+    let settled = started.settled.as_ref().map(|w| {
+        w.phase(
+            format!(
+                "(b) processor, once its group settled (after {} rebalance callbacks)",
+                w.rebalances
+            ),
+            &proc,
+        )
+    });
 
     // (b') The same, as plain at-least-once (Kafka offsets, no outbox): what effectively-once
     // costs.
     let astats = Arc::new(ProcessorStats::default());
-    let (alo, alo_startup) = measure(
+    let (alo, alo_started) = measure(
         "(b') at-least-once baseline",
         args.broker_pid,
-        |_: &Duration| ProcessorStats::get(&astats.committed_records),
+        |_: &Started| ProcessorStats::get(&astats.committed_records),
         || {
             run_processor(
                 processor_config(
@@ -413,15 +417,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             )
         },
     )?;
-    let alo_steady = Phase {
-        name: "(b') at-least-once baseline, from its first record".into(),
-        groups: alo.groups.clone(),
-        secs: (alo.secs - alo_startup.as_secs_f64()).max(1e-3),
-        events: alo.events,
-        cpu: alo.cpu,
-        rss: alo.rss,
-        writes: Some(ProcessorStats::get(&astats.store_writes) as f64 / alo.events.max(1) as f64),
-    };
+    let mut alo_steady = alo_started.steady.phase(
+        "(b') at-least-once baseline, from its first record".into(),
+        &alo,
+    );
+    alo_steady.writes =
+        Some(ProcessorStats::get(&astats.store_writes) as f64 / alo.events.max(1) as f64);
 
     // (c) Latency at fixed rates.
     let mut latencies = Vec::new();
@@ -518,7 +519,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     lat_ends.push((tp.to_string(), p, end));
                 }
             }
-            let _ = wait_committed(&stats, &lat_ends, Duration::from_secs(600), &handle)?;
+            let _ = wait_committed(
+                &stats,
+                &lat_ends,
+                args.workers as u64,
+                Duration::from_secs(600),
+                &handle,
+            )?;
             raw_stop.store(true, Ordering::Relaxed);
             raw.join()
                 .map_err(|_| anyhow::anyhow!("latency raw consumer panicked"))??;
@@ -556,7 +563,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "| phase | events | seconds | events/s | CPU-s per M events | RocksDB writes per event | peak RSS MiB |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for p in [&preload, &raw, &raw_batched, &proc, &steady, &alo_steady] {
+    for p in [&preload, &raw, &raw_batched, &proc, &steady]
+        .into_iter()
+        .chain(settled.as_ref())
+        .chain([&alo_steady])
+    {
         println!(
             "| {} | {} | {:.2} | {:.0} | {:.2} | {} | {:.0} |",
             p.name,
@@ -570,12 +581,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "group join before the first record: {:.2} s; (b)/(a) = {:.2} from the first record ({:.2} including the join); (b)/(a') = {:.2} from the first record",
+        "group join before the first record: {:.2} s; (b)/(a) = {:.2} from the first record ({:.2} including the join and shutdown); (b)/(a') = {:.2}",
         startup.as_secs_f64(),
         steady.rate() / raw.rate(),
         proc.rate() / raw.rate(),
-        steady.rate() / raw_batched.rate()
+        steady.rate() / raw_batched.rate(),
     );
+    match &settled {
+        Some(s) => println!(
+            "once the group settled: (b)/(a) = {:.2}, (b)/(a') = {:.2}",
+            s.rate() / raw.rate(),
+            s.rate() / raw_batched.rate()
+        ),
+        None => println!(
+            "the group never settled: the log was done before every worker held partitions"
+        ),
+    }
     println!();
     println!("CPU-s per M events by thread group (sampled every 100 ms):");
     println!();
@@ -695,17 +716,17 @@ fn raw_latency(
     Ok(())
 }
 
-/// A plain consumer over every input partition from the beginning, counting records, with the
-/// processor's fetch settings.
 /// Latency is measured after this long at the fixed rate.
 const WARM_UP: Duration = Duration::from_secs(2);
 
+/// A plain consumer over every input partition from the beginning, counting records, with the
+/// processor's fetch settings. The consumer is returned so that closing it is not timed.
 fn raw_consume(
     brokers: &str,
     kafka: &[(String, String)],
     ends: &[(String, i32, i64)],
     want: i64,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, BaseConsumer)> {
     let consumer = plain_consumer(
         brokers,
         kafka,
@@ -735,7 +756,7 @@ fn raw_consume(
         }
     }
     std::hint::black_box(bytes);
-    Ok(n)
+    Ok((n, consumer))
 }
 
 /// [`raw_consume`], reading the routed partitions in batches (as the processor does) rather
@@ -745,7 +766,7 @@ fn raw_consume_batched(
     kafka: &[(String, String)],
     ends: &[(String, i32, i64)],
     want: i64,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, BaseConsumer)> {
     let consumer = plain_consumer(
         brokers,
         kafka,
@@ -791,7 +812,8 @@ fn raw_consume_batched(
         }
     }
     std::hint::black_box(bytes);
-    Ok(n)
+    drop(fetch);
+    Ok((n, consumer))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -820,12 +842,67 @@ fn processor_config(
     cfg
 }
 
+/// The parts of a processor phase that measure its throughput.
+struct Started {
+    /// From the start to the first record consumed (mostly the group join).
+    first_record: Duration,
+    /// From the first record consumed until every input offset is committed (the shutdown
+    /// after that, leaving the group and closing, is not throughput; it was counted until
+    /// session 10, ~0.2-0.3 s of a 1 M-event phase).
+    steady: Window,
+    /// From when the group last settled until every input offset is committed; `None` if it
+    /// never did (the log was done before a late worker joined). Settled: every worker
+    /// joined and holding partitions, with no rebalance after. With several workers one may
+    /// join after the others began, and its join then revokes every partition mid-stream
+    /// (eager rebalancing): dirty projections are written, caches dropped, prefetched
+    /// records fetched again. On the test broker (no initial rebalance delay) whether that
+    /// happens is a race between the workers' join requests, which made phase (b) vary by
+    /// 1.5 times between runs. Records in flight when the window opens count in it.
+    settled: Option<Window>,
+}
+
+/// A stretch of a processor phase: its length, the process's CPU and the records committed
+/// in it, and the rebalance callbacks before it.
+struct Window {
+    secs: f64,
+    cpu: f64,
+    events: u64,
+    rebalances: u64,
+}
+
+/// Where a [`Window`] opened: (when, process CPU, committed records, rebalance callbacks).
+type Mark = (Instant, f64, u64, u64);
+
+impl Window {
+    fn since((at, cpu, done, rebalances): Mark, stats: &ProcessorStats) -> Self {
+        Self {
+            secs: at.elapsed().as_secs_f64().max(1e-3),
+            cpu: cpu_seconds() - cpu,
+            events: ProcessorStats::get(&stats.committed_records) - done,
+            rebalances,
+        }
+    }
+
+    fn phase(&self, name: String, whole: &Phase) -> Phase {
+        Phase {
+            name,
+            groups: BTreeMap::new(),
+            secs: self.secs,
+            events: self.events,
+            cpu: self.cpu,
+            rss: whole.rss,
+            writes: whole.writes,
+        }
+    }
+}
+
 fn run_processor(
     mut cfg: ProcessorConfig,
     stats: &Arc<ProcessorStats>,
     ends: &[(String, i32, i64)],
     timeout: Duration,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<Started> {
+    let workers = cfg.workers as u64;
     cfg.group_id = format!(
         "forest-bench-{}-{}",
         std::process::id(),
@@ -840,33 +917,57 @@ fn run_processor(
         let (s, d) = (stats.clone(), stop.clone());
         std::thread::spawn(move || forest_processor::run(cfg, d, s))
     };
-    let startup = wait_committed(stats, ends, timeout, &handle)?;
+    let started = wait_committed(stats, ends, workers, timeout, &handle)?;
     stop.store(true, Ordering::Relaxed);
     handle
         .join()
         .map_err(|_| anyhow::anyhow!("processor panicked"))??;
-    Ok(startup)
+    Ok(started)
 }
 
 fn wait_committed<T>(
     stats: &ProcessorStats,
     ends: &[(String, i32, i64)],
+    workers: u64,
     timeout: Duration,
     handle: &std::thread::JoinHandle<T>,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<Started> {
     let started = Instant::now();
     let deadline = started + timeout;
-    let mut first = None;
+    let partitions = ends.iter().map(|(_, p, _)| *p + 1).max().unwrap_or(0) as u64;
+    let holders = workers.min(partitions);
+    let mark = |rebalances| {
+        (
+            Instant::now(),
+            cpu_seconds(),
+            ProcessorStats::get(&stats.committed_records),
+            rebalances,
+        )
+    };
+    let mut first: Option<(Duration, Mark)> = None;
+    let mut settle: Option<Mark> = None;
     loop {
+        let rebalances = ProcessorStats::get(&stats.rebalances);
         if first.is_none() && ProcessorStats::get(&stats.consumed) > 0 {
-            first = Some(started.elapsed());
+            first = Some((started.elapsed(), mark(rebalances)));
+        }
+        if settle.is_none_or(|(.., r)| r != rebalances)
+            && ProcessorStats::get(&stats.workers_joined) >= workers
+            && ProcessorStats::get(&stats.workers_assigned) >= holders
+        {
+            settle = Some(mark(rebalances));
         }
         let got = stats.committed_offsets();
         if ends
             .iter()
             .all(|(t, p, end)| *end == 0 || got.get(&(t.clone(), *p)).is_some_and(|o| o >= end))
         {
-            return Ok(first.unwrap_or_default());
+            let (first_record, from) = first.unwrap_or_else(|| (started.elapsed(), mark(0)));
+            return Ok(Started {
+                first_record,
+                steady: Window::since(from, stats),
+                settled: settle.map(|m| Window::since(m, stats)),
+            });
         }
         ensure!(!handle.is_finished(), "the processor stopped early");
         ensure!(
