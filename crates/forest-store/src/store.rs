@@ -40,8 +40,9 @@ const FORMAT_KEY: &[u8] = b"format";
 /// Bump when the on-disk encoding changes; a store of another format is refused at open.
 // v2: projections keep recent credits; v3: outbox entries may pin a partition; v4: projections
 // keep each credit's rule id and rules version, and walking's per-day step counts; v5: each
-// projection is prefixed with the input position it reflects.
-const FORMAT: &[u8] = b"forest-store-v5";
+// projection is prefixed with the input position it reflects; v6: a projection's recent
+// event ids are one byte string (time deltas and fixed-width hashes).
+const FORMAT: &[u8] = b"forest-store-v6";
 
 /// Where in its partition's input a stored projection stands: the next offset of each of
 /// the partition's lanes (by topic index) as of the write, or a negative value for a lane
@@ -219,9 +220,16 @@ fn split_value<'v>(v: &'v [u8], user: &[u8]) -> Result<(Position, &'v [u8]), Sto
     Ok((pos, state))
 }
 
-/// A projection in the store's encoding (postcard), e.g. for the changelog topic.
+/// Leads every [`encode_state`] value: its encoding's version (6, as [`FORMAT`]). Records
+/// outside the store (the changelog topic) carry no format marker otherwise, and an older
+/// encoding could decode into a wrong state rather than fail. No v5 value begins with this:
+/// its first byte would start the length of a user id over 128 bytes.
+const STATE_TAG: [u8; 2] = [0xF5, 6];
+
+/// A projection in the store's encoding (postcard, after [`STATE_TAG`]), e.g. for the
+/// changelog topic.
 pub fn encode_state(s: &UserState) -> Result<Vec<u8>, StoreError> {
-    postcard::to_allocvec(s).map_err(|e| StoreError::Corrupt {
+    postcard::to_extend(s, STATE_TAG.to_vec()).map_err(|e| StoreError::Corrupt {
         key: format!("projections/{}", s.user_id),
         reason: e.to_string(),
     })
@@ -229,7 +237,13 @@ pub fn encode_state(s: &UserState) -> Result<Vec<u8>, StoreError> {
 
 /// The inverse of [`encode_state`]; `what` names the source in the error.
 pub fn decode_state(bytes: &[u8], what: &str) -> Result<UserState, StoreError> {
-    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+    let state = bytes
+        .strip_prefix(&STATE_TAG)
+        .ok_or_else(|| StoreError::Corrupt {
+            key: what.to_string(),
+            reason: "not a forest-store-v6 projection (a record of an older Forest? recreate the changelog topic)".into(),
+        })?;
+    postcard::from_bytes(state).map_err(|e| StoreError::Corrupt {
         key: what.to_string(),
         reason: e.to_string(),
     })
@@ -840,6 +854,20 @@ mod tests {
             value: vec![v; 3],
             headers: vec![("h".into(), vec![v])],
         }
+    }
+
+    #[test]
+    fn encoded_states_are_tagged_and_an_untagged_one_is_refused() {
+        let mut s = UserState::new("u-1");
+        s.balance_g = 42;
+        s.recent_ids = [(1_700_000_000_000, 9), (1_700_000_060_000, 10)].into();
+        let bytes = encode_state(&s).unwrap();
+        assert_eq!(bytes[..2], STATE_TAG);
+        assert_eq!(decode_state(&bytes, "x").unwrap(), s);
+        // A v5-style value: postcard alone, no tag.
+        let old = postcard::to_allocvec(&s).unwrap();
+        let err = decode_state(&old, "changelog/0/u-1").unwrap_err();
+        assert!(err.to_string().contains("recreate the changelog"), "{err}");
     }
 
     #[test]
