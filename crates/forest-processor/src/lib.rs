@@ -35,6 +35,9 @@
 //!   blocks once two closed batches wait for the committer, so a slow store or output topic
 //!   slows consumption instead of growing memory. Before partitions are revoked and on
 //!   shutdown, everything folded is written and every output acknowledged.
+//! - Records are read many per librdkafka call ([`forest_kafka::FetchQueue`]): the assign
+//!   callback routes each assigned partition to the worker's batch queue before fetching
+//!   starts, so each partition's records still arrive in offset order.
 
 pub mod changelog;
 mod core;
