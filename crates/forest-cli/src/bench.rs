@@ -719,18 +719,18 @@ fn raw_latency(
 /// Latency is measured after this long at the fixed rate.
 const WARM_UP: Duration = Duration::from_secs(2);
 
-/// A plain consumer over every input partition from the beginning, counting records, with the
-/// processor's fetch settings. The consumer is returned so that closing it is not timed.
-fn raw_consume(
+/// A plain consumer with the processor's fetch settings, and every input partition from the
+/// beginning (to assign).
+fn raw_reader(
     brokers: &str,
     kafka: &[(String, String)],
     ends: &[(String, i32, i64)],
-    want: i64,
-) -> anyhow::Result<(u64, BaseConsumer)> {
+    role: &str,
+) -> anyhow::Result<(BaseConsumer, TopicPartitionList)> {
     let consumer = plain_consumer(
         brokers,
         kafka,
-        "raw",
+        role,
         &[
             ("queued.min.messages", "100000"),
             ("max.partition.fetch.bytes", "10485760"),
@@ -740,6 +740,18 @@ fn raw_consume(
     for (t, p, _) in ends {
         tpl.add_partition_offset(t, *p, Offset::Beginning)?;
     }
+    Ok((consumer, tpl))
+}
+
+/// A plain consumer over every input partition from the beginning, counting records. The
+/// consumer is returned so that closing it is not timed.
+fn raw_consume(
+    brokers: &str,
+    kafka: &[(String, String)],
+    ends: &[(String, i32, i64)],
+    want: i64,
+) -> anyhow::Result<(u64, BaseConsumer)> {
+    let (consumer, tpl) = raw_reader(brokers, kafka, ends, "raw")?;
     consumer.assign(&tpl)?;
     let mut n = 0u64;
     let mut bytes = 0usize;
@@ -767,19 +779,7 @@ fn raw_consume_batched(
     ends: &[(String, i32, i64)],
     want: i64,
 ) -> anyhow::Result<(u64, BaseConsumer)> {
-    let consumer = plain_consumer(
-        brokers,
-        kafka,
-        "rawbatch",
-        &[
-            ("queued.min.messages", "100000"),
-            ("max.partition.fetch.bytes", "10485760"),
-        ],
-    )?;
-    let mut tpl = TopicPartitionList::new();
-    for (t, p, _) in ends {
-        tpl.add_partition_offset(t, *p, Offset::Beginning)?;
-    }
+    let (consumer, tpl) = raw_reader(brokers, kafka, ends, "rawbatch")?;
     let mut fetch =
         forest_kafka::FetchQueue::new(consumer.client()).context("librdkafka returned no queue")?;
     // Routed before the assignment starts fetching (see forest_kafka::fetch).

@@ -390,15 +390,19 @@ mod tests {
         let router = fetch.router();
         let topic = CString::new("fetch-t").expect("no NUL");
 
-        // Partitions 0 and 1 from the start, routed before the assignment (as the processor's
-        // rebalance callback does).
-        let mut tpl = TopicPartitionList::new();
-        for p in [0, 1] {
-            tpl.add_partition_offset("fetch-t", p, Offset::Beginning)
-                .expect("tpl");
-            router.route(&topic, p).expect("routed");
-        }
-        consumer.assign(&tpl).expect("assign");
+        // Each partition is routed before the assignment, as the processor's rebalance
+        // callback does.
+        let assign = |parts: &[(i32, Offset)]| {
+            let mut tpl = TopicPartitionList::new();
+            for &(p, from) in parts {
+                tpl.add_partition_offset("fetch-t", p, from).expect("tpl");
+                router.route(&topic, p).expect("routed");
+            }
+            consumer.assign(&tpl).expect("assign");
+        };
+
+        // Partitions 0 and 1 from the start.
+        assign(&[(0, Offset::Beginning), (1, Offset::Beginning)]);
         let got = read(&consumer, &mut fetch, 200);
         check(&got, &BTreeMap::from([(0, 0), (1, 0)]), per_partition);
         assert_eq!(got.len(), 200);
@@ -410,13 +414,7 @@ mod tests {
         // Stopping is asynchronous (a group member's next assignment waits for it; here, a
         // second is ample), and a stop landing after the routing below would undo it.
         std::thread::sleep(Duration::from_secs(1));
-        let mut tpl = TopicPartitionList::new();
-        for (p, from) in [(0, 40), (2, 70)] {
-            tpl.add_partition_offset("fetch-t", p, Offset::Offset(from))
-                .expect("tpl");
-            router.route(&topic, p).expect("routed");
-        }
-        consumer.assign(&tpl).expect("assign");
+        assign(&[(0, Offset::Offset(40)), (2, Offset::Offset(70))]);
         let got = read(&consumer, &mut fetch, 90);
         check(&got, &BTreeMap::from([(0, 40), (2, 70)]), per_partition);
         assert_eq!(got.len(), 90);
