@@ -216,8 +216,13 @@ transaction.state.log.num.partitions=4
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 
-# Consumer groups: no initial rebalance delay.
-group.initial.rebalance.delay.ms=0
+# Consumer groups: a short initial rebalance delay (Kafka's default is 3 s). At 0, the
+# workers of one `forest processor --workers N` race their join requests: one often formed
+# the group alone, took every partition, and the others' join revoked them all ~3 s later,
+# mid-stream (session 10 measured it in 4-5 of 12 starts; it moved `forest bench` by up to
+# 1.7 times). 300 ms lets members that start together join together, for a small cost per
+# new group in the tests.
+group.initial.rebalance.delay.ms=300
 
 # No time-based retention: tests and benchmarks produce records with simulated event times
 # (days to months old). With the default 7 days, segments rolled by those timestamps were
