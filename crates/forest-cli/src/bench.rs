@@ -44,7 +44,7 @@ pub struct BenchArgs {
     #[arg(long)]
     changelog: bool,
     /// Processor batch size (records per RocksDB batch).
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 20_000)]
     batch_size: usize,
     /// Processor batch window: a batch is closed this many milliseconds after its first
     /// record if it has not filled up by then.

@@ -27,7 +27,7 @@ pub struct ProcessorArgs {
     #[arg(long, env = "FOREST_WORKERS", default_value_t = 1)]
     workers: usize,
     /// A batch is committed once it holds this many records...
-    #[arg(long, env = "FOREST_BATCH_SIZE", default_value_t = 5_000)]
+    #[arg(long, env = "FOREST_BATCH_SIZE", default_value_t = 20_000)]
     batch_size: usize,
     /// ...or after this many milliseconds since the batch's first record, whichever comes
     /// first (the latency floor at low rates; at high rates batches fill up first).
