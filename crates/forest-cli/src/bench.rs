@@ -350,7 +350,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "(a) raw consume",
         args.broker_pid,
         |(n, _): &(u64, BaseConsumer)| *n,
-        || raw_consume(&brokers, kafka, &ends, retained),
+        || raw_consume(&brokers, kafka, &ends, retained, false),
     )?;
 
     // (a') The same, read in batches like the processor (forest_kafka::FetchQueue): the
@@ -359,7 +359,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "(a') raw consume, batched",
         args.broker_pid,
         |(n, _): &(u64, BaseConsumer)| *n,
-        || raw_consume_batched(&brokers, kafka, &ends, retained),
+        || raw_consume(&brokers, kafka, &ends, retained, true),
     )?;
 
     // (b) The processor, end to end.
@@ -759,72 +759,68 @@ fn raw_reader(
     Ok((consumer, tpl))
 }
 
-/// A plain consumer over every input partition from the beginning, counting records. The
-/// consumer is returned so that closing it is not timed.
+/// A plain consumer over every input partition from the beginning, counting records: one
+/// record per poll (a), or, `batched`, the partitions routed to a [`forest_kafka::FetchQueue`]
+/// and read many per call as the processor does (a'). The consumer is returned so that
+/// closing it is not timed.
 fn raw_consume(
     brokers: &str,
     kafka: &[(String, String)],
     ends: &[(String, i32, i64)],
     want: i64,
+    batched: bool,
 ) -> anyhow::Result<(u64, BaseConsumer)> {
-    let (consumer, tpl) = raw_reader(brokers, kafka, ends, "raw")?;
-    consumer.assign(&tpl)?;
-    let mut n = 0u64;
-    let mut bytes = 0usize;
-    let deadline = Instant::now() + Duration::from_secs(3600);
-    while (n as i64) < want {
-        ensure!(Instant::now() < deadline, "raw consume timed out");
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                n += 1;
-                bytes += m.payload_len();
-            }
-            Some(Err(e)) => anyhow::bail!("raw consume: {e}"),
-            None => {}
+    let (consumer, tpl) = raw_reader(
+        brokers,
+        kafka,
+        ends,
+        if batched { "rawbatch" } else { "raw" },
+    )?;
+    let mut fetch = if batched {
+        let fetch = forest_kafka::FetchQueue::new(consumer.client())
+            .context("librdkafka returned no queue")?;
+        // Routed before the assignment starts fetching (see forest_kafka::fetch).
+        let router = fetch.router();
+        for (t, p, _) in ends {
+            router.route(&std::ffi::CString::new(t.as_str())?, *p)?;
         }
-    }
-    std::hint::black_box(bytes);
-    Ok((n, consumer))
-}
-
-/// [`raw_consume`], reading the routed partitions in batches (as the processor does) rather
-/// than one record per poll.
-fn raw_consume_batched(
-    brokers: &str,
-    kafka: &[(String, String)],
-    ends: &[(String, i32, i64)],
-    want: i64,
-) -> anyhow::Result<(u64, BaseConsumer)> {
-    let (consumer, tpl) = raw_reader(brokers, kafka, ends, "rawbatch")?;
-    let mut fetch =
-        forest_kafka::FetchQueue::new(consumer.client()).context("librdkafka returned no queue")?;
-    // Routed before the assignment starts fetching (see forest_kafka::fetch).
-    let router = fetch.router();
-    for (t, p, _) in ends {
-        router.route(&std::ffi::CString::new(t.as_str())?, *p)?;
-    }
+        Some(fetch)
+    } else {
+        None
+    };
     consumer.assign(&tpl)?;
     let mut n = 0u64;
     let mut bytes = 0usize;
     let deadline = Instant::now() + Duration::from_secs(3600);
     while (n as i64) < want {
         ensure!(Instant::now() < deadline, "raw consume timed out");
-        // Errors, and any record not routed, come through the consumer queue.
-        while let Some(m) = consumer.poll(Duration::ZERO) {
+        // Unbatched: one record, waiting up to 100 ms. Batched: only errors and records not
+        // routed come through the consumer queue; take them all without waiting.
+        let wait = if batched {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100)
+        };
+        while let Some(m) = consumer.poll(wait) {
             let m = m.map_err(|e| anyhow::anyhow!("raw consume: {e}"))?;
             n += 1;
             bytes += m.payload_len();
-        }
-        let mut failed = None;
-        fetch.poll(Duration::from_millis(100), 10_000, |r| match r.error() {
-            Some(e) => failed = Some(e),
-            None => {
-                n += 1;
-                bytes += r.payload().map_or(0, <[u8]>::len);
+            if !batched {
+                break;
             }
-        });
-        if let Some((code, text)) = failed {
-            anyhow::bail!("raw consume: {code}: {text}");
+        }
+        if let Some(fetch) = &mut fetch {
+            let mut failed = None;
+            fetch.poll(Duration::from_millis(100), 10_000, |r| match r.error() {
+                Some(e) => failed = Some(e),
+                None => {
+                    n += 1;
+                    bytes += r.payload().map_or(0, <[u8]>::len);
+                }
+            });
+            if let Some((code, text)) = failed {
+                anyhow::bail!("raw consume: {code}: {text}");
+            }
         }
     }
     std::hint::black_box(bytes);
