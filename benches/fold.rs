@@ -1,14 +1,16 @@
 //! The pure fold over a realistic behaviour mix: events/s of `RuleSet::apply`, including the
 //! per-user hash-map lookup the processor's cache does (`fold/`), the same with look-ahead
-//! prefetching (`fold/ahead_`, how much of it is waiting for memory), and the floor under any
-//! fold with per-user state in a hash map (`floor/`).
+//! prefetching (`fold/ahead_`, how much of it is waiting for memory), the floor under any
+//! fold with per-user state in a hash map (`floor/`), and the fold through the processor's
+//! projection cache (`cache/`).
 //!
 //! Run: `cargo bench -p forest-benches --profile test --bench fold`
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use forest_benches::{Slab, events, fold, fold_ahead, records};
 use forest_domain::{RuleSet, UserState};
-use rustc_hash::FxHashMap;
+use forest_store::{ProjectionCache, Store, StoreConfig};
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::hint::black_box;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -94,5 +96,46 @@ fn floor(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench, floor);
+/// The fold as the processor runs it once its users are cached: through
+/// [`ProjectionCache::update`], whose map, dirty queue and eviction ring come with every event
+/// (the `fold/` group keeps its own plain map). Every user is loaded before the timed part,
+/// so no event reads RocksDB.
+fn cached(c: &mut Criterion) {
+    let rules = RuleSet::default();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), &StoreConfig::default()).expect("store");
+    let mut g = c.benchmark_group("cache");
+    for users in [10_000u64, 100_000] {
+        let evs = events(&records(1_000_000, users));
+        let ids: FxHashSet<&str> = evs.iter().map(|e| e.user_id.as_str()).collect();
+        g.throughput(Throughput::Elements(evs.len() as u64));
+        g.sample_size(10);
+        g.bench_function(format!("fold_1M_events_{users}_users_cached"), |b| {
+            b.iter_batched(
+                || {
+                    let mut cache = ProjectionCache::new(usize::MAX);
+                    for id in &ids {
+                        let _ = cache.update(&store, id, |_| Ok::<_, ()>(())).expect("load");
+                    }
+                    cache
+                },
+                |mut cache| {
+                    let mut applied = 0usize;
+                    for e in &evs {
+                        applied += usize::from(matches!(
+                            cache.update(&store, &e.user_id, |s| rules.apply(s, e)),
+                            Ok(Ok(_))
+                        ));
+                    }
+                    black_box(applied);
+                    cache // dropped outside the timed routine
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, floor, cached);
 criterion_main!(benches);

@@ -132,6 +132,53 @@ fn two_workers(name: &str, projection_interval: Duration) {
     );
 }
 
+/// The at-least-once baseline with a projection interval (what `forest bench` compares the
+/// effectively-once mode with at that interval) commits Kafka offsets only as far as the
+/// projections it has written: with an hour's interval, none while it runs, even once every
+/// record is folded; then, at shutdown, every changed projection once and every offset.
+#[test]
+fn the_spaced_at_least_once_baseline_commits_offsets_only_with_its_projections() {
+    let get = forest_processor::ProcessorStats::get;
+    let b = TestBroker::new("alo-spaced");
+    let records = produce(&b, workload(6, 20_000, 2_000));
+    let want = expected(&Default::default(), &records);
+    let ends = end_offsets(&b, &records);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = b.processor_config(dir.path(), "g");
+    cfg.at_least_once_baseline = true;
+    cfg.projection_interval = Duration::from_secs(3600);
+    cfg.batch_max_records = 500;
+    let group = cfg.group_id.clone();
+    let p = start(cfg);
+    wait_caught_up(&[&p.stats], &ends, CATCH_UP);
+    assert!(
+        get(&p.stats.batches) > 1,
+        "{} batches",
+        get(&p.stats.batches)
+    );
+    assert_eq!(get(&p.stats.projections_written), 0, "projections written");
+    // Kafka commits are asynchronous: time for a wrong one to land.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        kafka_committed_offsets(&b, &group, &ends),
+        std::collections::BTreeMap::new(),
+        "offsets committed to Kafka ahead of the projections"
+    );
+    let stats = p.stats.clone();
+    p.stop().expect("graceful stop");
+    assert_eq!(kafka_committed_offsets(&b, &group, &ends), ends);
+    let written = get(&stats.projections_written) as usize;
+    assert!(
+        written <= want.states.len(),
+        "{written} projections written for {} users: each at most once",
+        want.states.len()
+    );
+    eprintln!(
+        "alo-spaced: {written} projections written; {}",
+        check_exact(&b, dir.path(), &want)
+    );
+}
+
 /// Crashes at several points, then a restart on the same store: projections, trees and dead
 /// letters equal the pure fold; a re-sent tree or dead letter is byte-identical to its first
 /// copy. A crash right after a batch's store write leaves that batch's outputs in the outbox,

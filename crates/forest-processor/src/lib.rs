@@ -249,7 +249,9 @@ pub struct ProcessorConfig {
     /// since the oldest unwritten change are folded again in the recorded order, skipping
     /// what each user's stored projection already holds, their outputs (already stored) not
     /// sent again: see the [`replay`] module. Only with the outbox mode and without the
-    /// changelog, whose records carry each batch's projections.
+    /// changelog, whose records carry each batch's projections. The at-least-once baseline
+    /// takes it too: it then writes every changed projection once per interval and commits
+    /// Kafka offsets only that far.
     pub projection_interval: Duration,
 }
 

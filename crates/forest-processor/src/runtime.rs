@@ -582,9 +582,12 @@ fn validate(cfg: &ProcessorConfig) -> Result<(), ProcessorError> {
     if cfg.group_id.is_empty() {
         return bad("the consumer group id must not be empty");
     }
-    if !cfg.projection_interval.is_zero() && !crate::core::replays_here(cfg) {
+    if !cfg.projection_interval.is_zero()
+        && !crate::core::replays_here(cfg)
+        && !cfg.at_least_once_baseline
+    {
         return bad(
-            "a projection interval above 0 works in the outbox mode only, without the changelog (whose records carry every batch's projections), a dry run or the at-least-once baseline: set it to 0 or drop those options",
+            "a projection interval above 0 works in the outbox mode only, without the changelog (whose records carry every batch's projections) or a dry run: set it to 0 or drop those options",
         );
     }
     if cfg.exactly_once == crate::ExactlyOnce::Transactions {

@@ -42,6 +42,9 @@ pub(crate) struct Meta {
     pub batch_ts: Vec<i64>,
     /// Projections the batch writes.
     pub written: u64,
+    /// False for a batch of the spaced at-least-once baseline that wrote no projections: its
+    /// offsets wait for the next full write before they go to Kafka.
+    pub full: bool,
 }
 
 /// A batch closed by the worker: serialised, not yet written.
