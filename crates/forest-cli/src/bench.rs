@@ -353,23 +353,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
 
-    // (a) Raw consume-only throughput.
-    let (raw, _) = measure(
-        "(a) raw consume",
-        args.broker_pid,
-        |(n, _): &(u64, BaseConsumer)| *n,
-        || raw_consume(&brokers, kafka, &ends, retained, false),
-    )?;
-
-    // (a') The same, read in batches like the processor (forest_kafka::FetchQueue): the
-    // ceiling for a consumer that reads the way Forest does.
-    let (raw_batched, _) = measure(
-        "(a') raw consume, batched",
-        args.broker_pid,
-        |(n, _): &(u64, BaseConsumer)| *n,
-        || raw_consume(&brokers, kafka, &ends, retained, true),
-    )?;
-
     // (b) The processor, end to end, and (b') the same as plain at-least-once (Kafka
     // offsets, no outbox): what effectively-once costs. Run in that order unless
     // `--baseline-first`, which shows how much of their difference is the order itself.
@@ -396,17 +379,37 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     // The first processor run in this process and on this broker was 7-20 % slower than the
     // next one over the same log, whichever mode ran first (session 11: (b) first cost 7-16 %
     // against (b'), (b') first -15 to -31 %; the broker used twice the CPU per event in the
-    // first run). A comparison needs both phases past that, so a warm-up run goes first,
-    // reported but not compared.
+    // first run). A comparison needs every phase past that, so a warm-up run goes first,
+    // before the raw consumers too (the first reads of the log), reported but not compared.
     let warm_up = if args.warm_up {
         let (w, started) = phase_b("warm-up")?;
-        Some(started.steady.phase(
+        let steady = started.steady.phase(
             "(w) warm-up: the processor's first run, from its first record".into(),
             &w,
-        ))
+        );
+        Some((w, steady))
     } else {
         None
     };
+
+    // (a) Raw consume-only throughput.
+    let (raw, _) = measure(
+        "(a) raw consume",
+        args.broker_pid,
+        |(n, _): &(u64, BaseConsumer)| *n,
+        || raw_consume(&brokers, kafka, &ends, retained, false),
+    )?;
+
+    // (a') The same, read in batches like the processor (forest_kafka::FetchQueue): the
+    // ceiling for a consumer that reads the way Forest does.
+    let (raw_batched, _) = measure(
+        "(a') raw consume, batched",
+        args.broker_pid,
+        |(n, _): &(u64, BaseConsumer)| *n,
+        || raw_consume(&brokers, kafka, &ends, retained, true),
+    )?;
+
+    // (b) and (b').
     let ((mut proc, started), (alo, alo_started)) = if args.baseline_first {
         let alo = phase_b("alo")?;
         (phase_b("eo")?, alo)
@@ -578,10 +581,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "| phase | events | seconds | events/s | CPU-s per M events | RocksDB writes per event | peak RSS MiB |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for p in [&preload, &raw, &raw_batched]
+    for p in [&preload]
         .into_iter()
-        .chain(warm_up.as_ref())
-        .chain([&proc, &steady])
+        .chain(warm_up.as_ref().map(|(_, steady)| steady))
+        .chain([&raw, &raw_batched, &proc, &steady])
         .chain(settled.as_ref())
         .chain([&alo_steady])
     {
@@ -617,7 +620,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     println!();
     println!("CPU-s per M events by thread group (sampled every 100 ms):");
     println!();
-    let names: std::collections::BTreeSet<&str> = [&preload, &raw, &raw_batched, &proc, &alo]
+    let phases: Vec<&Phase> = [&preload]
+        .into_iter()
+        .chain(warm_up.as_ref().map(|(whole, _)| whole))
+        .chain([&raw, &raw_batched, &proc, &alo])
+        .collect();
+    let names: std::collections::BTreeSet<&str> = phases
         .iter()
         .flat_map(|p| p.groups.keys().copied())
         .collect();
@@ -626,7 +634,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         names.iter().copied().collect::<Vec<_>>().join(" | ")
     );
     println!("|---|{}", "---|".repeat(names.len()));
-    for p in [&preload, &raw, &raw_batched, &proc, &alo] {
+    for p in phases {
         let per_m = |g: &str| {
             p.groups.get(g).map_or("-".to_string(), |c| {
                 format!("{:.2}", c / (p.events as f64 / 1e6))
