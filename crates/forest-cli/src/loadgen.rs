@@ -155,6 +155,29 @@ pub fn produce(
     produced: &AtomicU64,
     stop: &AtomicBool,
 ) -> anyhow::Result<u64> {
+    produce_records(
+        brokers,
+        kafka,
+        topics,
+        Generator::new(cfg),
+        pace,
+        produced,
+        stop,
+    )
+}
+
+/// [`produce`] from records made beforehand: `forest bench` generates its latency phases'
+/// records before the clock starts, so that the generator's work (a third of the load
+/// generator's CPU) does not compete with the processor it measures.
+pub fn produce_records(
+    brokers: &str,
+    kafka: &[(String, String)],
+    topics: &Topics,
+    records: impl IntoIterator<Item = forest_workload::Record>,
+    pace: Pace<'_>,
+    produced: &AtomicU64,
+    stop: &AtomicBool,
+) -> anyhow::Result<u64> {
     let Pace {
         rate,
         stamp_now,
@@ -172,7 +195,7 @@ pub fn produce(
         .context("cannot create the load generator's producer")?;
     let started = Instant::now();
     let mut sent = 0u64;
-    for rec in Generator::new(cfg) {
+    for rec in records {
         if stop.load(Ordering::Relaxed) {
             break;
         }
