@@ -67,8 +67,8 @@ pub struct BenchArgs {
     /// first record.
     #[arg(long, value_delimiter = ',', default_value = "0.5")]
     latency_at: Vec<f64>,
-    /// Run the processor once over the log before (b) and (b'), reported as (w) but not
-    /// compared: the first run in a process and on a broker is slower, whatever it runs.
+    /// Run the processor once over the log before the measured phases, reported as (w) but
+    /// not compared: the first run in a process and on a broker is slower, whatever it runs.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     warm_up: bool,
     /// Run the at-least-once baseline (b') before the processor (b) instead of after it: the
@@ -376,10 +376,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             },
         )
     };
-    // The first processor run in this process and on this broker was 7-20 % slower than the
-    // next one over the same log, whichever mode ran first (session 11: (b) first cost 7-16 %
-    // against (b'), (b') first -15 to -31 %; the broker used twice the CPU per event in the
-    // first run). A comparison needs every phase past that, so a warm-up run goes first,
+    // The first processor run in this process and on this broker was 11-28 % slower than
+    // the next one over the same log, whichever mode ran first (session 11 at interval 0: (b)
+    // first "cost" 7-16 % against (b'), (b') first -15 to -31 %; the broker used twice the
+    // CPU per event in the first run). A comparison needs every phase past that, so a warm-up run goes first,
     // before the raw consumers too (the first reads of the log), reported but not compared.
     let warm_up = if args.warm_up {
         let (w, started) = phase_b("warm-up")?;
