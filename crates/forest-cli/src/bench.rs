@@ -55,10 +55,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     overlap_commits: bool,
     /// How long the processor may leave a changed projection unwritten in phases (b) and
-    /// (c), ms: 0 writes it with the batch (its default); above 0 see `forest processor
-    /// --projection-interval-ms`.
-    #[arg(long, default_value_t = 0)]
-    projection_interval_ms: u64,
+    /// (c), ms: 0 writes it with the batch; above 0 see `forest processor
+    /// --projection-interval-ms`, whose default this follows (1000 in the outbox mode
+    /// without --changelog, else 0). The at-least-once baseline (b') writes at the same
+    /// interval.
+    #[arg(long)]
+    projection_interval_ms: Option<u64>,
     /// Seconds of load at each fixed rate of the latency phase (the first 2 s are warm-up and
     /// not measured); 0 skips it.
     #[arg(long, default_value_t = 10)]
@@ -85,6 +87,15 @@ pub struct BenchArgs {
     /// librdkafka setting passed through to every client, repeatable: --kafka-config key=value.
     #[arg(long = "kafka-config", value_parser = crate::common::parse_kv)]
     kafka_config: Vec<(String, String)>,
+}
+
+impl BenchArgs {
+    fn projection_interval(&self) -> Duration {
+        self.projection_interval_ms.map_or_else(
+            || forest_processor::default_projection_interval(self.exactly_once, self.changelog),
+            Duration::from_millis,
+        )
+    }
 }
 
 /// CPU seconds (user + system) this process has used, from /proc/self/stat.
@@ -310,10 +321,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             ""
         }
     );
-    if args.projection_interval_ms > 0 {
+    let interval = args.projection_interval();
+    if interval.is_zero() {
+        eprintln!("projections written with every batch (--projection-interval-ms 0)");
+    } else {
         eprintln!(
-            "projections written up to {} ms after they change (replay records meanwhile)",
-            args.projection_interval_ms
+            "projections written up to {} ms after they change (replay records meanwhile; --projection-interval-ms)",
+            interval.as_millis()
         );
     }
 
@@ -580,6 +594,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
 
+    println!();
+    println!(
+        "projection interval of (b), (b') and (c): {} ms; {} workers; batches of up to {} records",
+        interval.as_millis(),
+        args.workers,
+        args.batch_size
+    );
     println!();
     println!(
         "| phase | events | seconds | events/s | CPU-s per M events | RocksDB writes per event | peak RSS MiB |"
@@ -890,7 +911,7 @@ fn processor_config(
     cfg.at_least_once_baseline = at_least_once;
     // The baseline spaces its projection writes too (flushing everything, then committing
     // Kafka offsets, once per interval), or it would be no baseline at that interval.
-    cfg.projection_interval = Duration::from_millis(args.projection_interval_ms);
+    cfg.projection_interval = args.projection_interval();
     if !at_least_once {
         cfg.exactly_once = args.exactly_once;
         cfg.changelog = args.changelog;

@@ -193,6 +193,9 @@ pub fn run(args: DemoArgs, rules: RuleSet) -> anyhow::Result<()> {
         cfg.topics = topics.clone();
         cfg.group_id = format!("{prefix}forest-processor");
         cfg.rules = Arc::new(rules.clone());
+        // As `forest processor` runs by default.
+        cfg.projection_interval =
+            forest_processor::default_projection_interval(cfg.exactly_once, cfg.changelog);
         let s = pstats.clone();
         Service::spawn("processor", move |stop| {
             forest_processor::run(cfg, stop, s).map_err(anyhow::Error::from)

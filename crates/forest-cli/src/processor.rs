@@ -38,14 +38,15 @@ pub struct ProcessorArgs {
     /// between polls. Transactions mode always runs inline.
     #[arg(long, env = "FOREST_OVERLAP_COMMITS", default_value_t = true, action = clap::ArgAction::Set)]
     overlap_commits: bool,
-    /// How long a changed projection may stay unwritten in RocksDB, ms; 0 (the default)
-    /// writes every user with the batch that changed it. Above 0, every batch still stores
-    /// its offsets and outputs, plus a record of the order it folded its records in; a user
-    /// changed many times meanwhile is written once, cutting RocksDB writes per event. After a
-    /// crash the records since the oldest unwritten change are folded again in the recorded
-    /// order, their outputs not re-sent. Outbox mode only, without --changelog.
-    #[arg(long, env = "FOREST_PROJECTION_INTERVAL_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
-    projection_interval_ms: u64,
+    /// How long a changed projection may stay unwritten in RocksDB, ms. 0 writes every user
+    /// with the batch that changed it. Above 0, every batch still stores its offsets and
+    /// outputs, plus a record of the order it folded its records in; a user changed many
+    /// times meanwhile is written once, cutting RocksDB writes per event. After a crash the
+    /// records since the oldest unwritten change are folded again in the recorded order,
+    /// their outputs not re-sent. Default: 1000 in the outbox mode without --changelog
+    /// (`forest user` may then lag by up to a second), 0 otherwise; above 0 only there.
+    #[arg(long, env = "FOREST_PROJECTION_INTERVAL_MS", value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    projection_interval_ms: Option<u64>,
     /// Users kept in the in-memory write-back cache (least recently used evicted first).
     #[arg(long, env = "FOREST_CACHE_USERS", default_value_t = 1_000_000)]
     cache_users: usize,
@@ -195,7 +196,10 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.batch_max_wait = std::time::Duration::from_millis(args.batch_max_wait_ms);
     cfg.workers = args.workers;
     cfg.overlap_commits = args.overlap_commits;
-    cfg.projection_interval = std::time::Duration::from_millis(args.projection_interval_ms);
+    cfg.projection_interval = args.projection_interval_ms.map_or_else(
+        || forest_processor::default_projection_interval(args.exactly_once, args.changelog),
+        std::time::Duration::from_millis,
+    );
     cfg.changelog = args.changelog;
     cfg.exactly_once = args.exactly_once;
     cfg.transactional_id = args.transactional_id;

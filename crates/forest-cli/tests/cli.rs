@@ -34,6 +34,19 @@ fn bad_flags_and_config_fail_with_what_to_fix() {
             &["processor", "--brokers", "b", "--kafka-config", "linger.ms"],
             "expected key=value",
         ),
+        // The default interval (1 s) applies only where spaced writes work; one given with
+        // the changelog is refused.
+        (
+            &[
+                "processor",
+                "--brokers",
+                "b",
+                "--changelog",
+                "--projection-interval-ms",
+                "500",
+            ],
+            "a projection interval above 0 works in the outbox mode only",
+        ),
         (
             &["loadgen", "--brokers", "b", "--duplicate-rate", "2"],
             "--duplicate-rate is a share between 0 and 1",
