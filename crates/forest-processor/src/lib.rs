@@ -424,6 +424,10 @@ pub struct ProcessorStats {
     pub workers_assigned: AtomicU64,
     /// Workers that have had an assignment (possibly empty) since they started.
     pub workers_joined: AtomicU64,
+    /// Workers whose shutdown write (every changed projection still unwritten) is durable.
+    /// With a projection interval that write is deferred work of the batches before it, so a
+    /// benchmark's throughput window ends here rather than at the last offsets.
+    pub shutdown_written: AtomicU64,
     /// Records the co-partition merge released out of the canonical order (a lane idle past
     /// `max_idle`, or the merge buffer over its bound): 0 in a healthy run.
     pub merge_early_releases: AtomicU64,

@@ -907,6 +907,11 @@ fn run_worker(
     c.force_checkpoint();
     c.commit()?;
     c.flush_outputs()?;
+    consumer
+        .context()
+        .stats
+        .shutdown_written
+        .fetch_add(1, Ordering::Relaxed);
     commit_kafka(&consumer, &c, CommitMode::Sync);
     drop(c);
     consumer.unsubscribe();
