@@ -407,7 +407,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
 
     // (a) Raw consume-only throughput, like (b) from its first record: the consumer's start
-    // (metadata, connections, the first fetch) was 10-40 % of a 1 M-event phase, which made
+    // (metadata, connections, the first fetch) was about half of a 1 M-event phase, which made
     // (b)/(a) depend on the log's length (session 11).
     let (mut raw, run) = measure(
         "(a) raw consume, from its first record",

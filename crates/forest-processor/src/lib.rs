@@ -258,7 +258,7 @@ pub struct ProcessorConfig {
 /// The projection interval `forest processor` and `forest bench` use where spaced writes
 /// work (the outbox mode without the changelog) and none is given. A hot user is then written
 /// at most about once a second instead of after every batch: in `forest bench` (2 workers, 1 M
-/// events, 100 K users) 0.10 instead of 0.40 RocksDB writes per event and about twice the
+/// events, 100 K users) 0.10 instead of 0.40 RocksDB writes per event and 1.2-2.0 times the
 /// events/s (BENCHMARKS.md, sessions 10-11). The price: a projection read from the store
 /// (`forest user`) may be up to this much behind, and a restart after a crash folds up to
 /// this much input again. The library's own default ([`ProcessorConfig::new`]) stays 0.
