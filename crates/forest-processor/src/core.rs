@@ -16,6 +16,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Records whose users' cache entries are prefetched before they are folded: enough misses in
+/// flight to overlap, few enough that their lines are still in the CPU cache when folded.
+const LOOK_AHEAD: usize = 16;
+
 /// A poisoned lock only means another thread panicked mid-push; the value is still usable.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -335,6 +339,7 @@ impl Core {
         let mut more = false;
         // Taken back below; an error ends this core, so its capacity does not matter then.
         let mut ready = std::mem::take(&mut self.ready);
+        let mut ahead: Vec<Rec> = Vec::with_capacity(LOOK_AHEAD);
         // Only the first call follows the poll that found the queue empty: by the next one,
         // time has gone on folding and writing (seconds, with a slow store or slow outputs)
         // without polling, which must not count as a lane idling.
@@ -353,8 +358,22 @@ impl Core {
             if ready.is_empty() {
                 break;
             }
-            for rec in ready.drain(..) {
-                self.process(rec)?;
+            // A few records at a time: first start loading their users' cache entries, then
+            // fold them, so the entries' misses overlap (see `ProjectionCache::prefetch`).
+            let mut records = ready.drain(..);
+            loop {
+                ahead.extend(records.by_ref().take(LOOK_AHEAD));
+                if ahead.is_empty() {
+                    break;
+                }
+                for rec in &ahead {
+                    if let Some(user) = rec.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                        self.cache.prefetch(user);
+                    }
+                }
+                for rec in ahead.drain(..) {
+                    self.process(rec)?;
+                }
             }
             if self.batch_records >= self.batch_max {
                 self.commit()?;

@@ -26,6 +26,21 @@ struct Slot {
     since: u64,
 }
 
+/// A hint to load the cache line at `p`.
+#[inline]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint that reads nothing and never faults, whatever the address
+    // (`unsafe` is needed before Rust 1.87; the workspace's MSRV is 1.85).
+    #[allow(unused_unsafe)]
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Estimated memory of a cached projection: the slot, the map entry's key, and the heap
 /// behind the state's collections (by capacity). An estimate from the public shape of
 /// [`UserState`], not an allocator count: private derived indexes (the dedupe id index) are
@@ -211,6 +226,21 @@ impl ProjectionCache {
             self.dirty_bytes += slot.bytes;
         }
         Ok(Some(out))
+    }
+
+    /// Starts loading the cache entry of `user_id` (its map slot and projection) into the CPU
+    /// cache, if the user is cached; changes nothing. Why: at 100 K users and more, finding a
+    /// user's entry is a miss to memory on every event, and the fold waits for it (the map
+    /// lookup and its key compare were 12-14 % of a worker's samples in session 11). A caller
+    /// that calls this for the next few users of a batch before folding them has those misses
+    /// overlap, instead of following one another.
+    pub fn prefetch(&self, user_id: &str) {
+        if let Some(slot) = self.slots.get(user_id) {
+            let p = std::ptr::from_ref(slot).cast::<u8>();
+            for offset in (0..std::mem::size_of::<Slot>()).step_by(64) {
+                prefetch(p.wrapping_add(offset));
+            }
+        }
     }
 
     /// The cached projection of a user, if cached (for tests and diagnostics).
