@@ -258,7 +258,7 @@ fn measure<T>(
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let workload = args.workload.config()?;
+    let workload = args.workload.config_with(4_000_000, 1_000_000)?;
     ensure!(args.partitions >= 1, "--partitions must be at least 1");
     ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
     ensure!(

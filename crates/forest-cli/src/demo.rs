@@ -96,6 +96,7 @@ impl<T> Service<T> {
 
 pub fn run(args: DemoArgs, rules: RuleSet) -> anyhow::Result<()> {
     let workload = args.workload.config()?;
+    let total_events = workload.events;
     ensure!(args.partitions >= 1, "--partitions must be at least 1");
     ensure!(
         args.reject_per_mille <= 1000,
@@ -228,7 +229,7 @@ pub fn run(args: DemoArgs, rules: RuleSet) -> anyhow::Result<()> {
     };
 
     // Progress until the pipeline has drained.
-    let progress = Progress::new(args.no_progress, args.workload.events);
+    let progress = Progress::new(args.no_progress, total_events);
     let deadline = started + Duration::from_secs(args.timeout_secs);
     let mut produced_total = None;
     let mut loadgen = Some(loadgen);

@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct WorkloadArgs {
-    /// Number of input records to produce.
-    #[arg(long, env = "FOREST_EVENTS", default_value_t = 300_000)]
-    pub events: u64,
-    /// Number of distinct users.
-    #[arg(long, env = "FOREST_USERS", default_value_t = 5_000)]
-    pub users: u64,
+    /// Number of input records to produce [default: 300000; `forest bench`: 4000000].
+    #[arg(long, env = "FOREST_EVENTS")]
+    pub events: Option<u64>,
+    /// Number of distinct users [default: 5000; `forest bench`: 1000000].
+    #[arg(long, env = "FOREST_USERS")]
+    pub users: Option<u64>,
     /// Seed: the same seed (and flags) gives the same records.
     #[arg(long, env = "FOREST_SEED", default_value_t = 42)]
     pub seed: u64,
@@ -45,8 +45,17 @@ pub struct WorkloadArgs {
 }
 
 impl WorkloadArgs {
+    /// The workload, with the defaults of `forest loadgen` and `forest demo`.
     pub fn config(&self) -> anyhow::Result<WorkloadConfig> {
-        ensure!(self.users > 0, "--users must be at least 1");
+        self.config_with(300_000, 5_000)
+    }
+
+    /// The workload, with these defaults for the flags not given: `forest bench` preloads a
+    /// few million records over a million users by default, as its issue asks (a demo stays
+    /// small).
+    pub fn config_with(&self, events: u64, users: u64) -> anyhow::Result<WorkloadConfig> {
+        let (events, users) = (self.events.unwrap_or(events), self.users.unwrap_or(users));
+        ensure!(users > 0, "--users must be at least 1");
         ensure!(self.days > 0, "--days must be at least 1");
         ensure!(
             (0.0..=10.0).contains(&self.skew),
@@ -72,8 +81,8 @@ impl WorkloadArgs {
         );
         Ok(WorkloadConfig {
             seed: self.seed,
-            users: self.users,
-            events: self.events,
+            users,
+            events,
             zipf_exponent: self.skew,
             duplicate_rate: self.duplicate_rate,
             late_rate: self.late_rate,
