@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Records whose users' cache entries are prefetched before they are folded: enough misses in
-/// flight to overlap, few enough that their lines are still in the CPU cache when folded.
+/// How many records ahead of the one being folded its user's cache entry is prefetched: enough
+/// misses in flight to overlap, few enough that the lines are still in the CPU cache when used.
 const LOOK_AHEAD: usize = 16;
 
 /// A poisoned lock only means another thread panicked mid-push; the value is still usable.
@@ -339,7 +339,6 @@ impl Core {
         let mut more = false;
         // Taken back below; an error ends this core, so its capacity does not matter then.
         let mut ready = std::mem::take(&mut self.ready);
-        let mut ahead: Vec<Rec> = Vec::with_capacity(LOOK_AHEAD);
         // Only the first call follows the poll that found the queue empty: by the next one,
         // time has gone on folding and writing (seconds, with a slow store or slow outputs)
         // without polling, which must not count as a lane idling.
@@ -358,23 +357,21 @@ impl Core {
             if ready.is_empty() {
                 break;
             }
-            // A few records at a time: first start loading their users' cache entries, then
-            // fold them, so the entries' misses overlap (see `ProjectionCache::prefetch`).
-            let mut records = ready.drain(..);
-            loop {
-                ahead.extend(records.by_ref().take(LOOK_AHEAD));
-                if ahead.is_empty() {
-                    break;
-                }
-                for rec in &ahead {
-                    if let Some(user) = rec.key().and_then(|k| std::str::from_utf8(k).ok()) {
-                        self.cache.prefetch(user);
-                    }
-                }
-                for rec in ahead.drain(..) {
-                    self.process(rec)?;
-                }
+            // The cache entry of the user LOOK_AHEAD records on starts loading before each
+            // record is folded, so the entries' misses overlap (see `ProjectionCache::prefetch`).
+            fn user(r: &Rec) -> Option<&str> {
+                r.key().and_then(|k| std::str::from_utf8(k).ok())
             }
+            for u in ready.iter().take(LOOK_AHEAD).filter_map(user) {
+                self.cache.prefetch(u);
+            }
+            for (i, rec) in ready.iter().enumerate() {
+                if let Some(u) = ready.get(i + LOOK_AHEAD).and_then(user) {
+                    self.cache.prefetch(u);
+                }
+                self.process(rec)?;
+            }
+            ready.clear();
             if self.batch_records >= self.batch_max {
                 self.commit()?;
                 if stop() || started.elapsed() >= budget {
@@ -388,7 +385,7 @@ impl Core {
         Ok(more)
     }
 
-    fn process(&mut self, rec: Rec) -> Result<(), ProcessorError> {
+    fn process(&mut self, rec: &Rec) -> Result<(), ProcessorError> {
         if self.batch_started.is_none() {
             self.batch_started = Some(Instant::now());
         }
@@ -1151,7 +1148,7 @@ mod tests {
             let mut c = core(&cfg, &store);
             let mut crashed = false;
             for r in records(now_ms) {
-                crashed |= matches!(c.process(r), Err(ProcessorError::InjectedCrash(_)));
+                crashed |= matches!(c.process(&r), Err(ProcessorError::InjectedCrash(_)));
             }
             assert!(crashed);
             assert!(
@@ -1165,7 +1162,7 @@ mod tests {
             cfg.crash_at = Some(CrashPoint::AfterStoreWrite(1));
             let mut c = core(&cfg, &store);
             for r in records(now_ms) {
-                c.process(r).unwrap();
+                c.process(&r).unwrap();
             }
             let trees = c.pending.len() as u64 - 3;
             assert!(trees > 0);
