@@ -395,7 +395,22 @@ impl Store {
         );
         db_opts.set_write_buffer_manager(&wbm);
 
-        let cfs = CFS.map(|name| ColumnFamilyDescriptor::new(name, cf_opts.clone()));
+        // Projections: a whole-key bloom filter in each memtable. Why: a user the cache has
+        // not seen is looked up before its first fold, and most such users are in no memtable
+        // (new, or written long ago); without the filter every such lookup walked the
+        // memtables' skip lists, key compare by key compare (5.9 % of a worker's samples at
+        // 1 M users). Costs 1/20 of each memtable's size.
+        let mut projection_opts = cf_opts.clone();
+        projection_opts.set_memtable_prefix_bloom_ratio(0.05);
+        projection_opts.set_memtable_whole_key_filtering(true);
+        let cfs = CFS.map(|name| {
+            let opts = if name == CF_PROJECTIONS {
+                projection_opts.clone()
+            } else {
+                cf_opts.clone()
+            };
+            ColumnFamilyDescriptor::new(name, opts)
+        });
         let db = if read_only {
             DB::open_cf_descriptors_read_only(&db_opts, path, cfs, false).map_err(open_err)?
         } else {
