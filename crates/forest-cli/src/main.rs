@@ -18,6 +18,13 @@ use std::path::PathBuf;
 /// mimalloc instead of glibc's malloc: the processor allocates and frees several small
 /// blocks per record (the record's bytes, the decoded event's strings, outbox entries), and
 /// glibc's allocator was 14 % of its profile (BENCHMARKS.md, session 9).
+///
+/// Built without transparent huge pages (the `no_thp` feature: no `madvise(MADV_HUGEPAGE)`
+/// on its arenas), as RocksDB's and Redis's operators advise. Why: a processor that meets many
+/// new users grows its cache by a gigabyte, and with huge pages each first touch of a 2 MiB
+/// region zeroed all of it in the fault; at 1 M users that cost 10 % more CPU per event over
+/// 4 alternated pairs, and at 100 K users (mostly cached) huge pages gained nothing over 6
+/// (BENCHMARKS.md, session 12).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
