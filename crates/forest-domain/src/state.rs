@@ -170,6 +170,21 @@ fn prefetch<T>(p: &T) {
     let _ = p;
 }
 
+/// [`prefetch`] of a raw address, which may be an empty collection's dangling one: a prefetch
+/// never faults, whatever the address.
+#[inline(always)]
+fn prefetch_raw<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `prefetch`: the hint reads nothing and never faults.
+    #[allow(unused_unsafe)]
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// The set of remembered id hashes once a user has more than [`INDEX_THRESHOLD`] of them.
 ///
 /// Open addressing with linear probing and backward-shift deletion: the dedupe window's steady
@@ -998,6 +1013,20 @@ impl UserState {
                 prefetch(q);
             }
         }
+    }
+
+    /// Starts loading the first cache line of each heap part a stored encoding reads (the
+    /// user id, counters, ids, credits, rule table and day quantities), changing nothing. For
+    /// a writer that serialises many projections in a row: with their misses started a few
+    /// projections ahead, they overlap instead of following one another.
+    #[inline]
+    pub fn prefetch_stored_parts(&self) {
+        prefetch_raw(self.user_id.as_ptr());
+        prefetch_raw(self.counters.as_ptr());
+        prefetch_raw(self.recent_ids.as_slices().0.as_ptr());
+        prefetch_raw(self.recent_credits.as_slices().0.as_ptr());
+        prefetch_raw(self.credit_rules.as_ptr());
+        prefetch_raw(self.day_quantities.as_ptr());
     }
 
     /// Local (day, month) of `ms` in `tz`, `None` if it cannot be placed on a calendar.

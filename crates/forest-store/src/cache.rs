@@ -42,6 +42,19 @@ fn prefetch(p: *const u8) {
     let _ = p;
 }
 
+/// Starts loading every cache line of `slot`.
+#[inline]
+fn prefetch_slot(slot: &Slot) {
+    let p = std::ptr::from_ref(slot).cast::<u8>();
+    for offset in (0..std::mem::size_of::<Slot>()).step_by(64) {
+        prefetch(p.wrapping_add(offset));
+    }
+}
+
+/// How many users ahead [`ProjectionCache::prepare_flush`] starts loading a written user's
+/// slot (and half as far ahead, its heap parts).
+const WRITE_AHEAD: usize = 16;
+
 /// Estimated memory of a cached projection: the slot, the map entry's key, and the heap
 /// behind the state's collections (by capacity). An estimate from the public shape of
 /// [`UserState`], not an allocator count: private derived indexes (the dedupe id index) are
@@ -253,10 +266,7 @@ impl ProjectionCache {
     /// overlap, instead of following one another.
     pub fn prefetch(&self, user_id: &str) {
         if let Some(slot) = self.slots.get(user_id) {
-            let p = std::ptr::from_ref::<Slot>(slot).cast::<u8>();
-            for offset in (0..std::mem::size_of::<Slot>()).step_by(64) {
-                prefetch(p.wrapping_add(offset));
-            }
+            prefetch_slot(slot);
         }
     }
 
@@ -377,10 +387,24 @@ impl ProjectionCache {
         taken.sort_unstable();
         let prepared = {
             let slots = &self.slots;
-            let states = taken
+            // Looked up in one pass first (independent lookups, whose misses the CPU
+            // overlaps), then serialised with each slot, and then its heap parts, loading a
+            // few users ahead. Why: at 1 M users a written user was last touched up to an
+            // interval ago and is out of the CPU's caches; serialising waited on its slot and
+            // then on each of its parts in turn.
+            let found: Vec<&Slot> = taken
                 .iter()
-                .filter_map(|(u, _)| slots.get(u))
-                .map(|s| (&s.state, position(s.partition)));
+                .filter_map(|(u, _)| slots.get(u).map(|s| &**s))
+                .collect();
+            let states = found.iter().enumerate().map(|(i, s)| {
+                if let Some(ahead) = found.get(i + WRITE_AHEAD) {
+                    prefetch_slot(ahead);
+                }
+                if let Some(ahead) = found.get(i + WRITE_AHEAD / 2) {
+                    ahead.state.prefetch_stored_parts();
+                }
+                (&s.state, position(s.partition))
+            });
             store.prepare(states, offsets, outbox)
         };
         let prepared = match prepared {
