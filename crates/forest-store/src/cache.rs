@@ -374,39 +374,44 @@ impl ProjectionCache {
         offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
         outbox: &[OutboxEntry],
     ) -> Result<(crate::PreparedBatch, u64, usize), StoreError> {
-        let mut taken: Vec<(Key, u64)> = Vec::new();
-        while let Some(since) = self.oldest_dirty() {
-            if since >= flush.before && self.dirty_count - taken.len() <= flush.max_dirty {
+        // Each taken user's slot is found once, as the queue is checked for stale entries,
+        // and serialised from that reference: at 1 M users every lookup is a miss to memory,
+        // and this one used to be repeated to serialise the user.
+        let slots = &self.slots;
+        let mut taken: Vec<(Key, u64, &Slot)> = Vec::new();
+        while let Some((u, since)) = self.dirty.front() {
+            let Some(slot) = slots
+                .get(u)
+                .filter(|s| s.dirty && s.since == *since)
+                .map(|s| &**s)
+            else {
+                self.dirty.pop_front(); // stale: written or dropped since
+                continue;
+            };
+            if *since >= flush.before && self.dirty_count - taken.len() <= flush.max_dirty {
                 break;
             }
-            if let Some(entry) = self.dirty.pop_front() {
-                taken.push(entry);
+            if let Some((u, since)) = self.dirty.pop_front() {
+                taken.push((u, since, slot));
             }
         }
         // Key order: the memtable's skip list then finds each insert near the previous one.
-        taken.sort_unstable();
-        let prepared = {
-            let slots = &self.slots;
-            // Looked up in one pass first (independent lookups, whose misses the CPU
-            // overlaps), then serialised with each slot, and then its heap parts, loading a
-            // few users ahead. Why: at 1 M users a written user was last touched up to an
-            // interval ago and is out of the CPU's caches; serialising waited on its slot and
-            // then on each of its parts in turn.
-            let found: Vec<&Slot> = taken
-                .iter()
-                .filter_map(|(u, _)| slots.get(u).map(|s| &**s))
-                .collect();
-            let states = found.iter().enumerate().map(|(i, s)| {
-                if let Some(ahead) = found.get(i + WRITE_AHEAD) {
-                    prefetch_slot(ahead);
-                }
-                if let Some(ahead) = found.get(i + WRITE_AHEAD / 2) {
-                    ahead.state.prefetch_stored_parts();
-                }
-                (&s.state, position(s.partition))
-            });
-            store.prepare(states, offsets, outbox)
-        };
+        taken.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // Serialised loading a few users ahead: each one's slot 16 users ahead, its heap
+        // parts 8 ahead. Why: at 1 M users a written user was last touched up to an interval
+        // ago and is out of the CPU's caches; serialising waited on its slot and then on
+        // each of its parts in turn.
+        let states = taken.iter().enumerate().map(|(i, (_, _, s))| {
+            if let Some((_, _, ahead)) = taken.get(i + WRITE_AHEAD) {
+                prefetch_slot(ahead);
+            }
+            if let Some((_, _, ahead)) = taken.get(i + WRITE_AHEAD / 2) {
+                ahead.state.prefetch_stored_parts();
+            }
+            (&s.state, position(s.partition))
+        });
+        let prepared = store.prepare(states, offsets, outbox);
+        let taken: Vec<(Key, u64)> = taken.into_iter().map(|(u, since, _)| (u, since)).collect();
         let prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
