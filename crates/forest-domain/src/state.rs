@@ -1017,8 +1017,9 @@ impl UserState {
 
     /// Starts loading the first cache line of each heap part a stored encoding reads (the
     /// user id, counters, ids, credits, rule table and day quantities), changing nothing. For
-    /// a writer that serialises many projections in a row: with their misses started a few
-    /// projections ahead, they overlap instead of following one another.
+    /// a writer that serialises many projections in a row, or a fold that knows its next
+    /// users: with their misses started a few projections ahead, they overlap instead of
+    /// following one another.
     #[inline]
     pub fn prefetch_stored_parts(&self) {
         prefetch_raw(self.user_id.as_ptr());

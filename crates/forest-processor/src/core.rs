@@ -365,9 +365,14 @@ impl Core {
             for u in ready.iter().take(LOOK_AHEAD).filter_map(user) {
                 self.cache.prefetch(u);
             }
+            // Half as far ahead, by then with its entry loaded, the user's heap parts (id,
+            // counters, ids, credits) start loading too (`ProjectionCache::prefetch_parts`).
             for (i, rec) in ready.iter().enumerate() {
                 if let Some(u) = ready.get(i + LOOK_AHEAD).and_then(user) {
                     self.cache.prefetch(u);
+                }
+                if let Some(u) = ready.get(i + LOOK_AHEAD / 2).and_then(user) {
+                    self.cache.prefetch_parts(u);
                 }
                 self.process(rec)?;
             }

@@ -270,6 +270,19 @@ impl ProjectionCache {
         }
     }
 
+    /// Starts loading the heap parts of `user_id`'s cached projection (see
+    /// [`UserState::prefetch_stored_parts`]), if cached; changes nothing. For a caller that
+    /// called [`ProjectionCache::prefetch`] for the user a few records earlier: the entry is
+    /// loaded by now, and the fold's next misses (the state's own user id, which it checks
+    /// the event against, its ids, counters and credits) are started before the fold waits on
+    /// them one by one. At 100 K users the user-id compare alone was 4 % of a worker's
+    /// samples.
+    pub fn prefetch_parts(&self, user_id: &str) {
+        if let Some(slot) = self.slots.get(user_id) {
+            slot.state.prefetch_stored_parts();
+        }
+    }
+
     /// The cached projection of a user, if cached (for tests and diagnostics).
     pub fn peek(&self, user_id: &str) -> Option<&UserState> {
         self.slots.get(user_id).map(|s| &s.state)
