@@ -30,6 +30,7 @@ pub use rules::{
     Cap, CapLimit, CapPeriod, DEFAULT_RULES_TOML, Earn, QuantityScope, Rule, RuleSet, RulesError,
     Species,
 };
+pub use state::prefetch_lines;
 pub use state::{
     Bucket, CapKind, Counter, Credit, CreditNote, DayQuantity, Limit, NoteLimit, NoteRule, Outcome,
     RECENT_CREDITS, UserState, tree_id,

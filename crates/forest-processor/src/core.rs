@@ -367,7 +367,15 @@ impl Core {
             }
             // Half as far ahead, by then with its entry loaded, the user's heap parts (id,
             // counters, ids, credits) start loading too (`ProjectionCache::prefetch_parts`).
+            // And twice as far ahead, the record's own bytes (`Rec::prefetch`), which the
+            // entry's lookup then reads.
+            for r in ready.iter().take(2 * LOOK_AHEAD) {
+                r.prefetch();
+            }
             for (i, rec) in ready.iter().enumerate() {
+                if let Some(r) = ready.get(i + 2 * LOOK_AHEAD) {
+                    r.prefetch();
+                }
                 if let Some(u) = ready.get(i + LOOK_AHEAD).and_then(user) {
                     self.cache.prefetch(u);
                 }

@@ -78,6 +78,16 @@ impl Rec {
         }
     }
 
+    /// Starts loading the record's bytes (key and value, at most 256 bytes) into the CPU
+    /// cache. Why: a record is copied out of librdkafka when fetched and read again only when
+    /// folded, a batch (megabytes) later, by which time its bytes have left the CPU's caches;
+    /// the key check and the decoder then waited on them (the key's UTF-8 check and the
+    /// decode were 17 % of a worker's samples at 100 K users).
+    #[inline]
+    pub fn prefetch(&self) {
+        forest_domain::prefetch_lines(self.bytes.as_ptr(), self.bytes.len().min(256));
+    }
+
     pub fn key(&self) -> Option<&[u8]> {
         self.key_len.and_then(|n| self.bytes.get(..n))
     }

@@ -27,28 +27,10 @@ struct Slot {
     since: u64,
 }
 
-/// A hint to load the cache line at `p`.
-#[inline]
-fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint that reads nothing and never faults, whatever the address
-    // (`unsafe` is needed before Rust 1.87; the workspace's MSRV is 1.85).
-    #[allow(unused_unsafe)]
-    unsafe {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T0>(p.cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
 /// Starts loading every cache line of `slot`.
 #[inline]
 fn prefetch_slot(slot: &Slot) {
-    let p = std::ptr::from_ref(slot).cast::<u8>();
-    for offset in (0..std::mem::size_of::<Slot>()).step_by(64) {
-        prefetch(p.wrapping_add(offset));
-    }
+    forest_domain::prefetch_lines(std::ptr::from_ref(slot).cast(), std::mem::size_of::<Slot>());
 }
 
 /// How many users ahead [`ProjectionCache::prepare_flush`] starts loading a written user's
