@@ -19,12 +19,14 @@ use std::path::PathBuf;
 /// blocks per record (the record's bytes, the decoded event's strings, outbox entries), and
 /// glibc's allocator was 14 % of its profile (BENCHMARKS.md, session 9).
 ///
-/// Built without transparent huge pages (the `no_thp` feature: no `madvise(MADV_HUGEPAGE)`
-/// on its arenas), as RocksDB's and Redis's operators advise. Why: a processor that meets many
-/// new users grows its cache by a gigabyte, and with huge pages each first touch of a 2 MiB
-/// region zeroed all of it in the fault; at 1 M users that cost 10 % more CPU per event over
-/// 4 alternated pairs, and at 100 K users (mostly cached) huge pages gained nothing over 6
-/// (BENCHMARKS.md, session 12).
+/// Built without asking for transparent huge pages (the `no_thp` feature: no
+/// `madvise(MADV_HUGEPAGE)` on its arenas), as RocksDB's and Redis's operators advise. Why: a
+/// processor that meets many new users grows its cache by a gigabyte, and with huge pages each
+/// first touch of a 2 MiB region zeroed all of it in the fault; at 1 M users huge pages cost
+/// 11.6 % more CPU per event over 4 alternated pairs, and at 100 K users (mostly cached) they
+/// gained nothing over 6 (BENCHMARKS.md, session 12). On a host whose THP setting is `always`
+/// the kernel still gives huge pages unasked: set `MIMALLOC_ALLOW_THP=0` there (it disables
+/// them for the process) or THP to `madvise`.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

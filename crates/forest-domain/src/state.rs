@@ -177,20 +177,26 @@ fn prefetch_raw<T>(p: *const T) {
     prefetch_lines(p.cast::<u8>(), 1);
 }
 
-/// Starts loading the cache lines of the `len` bytes at `p` (at least the first line), and
+/// Starts loading every cache line the `len` bytes at `p` overlap (at least the first), and
 /// waits for none of them. A hint for code that knows which memory it reads next (the fold's
 /// and the writer's look-ahead, the next records' bytes): misses started early overlap.
 /// Safe whatever the address: a prefetch reads nothing and never faults.
 #[inline(always)]
 pub fn prefetch_lines(p: *const u8, len: usize) {
     #[cfg(target_arch = "x86_64")]
-    for offset in (0..len.max(1)).step_by(64) {
-        // SAFETY: as in `prefetch`: the hint reads nothing and never faults, and
-        // `wrapping_add` computes an address without asserting it is in bounds.
-        #[allow(unused_unsafe)]
-        unsafe {
-            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(offset).cast());
+    {
+        // From the start of `p`'s line, so a block that is not 64-byte aligned gets its last
+        // line too.
+        let skew = p.addr() & 63;
+        let line = p.wrapping_sub(skew);
+        for offset in (0..skew + len.max(1)).step_by(64) {
+            // SAFETY: as in `prefetch`: the hint reads nothing and never faults, and
+            // `wrapping_add` computes an address without asserting it is in bounds.
+            #[allow(unused_unsafe)]
+            unsafe {
+                use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+                _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(offset).cast());
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -362,16 +362,17 @@ impl Core {
             fn user(r: &Rec) -> Option<&str> {
                 r.key().and_then(|k| std::str::from_utf8(k).ok())
             }
-            for u in ready.iter().take(LOOK_AHEAD).filter_map(user) {
-                self.cache.prefetch(u);
-            }
-            // Half as far ahead, by then with its entry loaded, the user's heap parts (id,
-            // counters, ids, credits) start loading too (`ProjectionCache::prefetch_parts`).
             // And twice as far ahead, the record's own bytes (`Rec::prefetch`), which the
             // entry's lookup then reads.
             for r in ready.iter().take(2 * LOOK_AHEAD) {
                 r.prefetch();
             }
+            for u in ready.iter().take(LOOK_AHEAD).filter_map(user) {
+                self.cache.prefetch(u);
+            }
+            // Half as far ahead, by then with its entry loaded, the user's heap parts (id,
+            // counters, ids, credits, rule table, day quantities) start loading too
+            // (`ProjectionCache::prefetch_parts`).
             for (i, rec) in ready.iter().enumerate() {
                 if let Some(r) = ready.get(i + 2 * LOOK_AHEAD) {
                     r.prefetch();

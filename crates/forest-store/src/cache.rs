@@ -45,11 +45,18 @@ const WRITE_AHEAD: usize = 16;
 pub fn estimate_bytes(s: &UserState) -> usize {
     use std::mem::size_of;
     // The map's bucket (inline key and box pointer) at its load factor, the box's
-    // allocation, and the ring's and dirty queue's inline copies of the key.
+    // allocation, and the ring's and dirty queue's inline copies of the key; an id too long
+    // to be inline has its three copies on the heap.
     const MAP_ENTRY: usize = 48 + 2 * size_of::<Key>();
+    let spilled = if s.user_id.len() > size_of::<Key>() {
+        3 * s.user_id.len()
+    } else {
+        0
+    };
     size_of::<Slot>()
         + MAP_ENTRY
         + s.user_id.capacity()
+        + spilled
         + s.species.as_ref().map_or(0, String::capacity)
         + s.counters.capacity() * size_of::<forest_domain::Counter>()
         + s.recent_ids.capacity() * 2 * size_of::<(i64, u64)>()
@@ -68,7 +75,7 @@ pub fn estimate_bytes(s: &UserState) -> usize {
 /// map's key compare reads the bucket it already loaded instead of a second heap object, and
 /// the dirty queue and the eviction ring, which hold a copy per user, allocate nothing.
 /// Why: at 1 M users each of those heap keys was a miss to memory (the compare in every
-/// lookup was most of the worker's `memcmp`, 8 % of its samples), one allocation per new or
+/// lookup was most of the processor's `memcmp`, 7.5 % of a profile's samples), one allocation per new or
 /// newly dirty user, and the commit's sort of the dirty ids chased a pointer per compare.
 type Key = CompactString;
 
@@ -100,7 +107,7 @@ type Key = CompactString;
 pub struct ProjectionCache {
     /// Boxed: a slot is a few hundred bytes, and a map of inline slots moved every cached
     /// projection on each doubling while it filled (at 1 M users, the rehash's copy into
-    /// fresh pages was 12.7 % of a worker's samples), and left up to half its buckets' bytes
+    /// fresh pages was 12.7 % of a profile's samples), and left about half its buckets' bytes
     /// empty. A boxed slot never moves; the map holds the key and a pointer.
     slots: FxHashMap<Key, Box<Slot>>,
     capacity: usize,
@@ -526,6 +533,42 @@ mod tests {
     use super::*;
     use crate::StoreConfig;
     use std::sync::atomic::Ordering;
+
+    /// User ids past the inline keys' 24 bytes spill to the heap: they must be found,
+    /// written and counted the same way.
+    #[test]
+    fn user_ids_too_long_to_be_inline_behave_like_short_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+        let mut cache = ProjectionCache::new(100);
+        let long = "u".repeat(100);
+        let ids = ["short", "exactly-24-bytes-long-id", long.as_str()];
+        for round in 0..3u64 {
+            for id in ids {
+                cache
+                    .update(&store, id, |s| {
+                        s.balance_g += 1 + round;
+                        Ok::<_, ()>(())
+                    })
+                    .unwrap()
+                    .unwrap();
+            }
+        }
+        assert_eq!(cache.len(), 3);
+        assert_eq!(cache.dirty_len(), 3);
+        let long_bytes = estimate_bytes(cache.peek(&long).unwrap());
+        let short_bytes = estimate_bytes(cache.peek("short").unwrap());
+        assert!(
+            long_bytes >= short_bytes + 3 * 100,
+            "a spilled id's heap copies are counted: {long_bytes} vs {short_bytes}"
+        );
+        cache.commit(&store, [("t", 0, 3)], &[]).unwrap();
+        assert_eq!(cache.dirty_len(), 0);
+        for id in ids {
+            assert_eq!(cache.peek(id).unwrap().balance_g, 6, "{id}");
+            assert_eq!(store.get_user(id).unwrap().unwrap().balance_g, 6, "{id}");
+        }
+    }
 
     #[test]
     fn a_batch_writes_each_user_once_and_trims() {

@@ -409,7 +409,7 @@ impl Store {
         // Projections: a whole-key bloom filter in each memtable. Why: a user the cache has
         // not seen is looked up before its first fold, and most such users are in no memtable
         // (new, or written long ago); without the filter every such lookup walked the
-        // memtables' skip lists, key compare by key compare (5.9 % of a worker's samples at
+        // memtables' skip lists, key compare by key compare (5.4 % of a profile's samples at
         // 1 M users). Costs 1/20 of each memtable's size.
         let mut projection_opts = cf_opts.clone();
         projection_opts.set_memtable_prefix_bloom_ratio(0.05);
