@@ -155,26 +155,33 @@ fn shared_day_of(tz: Tz, ms: i64) -> Option<((i32, i32), Option<DayCache>)> {
     Some(found)
 }
 
-/// Asks the CPU to load `p`'s cache line; it does not wait for it.
+/// Asks the CPU to load the cache line at `p`; it does not wait for it. The one place that
+/// issues the instruction; the helpers below are ways to name the address.
 #[inline(always)]
-fn prefetch<T>(p: &T) {
+fn prefetch_line(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint that reads nothing and never faults; `p` is a valid reference
-    // anyway. (`unsafe` is needed before Rust 1.87, the workspace's MSRV is 1.85.)
+    // SAFETY: a prefetch is a hint that reads nothing and never faults, whatever the address
+    // (`unsafe` is needed before Rust 1.87, the workspace's MSRV is 1.85).
     #[allow(unused_unsafe)]
     unsafe {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(p).cast());
+        _mm_prefetch::<_MM_HINT_T0>(p.cast());
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+/// Asks the CPU to load `p`'s cache line; it does not wait for it.
+#[inline(always)]
+fn prefetch<T>(p: &T) {
+    prefetch_line(std::ptr::from_ref(p).cast());
 }
 
 /// [`prefetch`] of a raw address, which may be an empty collection's dangling one: a prefetch
 /// never faults, whatever the address.
 #[inline(always)]
 fn prefetch_raw<T>(p: *const T) {
-    prefetch_lines(p.cast::<u8>(), 1);
+    prefetch_line(p.cast());
 }
 
 /// Starts loading every cache line the `len` bytes at `p` overlap (at least the first), and
@@ -183,24 +190,13 @@ fn prefetch_raw<T>(p: *const T) {
 /// Safe whatever the address: a prefetch reads nothing and never faults.
 #[inline(always)]
 pub fn prefetch_lines(p: *const u8, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // From the start of `p`'s line, so a block that is not 64-byte aligned gets its last
-        // line too.
-        let skew = p.addr() & 63;
-        let line = p.wrapping_sub(skew);
-        for offset in (0..skew + len.max(1)).step_by(64) {
-            // SAFETY: as in `prefetch`: the hint reads nothing and never faults, and
-            // `wrapping_add` computes an address without asserting it is in bounds.
-            #[allow(unused_unsafe)]
-            unsafe {
-                use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-                _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(offset).cast());
-            }
-        }
+    // From the start of `p`'s line, so a block that is not 64-byte aligned gets its last line
+    // too; `wrapping_*` compute addresses without asserting they are in bounds.
+    let skew = p.addr() & 63;
+    let line = p.wrapping_sub(skew);
+    for offset in (0..skew + len.max(1)).step_by(64) {
+        prefetch_line(line.wrapping_add(offset));
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, len);
 }
 
 /// The set of remembered id hashes once a user has more than [`INDEX_THRESHOLD`] of them.
