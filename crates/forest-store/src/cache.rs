@@ -33,6 +33,20 @@ fn prefetch_slot(slot: &Slot) {
     forest_domain::prefetch_lines(std::ptr::from_ref(slot).cast(), std::mem::size_of::<Slot>());
 }
 
+/// The slot a dirty-queue entry `(user_id, since)` stands for, if the entry is not stale: the
+/// user is still dirty since that batch (see `ProjectionCache::dirty`).
+#[inline]
+fn queued_slot<'a>(
+    slots: &'a FxHashMap<Key, Box<Slot>>,
+    user_id: &Key,
+    since: u64,
+) -> Option<&'a Slot> {
+    slots
+        .get(user_id)
+        .map(|s| &**s)
+        .filter(|s| s.dirty && s.since == since)
+}
+
 /// How many users ahead [`ProjectionCache::prepare_flush`] starts loading a written user's
 /// slot (and half as far ahead, its heap parts).
 const WRITE_AHEAD: usize = 16;
@@ -75,8 +89,9 @@ pub fn estimate_bytes(s: &UserState) -> usize {
 /// map's key compare reads the bucket it already loaded instead of a second heap object, and
 /// the dirty queue and the eviction ring, which hold a copy per user, allocate nothing.
 /// Why: at 1 M users each of those heap keys was a miss to memory (the compare in every
-/// lookup was most of the processor's `memcmp`, 7.5 % of a profile's samples), one allocation per new or
-/// newly dirty user, and the commit's sort of the dirty ids chased a pointer per compare.
+/// lookup was most of the processor's `memcmp`, 7.5 % of a profile's samples), one
+/// allocation per new or newly dirty user, and the commit's sort of the dirty ids chased a
+/// pointer per compare.
 type Key = CompactString;
 
 /// Hot users' projections in memory. Reads fall through to RocksDB on a miss; writes stay in
@@ -282,7 +297,7 @@ impl ProjectionCache {
     pub fn dirty_states(&self) -> impl Iterator<Item = &UserState> {
         self.dirty
             .iter()
-            .filter_map(|(u, since)| self.slots.get(u).filter(|s| s.dirty && s.since == *since))
+            .filter_map(|(u, since)| queued_slot(&self.slots, u, *since))
             .map(|s| &s.state)
     }
 
@@ -305,11 +320,7 @@ impl ProjectionCache {
     /// is dirty). Every user dirtied in an earlier batch has been written since.
     pub fn oldest_dirty(&mut self) -> Option<u64> {
         while let Some((u, since)) = self.dirty.front() {
-            if self
-                .slots
-                .get(u)
-                .is_some_and(|s| s.dirty && s.since == *since)
-            {
+            if queued_slot(&self.slots, u, *since).is_some() {
                 return Some(*since);
             }
             self.dirty.pop_front();
@@ -382,11 +393,7 @@ impl ProjectionCache {
         let slots = &self.slots;
         let mut taken: Vec<(Key, u64, &Slot)> = Vec::new();
         while let Some((u, since)) = self.dirty.front() {
-            let Some(slot) = slots
-                .get(u)
-                .filter(|s| s.dirty && s.since == *since)
-                .map(|s| &**s)
-            else {
+            let Some(slot) = queued_slot(slots, u, *since) else {
                 self.dirty.pop_front(); // stale: written or dropped since
                 continue;
             };
