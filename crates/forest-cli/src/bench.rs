@@ -132,13 +132,24 @@ struct CpuSampler {
     handle: std::thread::JoinHandle<BTreeMap<&'static str, f64>>,
 }
 
-fn thread_group(comm: &str) -> &'static str {
-    if comm.starts_with("rdk:mock") {
+/// The group a thread's CPU is reported under, by its name. The harness's main thread is a
+/// group of its own: in the latency phase it is the load generator, which competes with the
+/// processor for the same cores.
+fn thread_group(main: bool, comm: &str) -> &'static str {
+    if main {
+        "harness main thread"
+    } else if comm.starts_with("rdk:mock") {
         "embedded broker"
     } else if comm.starts_with("rdk:") {
         "librdkafka clients"
+    } else if comm.starts_with("forest-worker") {
+        "processor workers"
+    } else if comm.starts_with("forest-commit") {
+        "processor committers"
+    } else if comm.starts_with("rocksdb:") {
+        "RocksDB background"
     } else {
-        "forest threads"
+        "other forest threads"
     }
 }
 
@@ -157,6 +168,7 @@ impl CpuSampler {
         let handle = std::thread::spawn(move || {
             // tid -> (group, first seen, last seen)
             let mut seen: BTreeMap<String, (&'static str, f64, f64)> = BTreeMap::new();
+            let main = std::process::id().to_string();
             let sample = |seen: &mut BTreeMap<String, (&'static str, f64, f64)>| {
                 if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
                     for t in dir.flatten() {
@@ -169,9 +181,8 @@ impl CpuSampler {
                             continue;
                         };
                         let key = t.file_name().to_string_lossy().into_owned();
-                        let e = seen
-                            .entry(key)
-                            .or_insert((thread_group(comm.trim()), cpu, cpu));
+                        let group = thread_group(key == main, comm.trim());
+                        let e = seen.entry(key).or_insert((group, cpu, cpu));
                         e.2 = cpu;
                     }
                 }
@@ -462,6 +473,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // (c) Latency at fixed rates.
     let mut latencies = Vec::new();
+    let mut latency_cpu = Vec::new();
     if args.latency_secs > 0 {
         for (i, frac) in args.latency_at.iter().enumerate() {
             // A fraction of the steady rate (from the first record): the group join is not
@@ -477,6 +489,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             // 1 CPU-s per M events on the cores the processor is measured on.
             let records: Vec<forest_workload::Record> =
                 forest_workload::Generator::new(cfg).collect();
+            // First the same records at the same pace with no processor running: what the
+            // producer, the broker and a plain consumer give on this machine by themselves.
+            let alone_topics = create(&format!("bench-{stamp}-lat{i}k."))?;
+            let (no_processor, alone_cpu) = kafka_alone_latency(
+                &brokers,
+                kafka,
+                &alone_topics,
+                &records,
+                rate,
+                args.broker_pid,
+            )?;
             let stop = Arc::new(AtomicBool::new(false));
             let handle = {
                 let mut c = processor_config(
@@ -535,7 +558,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     kafka_alone.clone(),
                     raw_stop.clone(),
                 );
-                std::thread::spawn(move || raw_latency(&b, &k, &tt, &h, &st))
+                std::thread::spawn(move || raw_latency(&b, &k, &tt, &h, &AtomicU64::new(0), &st))
             };
             let sent = AtomicU64::new(0);
             let pace = loadgen::Pace {
@@ -545,14 +568,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             };
             // Steady state only: the first 2 s include the new producer's metadata and
             // connection set-up, which held the first records for up to ~0.5 s.
-            std::thread::scope(|s| {
-                s.spawn(|| {
+            let with_cpu = std::thread::scope(|s| {
+                let warmed = s.spawn(|| {
                     std::thread::sleep(WARM_UP);
                     hists(&stats);
                     kafka_alone.reset();
+                    CpuWindow::start(args.broker_pid)
                 });
-                loadgen::produce_records(&brokers, kafka, &t, records, pace, &sent, &never)
+                loadgen::produce_records(&brokers, kafka, &t, &records, pace, &sent, &never)?;
+                let end = Instant::now();
+                anyhow::Ok(
+                    warmed
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("latency warm-up timer panicked"))?
+                        .finish(end),
+                )
             })?;
+            drop(records);
             let mut lat_ends = Vec::new();
             for tp in [&t.payments, &t.mobility, &t.commands] {
                 for (p, end) in end_offsets(&brokers, tp)? {
@@ -573,20 +605,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             handle
                 .join()
                 .map_err(|_| anyhow::anyhow!("latency processor panicked"))??;
+            let cores = |c: Option<f64>| c.map_or("-".to_string(), |c| format!("{c:.2}"));
             let q = |h: &forest_processor::LatencyHistogram| {
                 let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
                 format!("{} / {}", f(h.quantile_ms(0.5)), f(h.quantile_ms(0.99)))
             };
+            latency_cpu.push((rate, "Kafka with no processor", alone_cpu.groups));
+            latency_cpu.push((rate, "with the processor", with_cpu.groups));
             latencies.push((
                 *frac,
                 rate,
                 stats.latency_durable.count(),
                 stats.latency_durable.quantile_ms(0.5),
                 stats.latency_durable.quantile_ms(0.99),
+                no_processor.quantile_ms(0.99),
                 format!(
-                    "| {rate} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {rate} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     q(&stats.latency_durable),
                     q(&stats.latency),
+                    q(&no_processor),
+                    cores(alone_cpu.machine),
+                    cores(with_cpu.machine),
                     q(&kafka_alone),
                     q(&stats.stage_polled),
                     q(&stats.stage_batch),
@@ -717,26 +756,49 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         eo.cpu / (eo.events as f64 / 1e6),
         alo_cmp.cpu / (alo_cmp.events as f64 / 1e6)
     );
-    for (frac, rate, count, p50, p99, _) in &latencies {
+    for (frac, rate, count, p50, p99, alone_p99, _) in &latencies {
+        let ms = |v: &Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
         println!(
-            "latency at {rate} events/s ({:.0} % of (b) from its first record), {count} records: p50 {} ms, p99 {} ms (produce to durable projection after a 2 s warm-up, bucket upper bounds)",
+            "latency at {rate} events/s ({:.0} % of (b) from its first record), {count} records: p50 {} ms, p99 {} ms (produce to durable projection after a 2 s warm-up, bucket upper bounds); Kafka alone at that rate with no processor: p99 {} ms",
             frac * 100.0,
-            p50.map_or("-".into(), |v| format!("{v:.1}")),
-            p99.map_or("-".into(), |v| format!("{v:.1}"))
+            ms(p50),
+            ms(p99),
+            ms(alone_p99)
         );
     }
     if !latencies.is_empty() {
         println!();
         println!(
-            "Latency breakdown, p50 / p99 ms: produce to projection (the batch durable in the store); produce to outputs (durable and its outputs acknowledged); Kafka alone (a plain consumer's arrival age beside the processor); the processor's poll (age when polled); per batch: filling, closing to durable (waiting for the committer included), output delivery, the worker blocked handing the batch to a full committer queue."
+            "Latency breakdown, p50 / p99 ms: produce to projection (the batch durable in the store); produce to outputs (durable and its outputs acknowledged); Kafka with no processor (the same records at the same pace on fresh topics, before the processor starts: a plain consumer's arrival age), and the machine's cores busy then and during the processor's run (every process, from /proc/stat, after the warm-up); Kafka beside the processor (a plain consumer's arrival age); the processor's poll (age when polled); per batch: filling, closing to durable (waiting for the committer included), output delivery, the worker blocked handing the batch to a full committer queue."
         );
         println!();
         println!(
-            "| rate | to projection | to outputs | Kafka alone | polled | batch fill | store write | delivery | hand-over wait |"
+            "| rate | to projection | to outputs | Kafka, no processor | cores busy, no processor | cores busy, with it | Kafka beside it | polled | batch fill | store write | delivery | hand-over wait |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
         for (.., row) in &latencies {
             println!("{row}");
+        }
+        println!();
+        println!(
+            "CPU during the latency phases, cores by thread group (after the warm-up; the harness main thread is the load generator):"
+        );
+        println!();
+        let names: std::collections::BTreeSet<&str> = latency_cpu
+            .iter()
+            .flat_map(|(.., g)| g.keys().copied())
+            .collect();
+        println!(
+            "| rate | run | {} |",
+            names.iter().copied().collect::<Vec<_>>().join(" | ")
+        );
+        println!("|---|---|{}", "---|".repeat(names.len()));
+        for (rate, run, groups) in &latency_cpu {
+            let cells: Vec<String> = names
+                .iter()
+                .map(|g| groups.get(g).map_or("-".into(), |c| format!("{c:.2}")))
+                .collect();
+            println!("| {rate} | {run} | {} |", cells.join(" | "));
         }
     }
     drop(embedded);
@@ -766,12 +828,14 @@ fn plain_consumer(
 }
 
 /// Until `stop`: reads the latency phase's input topics from the start with a plain consumer
-/// and records each record's age on arrival (now minus its Kafka timestamp) in `hist`.
+/// and records each record's age on arrival (now minus its Kafka timestamp) in `hist`, and
+/// counts the records in `read`.
 fn raw_latency(
     brokers: &str,
     kafka: &[(String, String)],
     topics: &Topics,
     hist: &forest_processor::LatencyHistogram,
+    read: &AtomicU64,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let consumer = plain_consumer(brokers, kafka, "rawlat", &[])?;
@@ -785,6 +849,7 @@ fn raw_latency(
     while !stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
+                read.fetch_add(1, Ordering::Relaxed);
                 if let Some(ts) = m.timestamp().to_millis() {
                     let now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
@@ -801,6 +866,144 @@ fn raw_latency(
 
 /// Latency is measured after this long at the fixed rate.
 const WARM_UP: Duration = Duration::from_secs(2);
+
+/// Produces `records` at `rate` to `topics` with no processor running, and returns the ages a
+/// plain consumer saw on arrival after [`WARM_UP`], with the machine's cores busy meanwhile.
+/// Why: on a shared machine the processor's tail can only be judged against what Kafka
+/// alone gives at the same rate; a tail that is already there without Forest is the
+/// machine's, not Forest's.
+fn kafka_alone_latency(
+    brokers: &str,
+    kafka: &[(String, String)],
+    topics: &Topics,
+    records: &[forest_workload::Record],
+    rate: u64,
+    broker_pid: Option<u32>,
+) -> anyhow::Result<(forest_processor::LatencyHistogram, CpuUse)> {
+    let hist = forest_processor::LatencyHistogram::default();
+    let (read, stop, sent) = (AtomicU64::new(0), AtomicBool::new(false), AtomicU64::new(0));
+    let pace = loadgen::Pace {
+        rate,
+        stamp_now: true,
+        ..loadgen::Pace::default()
+    };
+    let busy = std::thread::scope(|s| {
+        let consumer = s.spawn(|| raw_latency(brokers, kafka, topics, &hist, &read, &stop));
+        let warmed = s.spawn(|| {
+            std::thread::sleep(WARM_UP);
+            hist.reset();
+            CpuWindow::start(broker_pid)
+        });
+        let never = AtomicBool::new(false);
+        let produced =
+            loadgen::produce_records(brokers, kafka, topics, records, pace, &sent, &never);
+        let end = Instant::now();
+        // The consumer reads on until it has every record (or a minute passes), so the tail
+        // counts the records that arrived last.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Ok(n) = &produced {
+            if read.load(Ordering::Relaxed) >= *n
+                || Instant::now() > deadline
+                || consumer.is_finished()
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Relaxed);
+        consumer
+            .join()
+            .map_err(|_| anyhow::anyhow!("latency raw consumer panicked"))??;
+        produced?;
+        let warmed = warmed
+            .join()
+            .map_err(|_| anyhow::anyhow!("latency warm-up timer panicked"))?;
+        anyhow::Ok(warmed.finish(end))
+    })?;
+    Ok((hist, busy))
+}
+
+/// CPU used from the end of a latency phase's warm-up to the end of its load: the whole
+/// machine's (every process) and this process's by thread group, plus the broker's.
+struct CpuWindow {
+    machine: MachineCpu,
+    groups: CpuSampler,
+    at: Instant,
+}
+
+/// What a [`CpuWindow`] measured, in cores (CPU-seconds per second).
+struct CpuUse {
+    machine: Option<f64>,
+    groups: BTreeMap<&'static str, f64>,
+}
+
+impl CpuWindow {
+    fn start(broker_pid: Option<u32>) -> Self {
+        Self {
+            machine: MachineCpu::now(),
+            groups: CpuSampler::start(broker_pid),
+            at: Instant::now(),
+        }
+    }
+
+    /// Closes the window at `end` (the load's end; the sampler stops a moment later).
+    fn finish(self, end: Instant) -> CpuUse {
+        let machine = self.machine.cores_busy_until(&MachineCpu::now());
+        let secs = end.saturating_duration_since(self.at).as_secs_f64();
+        let groups = self
+            .groups
+            .finish()
+            .into_iter()
+            .map(|(g, cpu)| (g, if secs > 0.0 { cpu / secs } else { f64::NAN }))
+            .collect();
+        CpuUse { machine, groups }
+    }
+}
+
+/// The whole machine's CPU counters (every process), from the first line of /proc/stat.
+struct MachineCpu {
+    /// Jiffies spent busy (user, nice, system, irq, softirq, steal) and in all, summed over
+    /// every CPU; `None` where /proc/stat cannot be read.
+    jiffies: Option<(u64, u64)>,
+    cpus: usize,
+}
+
+impl MachineCpu {
+    fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").ok();
+        let jiffies = stat.as_deref().and_then(|s| {
+            let f: Vec<u64> = s
+                .lines()
+                .next()?
+                .strip_prefix("cpu ")?
+                .split_whitespace()
+                .take(8)
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            let [user, nice, system, idle, iowait, irq, softirq, steal] = f[..] else {
+                return None;
+            };
+            let busy = user + nice + system + irq + softirq + steal;
+            Some((busy, busy + idle + iowait))
+        });
+        let cpus = stat.as_deref().map_or(0, |s| {
+            s.lines()
+                .filter(|l| {
+                    l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)
+                })
+                .count()
+        });
+        Self { jiffies, cpus }
+    }
+
+    /// How many of the machine's cores were busy on average from `self` to `end`.
+    fn cores_busy_until(&self, end: &Self) -> Option<f64> {
+        let ((b0, t0), (b1, t1)) = (self.jiffies?, end.jiffies?);
+        let total = t1.checked_sub(t0).filter(|t| *t > 0)?;
+        Some(b1.saturating_sub(b0) as f64 / total as f64 * self.cpus as f64)
+    }
+}
 
 /// A plain consumer with the processor's fetch settings, and every input partition from the
 /// beginning (to assign).

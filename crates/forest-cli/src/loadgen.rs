@@ -10,6 +10,7 @@ use forest_kafka::{ClientConfigExt, client_config};
 use forest_processor::Topics;
 use forest_workload::{Generator, Topic, WorkloadConfig};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use std::borrow::Borrow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -182,7 +183,7 @@ pub fn produce_records(
     brokers: &str,
     kafka: &[(String, String)],
     topics: &Topics,
-    records: impl IntoIterator<Item = forest_workload::Record>,
+    records: impl IntoIterator<Item = impl Borrow<forest_workload::Record>>,
     pace: Pace<'_>,
     produced: &AtomicU64,
     stop: &AtomicBool,
@@ -208,6 +209,7 @@ pub fn produce_records(
         if stop.load(Ordering::Relaxed) {
             break;
         }
+        let rec = rec.borrow();
         let topic = match rec.topic {
             Topic::Payment => &topics.payments,
             Topic::Mobility => &topics.mobility,

@@ -373,6 +373,9 @@ pub enum ProcessorError {
     /// start).
     #[error("the committer thread {0}")]
     Committer(&'static str),
+    /// The operating system refused a worker thread (out of threads or memory).
+    #[error("cannot start a processor worker thread: {0}")]
+    WorkerThread(std::io::Error),
     /// A replay read a record its replay records do not cover: the input log no longer holds
     /// what the previous run folded (retention, compaction or truncation since), so the
     /// unwritten projections cannot be rebuilt exactly. Rebuild the store (`forest rebuild`).
@@ -396,6 +399,8 @@ impl ProcessorError {
             Self::Route(e) => e.is_retriable(),
             // A restore reads Kafka: a broker back up answers a retry.
             Self::Kafka { .. } | Self::InjectedCrash(_) | Self::Restore { .. } => true,
+            // A resource shortage of the moment: a restart may find the thread.
+            Self::WorkerThread(_) => true,
         }
     }
 }

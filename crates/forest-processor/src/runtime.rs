@@ -795,21 +795,30 @@ fn run_workers(
         let handles: Vec<_> = (0..cfg.workers)
             .map(|i| {
                 let (store, stats, own) = (store.clone(), stats.clone(), ownership.clone());
-                s.spawn(move || {
-                    let r = run_worker(cfg, store, shutdown, halt, stats, i, own);
-                    if r.is_err() {
-                        // One worker failed: stop the others (they commit what they did).
-                        halt.store(true, Ordering::Relaxed);
-                    }
-                    r
-                })
+                // Named, so that top, perf and `forest bench` can tell the workers apart.
+                std::thread::Builder::new()
+                    .name(format!("forest-worker-{i}"))
+                    .spawn_scoped(s, move || {
+                        let r = run_worker(cfg, store, shutdown, halt, stats, i, own);
+                        if r.is_err() {
+                            // One worker failed: stop the others (they commit what they did).
+                            halt.store(true, Ordering::Relaxed);
+                        }
+                        r
+                    })
             })
             .collect();
         let mut result = Ok(());
         for h in handles {
-            let r = h.join().unwrap_or_else(|_| {
-                Err(ProcessorError::Config("a processor worker panicked".into()))
-            });
+            let r = match h {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    Err(ProcessorError::Config("a processor worker panicked".into()))
+                }),
+                Err(e) => {
+                    halt.store(true, Ordering::Relaxed);
+                    Err(ProcessorError::WorkerThread(e))
+                }
+            };
             if result.is_ok() {
                 result = r;
             }
