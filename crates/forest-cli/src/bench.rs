@@ -56,7 +56,7 @@ pub struct BenchArgs {
     overlap_commits: bool,
     /// How long the processor may leave a changed projection unwritten in phases (b) and
     /// (c), ms: 0 writes it with the batch; above 0 see `forest processor
-    /// --projection-interval-ms`, whose default this follows (1000 in the outbox mode
+    /// --projection-interval-ms`, whose default this follows (5000 in the outbox mode
     /// without --changelog, else 0). The at-least-once baseline (b') writes at the same
     /// interval.
     #[arg(long)]
@@ -66,9 +66,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10)]
     latency_secs: u64,
     /// Rates of the latency phase, as fractions of the processor's measured throughput from its
-    /// first record.
-    #[arg(long, value_delimiter = ',', default_value = "0.5")]
+    /// first record. The goal is at half; a quarter shows what the machine holds below it.
+    #[arg(long, value_delimiter = ',', default_value = "0.25,0.5")]
     latency_at: Vec<f64>,
+    /// Also run a plain consumer beside the processor in the latency phase, recording each
+    /// record's age on arrival. Off by default: it takes a fifth of a core from the
+    /// processor it sits beside (BENCHMARKS.md, session 13); the run with no processor at
+    /// the same rate, before it, says what Kafka alone gives.
+    #[arg(long)]
+    latency_beside: bool,
     /// Run the processor once over the log before the measured phases, reported as (w) but
     /// not compared: the first run in a process and on a broker is slower, whatever it runs.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -269,7 +275,11 @@ fn measure<T>(
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let workload = args.workload.config_with(4_000_000, 1_000_000)?;
+    // 16 M events by default: at about 1 M events/s the processor then runs through three
+    // of its default 5 s projection intervals, so (b) includes the steady state's repeated
+    // writes of active users, not only the one write per user at shutdown that a shorter
+    // run would measure.
+    let workload = args.workload.config_with(16_000_000, 1_000_000)?;
     ensure!(args.partitions >= 1, "--partitions must be at least 1");
     ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
     ensure!(
@@ -546,11 +556,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .map(|h| h.reset())
             };
             hists(&stats);
-            // Kafka alone: a plain consumer on the same topics, beside the processor, records
-            // each record's age on arrival. The processor's tail above this is Forest's.
+            // With --latency-beside: a plain consumer on the same topics, beside the
+            // processor, records each record's age on arrival.
             let kafka_alone = Arc::new(forest_processor::LatencyHistogram::default());
             let raw_stop = Arc::new(AtomicBool::new(false));
-            let raw = {
+            let raw = args.latency_beside.then(|| {
                 let (b, k, tt, h, st) = (
                     brokers.clone(),
                     kafka.to_vec(),
@@ -559,7 +569,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     raw_stop.clone(),
                 );
                 std::thread::spawn(move || raw_latency(&b, &k, &tt, &h, &AtomicU64::new(0), &st))
-            };
+            });
             let sent = AtomicU64::new(0);
             let pace = loadgen::Pace {
                 rate,
@@ -599,8 +609,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 &handle,
             )?;
             raw_stop.store(true, Ordering::Relaxed);
-            raw.join()
-                .map_err(|_| anyhow::anyhow!("latency raw consumer panicked"))??;
+            if let Some(raw) = raw {
+                raw.join()
+                    .map_err(|_| anyhow::anyhow!("latency raw consumer panicked"))??;
+            }
             stop.store(true, Ordering::Relaxed);
             handle
                 .join()
@@ -769,7 +781,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !latencies.is_empty() {
         println!();
         println!(
-            "Latency breakdown, p50 / p99 ms: produce to projection (the batch durable in the store); produce to outputs (durable and its outputs acknowledged); Kafka with no processor (the same records at the same pace on fresh topics, before the processor starts: a plain consumer's arrival age), and the machine's cores busy then and during the processor's run (every process, from /proc/stat, after the warm-up); Kafka beside the processor (a plain consumer's arrival age); the processor's poll (age when polled); per batch: filling, closing to durable (waiting for the committer included), output delivery, the worker blocked handing the batch to a full committer queue."
+            "Latency breakdown, p50 / p99 ms: produce to projection (the batch durable in the store); produce to outputs (durable and its outputs acknowledged); Kafka with no processor (the same records at the same pace on fresh topics, before the processor starts: a plain consumer's arrival age), and the machine's cores busy then and during the processor's run (every process, from /proc/stat, after the warm-up); Kafka beside the processor (a plain consumer's arrival age, with --latency-beside); the processor's poll (age when polled); per batch: filling, closing to durable (waiting for the committer included), output delivery, the worker blocked handing the batch to a full committer queue."
         );
         println!();
         println!(

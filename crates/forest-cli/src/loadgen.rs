@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct WorkloadArgs {
-    /// Number of input records to produce [default: 300000; `forest bench`: 4000000].
+    /// Number of input records to produce [default: 300000; `forest bench`: 16000000].
     #[arg(long, env = "FOREST_EVENTS")]
     pub events: Option<u64>,
     /// Number of distinct users [default: 5000; `forest bench`: 1000000].

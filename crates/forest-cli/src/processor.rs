@@ -43,8 +43,8 @@ pub struct ProcessorArgs {
     /// outputs, plus a record of the order it folded its records in; a user changed many
     /// times meanwhile is written once, cutting RocksDB writes per event. After a crash the
     /// records since the oldest unwritten change are folded again in the recorded order,
-    /// their outputs not re-sent. Default: 1000 in the outbox mode without --changelog
-    /// (`forest user` may then lag by up to a second), 0 otherwise; above 0 only there.
+    /// their outputs not re-sent. Default: 5000 in the outbox mode without --changelog
+    /// (`forest user` may then lag by up to 5 s), 0 otherwise; above 0 only there.
     #[arg(long, env = "FOREST_PROJECTION_INTERVAL_MS", value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     projection_interval_ms: Option<u64>,
     /// Users kept in the in-memory write-back cache (least recently used evicted first).

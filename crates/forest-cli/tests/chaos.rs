@@ -304,7 +304,7 @@ fn a_failed_store_write_stops_the_processor_without_moving_offsets_past_it() {
         "1000",
         // Every batch writes its users with its offsets, so that the stored projections are
         // the pure fold of the records below the stored offsets, as checked below. (With the
-        // default 1 s interval they are that only after the replay a restart does.)
+        // default 5 s interval they are that only after the replay a restart does.)
         "--projection-interval-ms",
         "0",
         "--metrics-addr",

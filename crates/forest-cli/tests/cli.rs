@@ -34,7 +34,7 @@ fn bad_flags_and_config_fail_with_what_to_fix() {
             &["processor", "--brokers", "b", "--kafka-config", "linger.ms"],
             "expected key=value",
         ),
-        // The default interval (1 s) applies only where spaced writes work; one given with
+        // The default interval (5 s) applies only where spaced writes work; one given with
         // the changelog is refused.
         (
             &[

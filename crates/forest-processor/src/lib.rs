@@ -256,13 +256,17 @@ pub struct ProcessorConfig {
 }
 
 /// The projection interval `forest processor` and `forest bench` use where spaced writes
-/// work (the outbox mode without the changelog) and none is given. A hot user is then written
-/// at most about once a second instead of after every batch: in `forest bench` (2 workers, 1 M
-/// events, 100 K users) 0.10 instead of 0.40 RocksDB writes per event and 1.2-2.0 times the
-/// events/s (BENCHMARKS.md, sessions 10-11). The price: a projection read from the store
-/// (`forest user`) may be up to this much behind, and a restart after a crash folds up to
-/// this much input again. The library's own default ([`ProcessorConfig::new`]) stays 0.
-pub const DEFAULT_PROJECTION_INTERVAL: Duration = Duration::from_secs(1);
+/// work (the outbox mode without the changelog) and none is given. A user is then written at
+/// most about once in 5 s instead of after every batch. Why 5 s and not 1 s (session 13): with
+/// many users most of the CPU a second interval saves goes on writing the same active users
+/// again. At the benchmark's own workload (16 M events over 1 M Zipf users, 2 workers)
+/// 5 s gave 1.02 M events/s at 1.80 CPU-s per M and 0.135 RocksDB writes per event, 1 s
+/// 0.70 M at 2.69 and 0.294; at moderate rates the writes per second of 1 s kept the two
+/// cores too busy to hold the latency (BENCHMARKS.md, session 13). The price: a projection
+/// read from the store (`forest user`) may be up to this much behind, and a restart after a
+/// crash folds up to this much input again (outputs are not re-sent). The library's own
+/// default ([`ProcessorConfig::new`]) stays 0.
+pub const DEFAULT_PROJECTION_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The projection interval for a configuration that did not choose one: see
 /// [`DEFAULT_PROJECTION_INTERVAL`]; zero where spaced writes do not work.
