@@ -70,9 +70,10 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.5")]
     latency_at: Vec<f64>,
     /// Also run a plain consumer beside the processor in the latency phase, recording each
-    /// record's age on arrival. Off by default: it takes a fifth of a core from the
-    /// processor it sits beside (BENCHMARKS.md, session 13); the run with no processor at
-    /// the same rate, before it, says what Kafka alone gives.
+    /// record's age on arrival. Off by default: its own thread took 0.06-0.23 cores, plus its
+    /// fetches in librdkafka and the broker, on the cores the processor was measured on
+    /// (BENCHMARKS.md, session 13); the run with no processor at the same rate, before it,
+    /// says what Kafka alone gives.
     #[arg(long)]
     latency_beside: bool,
     /// Run the processor once over the log before the measured phases, reported as (w) but
@@ -135,12 +136,20 @@ fn reset_peak_rss() {
 /// ends between samples loses at most its last 100 ms), plus an external broker process.
 struct CpuSampler {
     stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<BTreeMap<&'static str, f64>>,
+    handle: Option<std::thread::JoinHandle<BTreeMap<&'static str, f64>>>,
+}
+
+impl Drop for CpuSampler {
+    /// A phase that failed drops its sampler unfinished: stop its thread all the same.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The group a thread's CPU is reported under, by its name. The harness's main thread is a
 /// group of its own: in the latency phase it is the load generator, which competes with the
-/// processor for the same cores.
+/// processor for the same cores. With `--workers 1` the one worker runs on the processor's
+/// own (unnamed) thread, so its CPU is under "other forest threads".
 fn thread_group(main: bool, comm: &str) -> &'static str {
     if main {
         "harness main thread"
@@ -218,12 +227,18 @@ impl CpuSampler {
             }
             groups
         });
-        Self { stop, handle }
+        Self {
+            stop,
+            handle: Some(handle),
+        }
     }
 
-    fn finish(self) -> BTreeMap<&'static str, f64> {
+    fn finish(mut self) -> BTreeMap<&'static str, f64> {
         self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().unwrap_or_default()
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
     }
 }
 
@@ -910,6 +925,8 @@ fn kafka_alone_latency(
         let produced =
             loadgen::produce_records(brokers, kafka, topics, records, pace, &sent, &never);
         let end = Instant::now();
+        // The CPU window closes with the load, before the consumer drains and closes.
+        let cpu = warmed.join().map(|w| w.finish(end));
         // The consumer reads on until it has every record (or a minute passes), so the tail
         // counts the records that arrived last.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -927,10 +944,7 @@ fn kafka_alone_latency(
             .join()
             .map_err(|_| anyhow::anyhow!("latency raw consumer panicked"))??;
         produced?;
-        let warmed = warmed
-            .join()
-            .map_err(|_| anyhow::anyhow!("latency warm-up timer panicked"))?;
-        anyhow::Ok(warmed.finish(end))
+        cpu.map_err(|_| anyhow::anyhow!("latency warm-up timer panicked"))
     })?;
     Ok((hist, busy))
 }
@@ -982,9 +996,14 @@ struct MachineCpu {
 
 impl MachineCpu {
     fn now() -> Self {
-        let stat = std::fs::read_to_string("/proc/stat").ok();
-        let jiffies = stat.as_deref().and_then(|s| {
-            let f: Vec<u64> = s
+        Self::parse(&std::fs::read_to_string("/proc/stat").unwrap_or_default())
+    }
+
+    /// From the text of /proc/stat: the first line (`cpu  user nice system idle iowait irq
+    /// softirq steal ...`, summed over every CPU) and the count of `cpuN` lines.
+    fn parse(stat: &str) -> Self {
+        let jiffies = (|| {
+            let f: Vec<u64> = stat
                 .lines()
                 .next()?
                 .strip_prefix("cpu ")?
@@ -998,14 +1017,11 @@ impl MachineCpu {
             };
             let busy = user + nice + system + irq + softirq + steal;
             Some((busy, busy + idle + iowait))
-        });
-        let cpus = stat.as_deref().map_or(0, |s| {
-            s.lines()
-                .filter(|l| {
-                    l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)
-                })
-                .count()
-        });
+        })();
+        let cpus = stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+            .count();
         Self { jiffies, cpus }
     }
 
@@ -1323,5 +1339,52 @@ fn wait_committed<T>(
             "the processor did not catch up in {timeout:?}"
         );
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(user: u64, idle: u64) -> String {
+        format!(
+            "cpu  {user} 0 10 {idle} 5 1 2 3 0 0\ncpu0 1 0 0 1 0 0 0 0 0 0\ncpu1 1 0 0 1 0 0 0 0 0 0\nintr 1 2\nctxt 9\n"
+        )
+    }
+
+    #[test]
+    fn machine_cpu_counts_busy_cores_between_two_readings() {
+        let a = MachineCpu::parse(&stat(100, 1_000));
+        assert_eq!(a.cpus, 2);
+        // busy = user + nice + system + irq + softirq + steal; iowait counts as idle.
+        assert_eq!(a.jiffies, Some((100 + 10 + 1 + 2 + 3, 116 + 1_000 + 5)));
+        // 150 more busy jiffies and 50 more idle ones: 3/4 of the 2 CPUs were busy.
+        let b = MachineCpu::parse(&stat(250, 1_050));
+        let busy = a.cores_busy_until(&b).expect("two readings");
+        assert!((busy - 1.5).abs() < 1e-9, "{busy}");
+        // No time passed: no figure rather than a division by zero.
+        assert_eq!(a.cores_busy_until(&a), None);
+    }
+
+    #[test]
+    fn machine_cpu_without_proc_stat_gives_no_figure() {
+        let none = MachineCpu::parse("");
+        assert_eq!((none.jiffies, none.cpus), (None, 0));
+        assert_eq!(none.cores_busy_until(&MachineCpu::parse(&stat(1, 1))), None);
+        assert_eq!(MachineCpu::parse("cpu  1 2 x 4 5 6 7 8\n").jiffies, None);
+    }
+
+    #[test]
+    fn thread_groups_follow_thread_names() {
+        assert_eq!(thread_group(true, "forest-worker-0"), "harness main thread");
+        assert_eq!(thread_group(false, "forest-worker-1"), "processor workers");
+        assert_eq!(thread_group(false, "forest-commit"), "processor committers");
+        assert_eq!(thread_group(false, "rocksdb:low"), "RocksDB background");
+        assert_eq!(thread_group(false, "rdk:mock"), "embedded broker");
+        assert_eq!(thread_group(false, "rdk:broker1"), "librdkafka clients");
+        assert_eq!(
+            thread_group(false, "tokio-runtime-w"),
+            "other forest threads"
+        );
     }
 }

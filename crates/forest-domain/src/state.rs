@@ -515,7 +515,7 @@ pub struct NoteRule {
 /// The stored encoding of [`UserState::recent_ids`] in binary formats: one byte string holding,
 /// per id, its event time as a zigzag varint of the difference from the previous id's (from 0
 /// for the first), then its hash as 8 little-endian bytes. Why: a busy user keeps up to
-/// `dedupe_max_ids` (1,024) ids, and with the default projection interval the projection is
+/// `dedupe_max_ids` (1,024) ids, and at projection interval 0 the projection is
 /// written after every batch that touched the user; as a sequence of postcard varints an id
 /// took ~17 bytes and a generic per-element encode (a 64-bit hash is a 10-byte varint), here
 /// ~11 bytes and a copy. Human-readable formats (TOML in tests) keep the plain list.

@@ -171,7 +171,7 @@ pub struct ProcessorConfig {
     /// Commit a batch after this many records... 20,000 by default: the bound matters only
     /// while the committer is busy (a due batch keeps taking records until it is free), that
     /// is, when catching up; there 20,000 instead of 5,000 wrote 0.40 instead of 0.52
-    /// projections per event and read 36 % more events/s at the default projection interval,
+    /// projections per event and read 36 % more events/s at projection interval 0 (the default then),
     /// with p99 at a quarter of the maximum rate no worse (BENCHMARKS.md, session 10).
     pub batch_max_records: usize,
     /// ...or when this long has passed since the batch's first record. 5 ms by default: at
@@ -258,11 +258,10 @@ pub struct ProcessorConfig {
 /// The projection interval `forest processor` and `forest bench` use where spaced writes
 /// work (the outbox mode without the changelog) and none is given. A user is then written at
 /// most about once in 5 s instead of after every batch. Why 5 s and not 1 s (session 13): with
-/// many users most of the CPU a second interval saves goes on writing the same active users
-/// again. At the benchmark's own workload (16 M events over 1 M Zipf users, 2 workers)
-/// 5 s gave 1.02 M events/s at 1.80 CPU-s per M and 0.135 RocksDB writes per event, 1 s
-/// 0.70 M at 2.69 and 0.294; at moderate rates the writes per second of 1 s kept the two
-/// cores too busy to hold the latency (BENCHMARKS.md, session 13). The price: a projection
+/// a 1 s interval and many users, much of the CPU went on writing the same active users again
+/// every second. At the benchmark's own workload (16 M events over 1 M Zipf users, 2
+/// workers) 5 s gave 1.02 M events/s at 1.80 CPU-s per M and 0.135 RocksDB writes per event,
+/// 1 s 0.70 M at 2.69 and 0.294 (BENCHMARKS.md, session 13). The price: a projection
 /// read from the store (`forest user`) may be up to this much behind, and a restart after a
 /// crash folds up to this much input again (outputs are not re-sent). The library's own
 /// default ([`ProcessorConfig::new`]) stays 0.

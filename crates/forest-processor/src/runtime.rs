@@ -799,25 +799,26 @@ fn run_workers(
                 std::thread::Builder::new()
                     .name(format!("forest-worker-{i}"))
                     .spawn_scoped(s, move || {
+                        // One worker failed or panicked: stop the others (they commit what
+                        // they did).
+                        let mut on_exit = HaltUnlessOk { halt, ok: false };
                         let r = run_worker(cfg, store, shutdown, halt, stats, i, own);
-                        if r.is_err() {
-                            // One worker failed: stop the others (they commit what they did).
-                            halt.store(true, Ordering::Relaxed);
-                        }
+                        on_exit.ok = r.is_ok();
                         r
                     })
             })
             .collect();
+        if handles.iter().any(Result::is_err) {
+            // A worker that never started: stop those that did, before waiting for them.
+            halt.store(true, Ordering::Relaxed);
+        }
         let mut result = Ok(());
         for h in handles {
             let r = match h {
                 Ok(h) => h.join().unwrap_or_else(|_| {
                     Err(ProcessorError::Config("a processor worker panicked".into()))
                 }),
-                Err(e) => {
-                    halt.store(true, Ordering::Relaxed);
-                    Err(ProcessorError::WorkerThread(e))
-                }
+                Err(e) => Err(ProcessorError::WorkerThread(e)),
             };
             if result.is_ok() {
                 result = r;
@@ -825,6 +826,21 @@ fn run_workers(
         }
         result
     })
+}
+
+/// Sets `halt` when dropped unless `ok`: a worker that returns an error or panics stops the
+/// other workers of its process.
+struct HaltUnlessOk<'a> {
+    halt: &'a AtomicBool,
+    ok: bool,
+}
+
+impl Drop for HaltUnlessOk<'_> {
+    fn drop(&mut self) {
+        if !self.ok {
+            self.halt.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One consumer-group member: its own consumer, cache, merge and producer, over the shared
