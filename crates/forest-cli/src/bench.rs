@@ -585,30 +585,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 );
                 std::thread::spawn(move || raw_latency(&b, &k, &tt, &h, &AtomicU64::new(0), &st))
             });
-            let sent = AtomicU64::new(0);
-            let pace = loadgen::Pace {
-                rate,
-                stamp_now: true,
-                ..loadgen::Pace::default()
-            };
-            // Steady state only: the first 2 s include the new producer's metadata and
-            // connection set-up, which held the first records for up to ~0.5 s.
-            let with_cpu = std::thread::scope(|s| {
-                let warmed = s.spawn(|| {
-                    std::thread::sleep(WARM_UP);
+            let (_, with_cpu) =
+                paced_load(&brokers, kafka, &t, &records, rate, args.broker_pid, || {
                     hists(&stats);
                     kafka_alone.reset();
-                    CpuWindow::start(args.broker_pid)
-                });
-                loadgen::produce_records(&brokers, kafka, &t, &records, pace, &sent, &never)?;
-                let end = Instant::now();
-                anyhow::Ok(
-                    warmed
-                        .join()
-                        .map_err(|_| anyhow::anyhow!("latency warm-up timer panicked"))?
-                        .finish(end),
-                )
-            })?;
+                })?;
             drop(records);
             let mut lat_ends = Vec::new();
             for tp in [&t.payments, &t.mobility, &t.commands] {
@@ -908,29 +889,16 @@ fn kafka_alone_latency(
     broker_pid: Option<u32>,
 ) -> anyhow::Result<(forest_processor::LatencyHistogram, CpuUse)> {
     let hist = forest_processor::LatencyHistogram::default();
-    let (read, stop, sent) = (AtomicU64::new(0), AtomicBool::new(false), AtomicU64::new(0));
-    let pace = loadgen::Pace {
-        rate,
-        stamp_now: true,
-        ..loadgen::Pace::default()
-    };
+    let (read, stop) = (AtomicU64::new(0), AtomicBool::new(false));
     let busy = std::thread::scope(|s| {
         let consumer = s.spawn(|| raw_latency(brokers, kafka, topics, &hist, &read, &stop));
-        let warmed = s.spawn(|| {
-            std::thread::sleep(WARM_UP);
-            hist.reset();
-            CpuWindow::start(broker_pid)
+        let load = paced_load(brokers, kafka, topics, records, rate, broker_pid, || {
+            hist.reset()
         });
-        let never = AtomicBool::new(false);
-        let produced =
-            loadgen::produce_records(brokers, kafka, topics, records, pace, &sent, &never);
-        let end = Instant::now();
-        // The CPU window closes with the load, before the consumer drains and closes.
-        let cpu = warmed.join().map(|w| w.finish(end));
         // The consumer reads on until it has every record (or a minute passes), so the tail
         // counts the records that arrived last.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while let Ok(n) = &produced {
+        while let Ok((n, _)) = &load {
             if read.load(Ordering::Relaxed) >= *n
                 || Instant::now() > deadline
                 || consumer.is_finished()
@@ -943,10 +911,46 @@ fn kafka_alone_latency(
         consumer
             .join()
             .map_err(|_| anyhow::anyhow!("latency raw consumer panicked"))??;
-        produced?;
-        cpu.map_err(|_| anyhow::anyhow!("latency warm-up timer panicked"))
+        anyhow::Ok(load?.1)
     })?;
     Ok((hist, busy))
+}
+
+/// Produces `records` at `rate`, each stamped with its send time, and returns how many were
+/// produced and the CPU used from the end of the [`WARM_UP`] to the end of the load (the
+/// window closes with the load, before anyone drains it). `warmed_up` runs when the warm-up
+/// ends: the first 2 s include the new producer's metadata and connection set-up, which
+/// held the first records for up to ~0.5 s, so histograms are reset then.
+fn paced_load(
+    brokers: &str,
+    kafka: &[(String, String)],
+    topics: &Topics,
+    records: &[forest_workload::Record],
+    rate: u64,
+    broker_pid: Option<u32>,
+    warmed_up: impl FnOnce() + Send,
+) -> anyhow::Result<(u64, CpuUse)> {
+    let pace = loadgen::Pace {
+        rate,
+        stamp_now: true,
+        ..loadgen::Pace::default()
+    };
+    let (sent, never) = (AtomicU64::new(0), AtomicBool::new(false));
+    std::thread::scope(|s| {
+        let warmed = s.spawn(|| {
+            std::thread::sleep(WARM_UP);
+            warmed_up();
+            CpuWindow::start(broker_pid)
+        });
+        let produced =
+            loadgen::produce_records(brokers, kafka, topics, records, pace, &sent, &never);
+        let end = Instant::now();
+        let cpu = warmed
+            .join()
+            .map_err(|_| anyhow::anyhow!("latency warm-up timer panicked"))?
+            .finish(end);
+        Ok((produced?, cpu))
+    })
 }
 
 /// CPU used from the end of a latency phase's warm-up to the end of its load: the whole
