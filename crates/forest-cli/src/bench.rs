@@ -517,14 +517,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             // First the same records at the same pace with no processor running: what the
             // producer, the broker and a plain consumer give on this machine by themselves.
             let alone_topics = create(&format!("bench-{stamp}-lat{i}k."))?;
-            let (no_processor, alone_cpu) = kafka_alone_latency(
-                &brokers,
+            let load = |topics| PacedLoad {
+                brokers: &brokers,
                 kafka,
-                &alone_topics,
-                &records,
+                topics,
+                records: &records,
                 rate,
-                args.broker_pid,
-            )?;
+                broker_pid: args.broker_pid,
+            };
+            let (no_processor, alone_cpu) = load(&alone_topics).kafka_alone()?;
             let stop = Arc::new(AtomicBool::new(false));
             let handle = {
                 let mut c = processor_config(
@@ -585,11 +586,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 );
                 std::thread::spawn(move || raw_latency(&b, &k, &tt, &h, &AtomicU64::new(0), &st))
             });
-            let (_, with_cpu) =
-                paced_load(&brokers, kafka, &t, &records, rate, args.broker_pid, || {
-                    hists(&stats);
-                    kafka_alone.reset();
-                })?;
+            let (_, with_cpu) = load(&t).run(|| {
+                hists(&stats);
+                kafka_alone.reset();
+            })?;
             drop(records);
             let mut lat_ends = Vec::new();
             for tp in [&t.payments, &t.mobility, &t.commands] {
@@ -875,82 +875,84 @@ fn raw_latency(
 /// Latency is measured after this long at the fixed rate.
 const WARM_UP: Duration = Duration::from_secs(2);
 
-/// Produces `records` at `rate` to `topics` with no processor running, and returns the ages a
-/// plain consumer saw on arrival after [`WARM_UP`], with the machine's cores busy meanwhile.
-/// Why: on a shared machine the processor's tail can only be judged against what Kafka
-/// alone gives at the same rate; a tail that is already there without Forest is the
-/// machine's, not Forest's.
-fn kafka_alone_latency(
-    brokers: &str,
-    kafka: &[(String, String)],
-    topics: &Topics,
-    records: &[forest_workload::Record],
+/// One latency run's load: `records`, produced at `rate` to `topics`.
+struct PacedLoad<'a> {
+    brokers: &'a str,
+    kafka: &'a [(String, String)],
+    topics: &'a Topics,
+    records: &'a [forest_workload::Record],
     rate: u64,
     broker_pid: Option<u32>,
-) -> anyhow::Result<(forest_processor::LatencyHistogram, CpuUse)> {
-    let hist = forest_processor::LatencyHistogram::default();
-    let (read, stop) = (AtomicU64::new(0), AtomicBool::new(false));
-    let busy = std::thread::scope(|s| {
-        let consumer = s.spawn(|| raw_latency(brokers, kafka, topics, &hist, &read, &stop));
-        let load = paced_load(brokers, kafka, topics, records, rate, broker_pid, || {
-            hist.reset()
-        });
-        // The consumer reads on until it has every record (or a minute passes), so the tail
-        // counts the records that arrived last.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while let Ok((n, _)) = &load {
-            if read.load(Ordering::Relaxed) >= *n
-                || Instant::now() > deadline
-                || consumer.is_finished()
-            {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        stop.store(true, Ordering::Relaxed);
-        consumer
-            .join()
-            .map_err(|_| anyhow::anyhow!("latency raw consumer panicked"))??;
-        anyhow::Ok(load?.1)
-    })?;
-    Ok((hist, busy))
 }
 
-/// Produces `records` at `rate`, each stamped with its send time, and returns how many were
-/// produced and the CPU used from the end of the [`WARM_UP`] to the end of the load (the
-/// window closes with the load, before anyone drains it). `warmed_up` runs when the warm-up
-/// ends: the first 2 s include the new producer's metadata and connection set-up, which
-/// held the first records for up to ~0.5 s, so histograms are reset then.
-fn paced_load(
-    brokers: &str,
-    kafka: &[(String, String)],
-    topics: &Topics,
-    records: &[forest_workload::Record],
-    rate: u64,
-    broker_pid: Option<u32>,
-    warmed_up: impl FnOnce() + Send,
-) -> anyhow::Result<(u64, CpuUse)> {
-    let pace = loadgen::Pace {
-        rate,
-        stamp_now: true,
-        ..loadgen::Pace::default()
-    };
-    let (sent, never) = (AtomicU64::new(0), AtomicBool::new(false));
-    std::thread::scope(|s| {
-        let warmed = s.spawn(|| {
-            std::thread::sleep(WARM_UP);
-            warmed_up();
-            CpuWindow::start(broker_pid)
-        });
-        let produced =
-            loadgen::produce_records(brokers, kafka, topics, records, pace, &sent, &never);
-        let end = Instant::now();
-        let cpu = warmed
-            .join()
-            .map_err(|_| anyhow::anyhow!("latency warm-up timer panicked"))?
-            .finish(end);
-        Ok((produced?, cpu))
-    })
+impl PacedLoad<'_> {
+    /// Produces the load with no processor running, and returns the ages a plain consumer
+    /// saw on arrival after [`WARM_UP`], with the CPU used meanwhile. Why: on a shared
+    /// machine the processor's tail can only be judged against what Kafka alone gives at the
+    /// same rate; a tail that is already there without Forest is the machine's, not Forest's.
+    fn kafka_alone(&self) -> anyhow::Result<(forest_processor::LatencyHistogram, CpuUse)> {
+        let hist = forest_processor::LatencyHistogram::default();
+        let (read, stop) = (AtomicU64::new(0), AtomicBool::new(false));
+        let busy = std::thread::scope(|s| {
+            let consumer =
+                s.spawn(|| raw_latency(self.brokers, self.kafka, self.topics, &hist, &read, &stop));
+            let load = self.run(|| hist.reset());
+            // The consumer reads on until it has every record (or a minute passes), so the
+            // tail counts the records that arrived last.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while let Ok((n, _)) = &load {
+                if read.load(Ordering::Relaxed) >= *n
+                    || Instant::now() > deadline
+                    || consumer.is_finished()
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            stop.store(true, Ordering::Relaxed);
+            consumer
+                .join()
+                .map_err(|_| anyhow::anyhow!("latency raw consumer panicked"))??;
+            anyhow::Ok(load?.1)
+        })?;
+        Ok((hist, busy))
+    }
+
+    /// Produces the records, each stamped with its send time, and returns how many were
+    /// produced and the CPU used from the end of the [`WARM_UP`] to the end of the load (the
+    /// window closes with the load, before anyone drains it). `warmed_up` runs when the
+    /// warm-up ends: the first 2 s include the new producer's metadata and connection
+    /// set-up, which held the first records for up to ~0.5 s, so histograms are reset then.
+    fn run(&self, warmed_up: impl FnOnce() + Send) -> anyhow::Result<(u64, CpuUse)> {
+        let pace = loadgen::Pace {
+            rate: self.rate,
+            stamp_now: true,
+            ..loadgen::Pace::default()
+        };
+        let (sent, never) = (AtomicU64::new(0), AtomicBool::new(false));
+        std::thread::scope(|s| {
+            let warmed = s.spawn(|| {
+                std::thread::sleep(WARM_UP);
+                warmed_up();
+                CpuWindow::start(self.broker_pid)
+            });
+            let produced = loadgen::produce_records(
+                self.brokers,
+                self.kafka,
+                self.topics,
+                self.records,
+                pace,
+                &sent,
+                &never,
+            );
+            let end = Instant::now();
+            let cpu = warmed
+                .join()
+                .map_err(|_| anyhow::anyhow!("latency warm-up timer panicked"))?
+                .finish(end);
+            Ok((produced?, cpu))
+        })
+    }
 }
 
 /// CPU used from the end of a latency phase's warm-up to the end of its load: the whole
