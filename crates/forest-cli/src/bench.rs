@@ -161,6 +161,8 @@ fn thread_group(main: bool, comm: &str) -> &'static str {
         "processor workers"
     } else if comm.starts_with("forest-commit") {
         "processor committers"
+    } else if comm.starts_with("forest-fold") {
+        "fold ceiling threads"
     } else if comm.starts_with("rocksdb:") {
         "RocksDB background"
     } else {
@@ -197,7 +199,10 @@ impl CpuSampler {
                         };
                         let key = t.file_name().to_string_lossy().into_owned();
                         let group = thread_group(key == main, comm.trim());
+                        // A new thread names itself after it starts: the group follows its
+                        // latest name, or all its CPU could land under its parent's.
                         let e = seen.entry(key).or_insert((group, cpu, cpu));
+                        e.0 = group;
                         e.2 = cpu;
                     }
                 }
@@ -463,6 +468,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     )?;
     run.window(&mut raw_batched);
 
+    // (f) The ceiling: consume as (a'), decode and fold in memory, nothing durable. With the
+    // processor's rules (the bench runs it with the built-in ones) and its worker count.
+    let kinds = [
+        (topics.payments.as_str(), forest_domain::InputKind::Payment),
+        (topics.mobility.as_str(), forest_domain::InputKind::Mobility),
+        (topics.commands.as_str(), forest_domain::InputKind::Command),
+    ];
+    let rules = forest_domain::RuleSet::default();
+    let (mut ceiling, run) = measure(
+        "(f) ceiling: consume batched, decode, fold in memory; from its first record",
+        args.broker_pid,
+        |r: &RawRun| r.records,
+        || fold_ceiling(&brokers, kafka, &ends, &kinds, &rules, args.workers),
+    )?;
+    run.window(&mut ceiling);
+
     // (b) and (b').
     let ((mut proc, started), (alo, alo_started)) = if args.baseline_first {
         let alo = phase_b("alo")?;
@@ -660,7 +681,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     for p in [&preload]
         .into_iter()
         .chain(warm_up.as_ref().map(|(_, steady)| steady))
-        .chain([&raw, &raw_batched, &proc, &steady])
+        .chain([&raw, &raw_batched, &ceiling, &proc, &steady])
         .chain(settled.as_ref())
         .chain([&alo_steady])
     {
@@ -683,6 +704,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         proc.rate() / raw.rate(),
         steady.rate() / raw_batched.rate(),
     );
+    println!(
+        "(f)/(a) = {:.2}: consuming, decoding and folding alone, in memory, reach this share of (a); (b)/(f) = {:.2} from the first record",
+        ceiling.rate() / raw.rate(),
+        steady.rate() / ceiling.rate(),
+    );
     match &settled {
         Some(s) => println!(
             "once the group settled: (b)/(a) = {:.2}, (b)/(a') = {:.2}",
@@ -699,7 +725,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let phases: Vec<&Phase> = [&preload]
         .into_iter()
         .chain(warm_up.as_ref().map(|(whole, _)| whole))
-        .chain([&raw, &raw_batched, &proc, &alo])
+        .chain([&raw, &raw_batched, &ceiling, &proc, &alo])
         .collect();
     let names: std::collections::BTreeSet<&str> = phases
         .iter()
@@ -1138,7 +1164,7 @@ fn raw_consume(
         records: n,
         first: first.unwrap_or((last.0, last.1, n)),
         last,
-        _consumer: consumer,
+        _consumers: vec![consumer],
     })
 }
 
@@ -1148,8 +1174,8 @@ struct RawRun {
     records: u64,
     first: (Instant, f64, u64),
     last: (Instant, f64),
-    /// Closed after the phase's clock stopped: its close is not throughput.
-    _consumer: BaseConsumer,
+    /// Closed after the phase's clock stopped: their close is not throughput.
+    _consumers: Vec<BaseConsumer>,
 }
 
 impl RawRun {
@@ -1160,6 +1186,182 @@ impl RawRun {
         phase.cpu = self.last.1 - self.first.1;
         phase.events = self.records - self.first.2;
     }
+}
+
+/// (f) The processor's ceiling on this machine and workload: what is left of it with
+/// everything durable taken out. `workers` threads (`forest-fold-N`), each a batched plain
+/// consumer (as in (a')) over its share of the input partitions, decode every record and fold
+/// it with the processor's rules into a map in memory. No merge across topics, no store, no
+/// offsets, no outputs: so (f) is an upper bound for (b), and (f)/(a) says how far the
+/// decode and the fold alone, at this workload, leave the processor from (a). Partition p of
+/// every input topic goes to thread p % workers: a user's records are in one partition number
+/// of each topic, so the threads' users are disjoint, as the processor's workers' are.
+fn fold_ceiling(
+    brokers: &str,
+    kafka: &[(String, String)],
+    ends: &[(String, i32, i64)],
+    kinds: &[(&str, forest_domain::InputKind)],
+    rules: &forest_domain::RuleSet,
+    workers: usize,
+) -> anyhow::Result<RawRun> {
+    let workers = workers.max(1);
+    let counted = AtomicU64::new(0);
+    let first = std::sync::Mutex::new(None);
+    let last = std::sync::Mutex::new(None);
+    let finished = AtomicU64::new(0);
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|i| {
+                let share: Vec<(String, i32, i64)> = ends
+                    .iter()
+                    .filter(|(_, p, _)| *p as usize % workers == i)
+                    .cloned()
+                    .collect();
+                let (counted, first, last, finished) = (&counted, &first, &last, &finished);
+                std::thread::Builder::new()
+                    .name(format!("forest-fold-{i}"))
+                    .spawn_scoped(s, move || -> anyhow::Result<BaseConsumer> {
+                        let mut states =
+                            rustc_hash::FxHashMap::<String, forest_domain::UserState>::default();
+                        let consumer = fold_share(
+                            brokers,
+                            kafka,
+                            &share,
+                            kinds,
+                            rules,
+                            &mut states,
+                            counted,
+                            first,
+                        );
+                        // The clock stops when the last thread is done; dropping the
+                        // states and closing the consumer after it are not throughput.
+                        if finished.fetch_add(1, Ordering::SeqCst) + 1 == workers as u64 {
+                            *last.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some((Instant::now(), cpu_seconds()));
+                        }
+                        consumer
+                    })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a fold ceiling thread panicked"))),
+                Err(e) => Err(anyhow::Error::from(e).context("starting a fold ceiling thread")),
+            })
+            .collect::<Vec<_>>()
+    });
+    let consumers = results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let records = counted.load(Ordering::SeqCst);
+    let last = last
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_else(|| (Instant::now(), cpu_seconds()));
+    Ok(RawRun {
+        records,
+        first: first
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or((last.0, last.1, records)),
+        last,
+        _consumers: consumers,
+    })
+}
+
+/// One [`fold_ceiling`] thread: reads `share` to its end offsets, folding each record into
+/// `states`. `counted` is every thread's records so far; `first` is set, by the first thread
+/// to get records, to (when, process CPU, records counted by then).
+#[allow(clippy::too_many_arguments)]
+fn fold_share(
+    brokers: &str,
+    kafka: &[(String, String)],
+    share: &[(String, i32, i64)],
+    kinds: &[(&str, forest_domain::InputKind)],
+    rules: &forest_domain::RuleSet,
+    states: &mut rustc_hash::FxHashMap<String, forest_domain::UserState>,
+    counted: &AtomicU64,
+    first: &std::sync::Mutex<Option<(Instant, f64, u64)>>,
+) -> anyhow::Result<BaseConsumer> {
+    let (consumer, tpl) = raw_reader(brokers, kafka, share, "ceiling")?;
+    // Per partition of the share: (topic, partition, kind, next offset to read, end).
+    let mut todo = Vec::with_capacity(share.len());
+    for (t, p, end) in share {
+        let kind = kinds
+            .iter()
+            .find(|(name, _)| name == t)
+            .map(|(_, k)| *k)
+            .with_context(|| format!("no input kind for topic {t}"))?;
+        todo.push((t.as_bytes().to_vec(), *p, kind, 0i64, *end));
+    }
+    {
+        let mut fetch = forest_kafka::FetchQueue::new(consumer.client())
+            .context("librdkafka returned no queue")?;
+        let router = fetch.router();
+        for (t, p, _) in share {
+            router.route(&std::ffi::CString::new(t.as_str())?, *p)?;
+        }
+        consumer.assign(&tpl)?;
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        let mut failed = None;
+        let mut unknown = None;
+        while todo.iter().any(|(_, _, _, next, end)| next < end) {
+            ensure!(Instant::now() < deadline, "the fold ceiling timed out");
+            if let Some(m) = consumer.poll(Duration::ZERO) {
+                let m = m.map_err(|e| anyhow::anyhow!("fold ceiling: {e}"))?;
+                anyhow::bail!(
+                    "fold ceiling: a record of {} [{}] was not routed",
+                    m.topic(),
+                    m.partition()
+                );
+            }
+            let n = fetch.poll(Duration::from_millis(100), 10_000, |r| {
+                if let Some(e) = r.error() {
+                    failed = Some(e);
+                    return;
+                }
+                let Some(lane) = todo
+                    .iter_mut()
+                    .find(|(t, p, ..)| *p == r.partition() && t.as_slice() == r.topic())
+                else {
+                    unknown = Some((r.partition(), r.offset()));
+                    return;
+                };
+                lane.3 = r.offset() + 1;
+                let Ok(event) = forest_domain::Event::decode(
+                    lane.2,
+                    r.payload().unwrap_or_default(),
+                    r.timestamp().unwrap_or(0),
+                ) else {
+                    return; // the processor dead-letters it
+                };
+                let state = match states.get_mut(event.user_id.as_str()) {
+                    Some(s) => s,
+                    None => states
+                        .entry(event.user_id.clone())
+                        .or_insert_with(|| forest_domain::UserState::new(event.user_id.clone())),
+                };
+                let _ = std::hint::black_box(rules.apply(state, &event));
+            });
+            if let Some((code, text)) = failed {
+                anyhow::bail!("fold ceiling: {code}: {text}");
+            }
+            if let Some((p, o)) = unknown {
+                anyhow::bail!(
+                    "fold ceiling: a record from partition {p} (offset {o}) outside this thread's share"
+                );
+            }
+            if n > 0 {
+                let so_far = counted.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                let mut f = first.lock().unwrap_or_else(|e| e.into_inner());
+                if f.is_none() {
+                    *f = Some((Instant::now(), cpu_seconds(), so_far));
+                }
+            }
+        }
+    }
+    Ok(consumer)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1385,6 +1587,7 @@ mod tests {
         assert_eq!(thread_group(true, "forest-worker-0"), "harness main thread");
         assert_eq!(thread_group(false, "forest-worker-1"), "processor workers");
         assert_eq!(thread_group(false, "forest-commit"), "processor committers");
+        assert_eq!(thread_group(false, "forest-fold-1"), "fold ceiling threads");
         assert_eq!(thread_group(false, "rocksdb:low"), "RocksDB background");
         assert_eq!(thread_group(false, "rdk:mock"), "embedded broker");
         assert_eq!(thread_group(false, "rdk:broker1"), "librdkafka clients");
