@@ -357,25 +357,32 @@ impl Core {
             if ready.is_empty() {
                 break;
             }
-            // The cache entry of the user LOOK_AHEAD records on starts loading before each
-            // record is folded, so the entries' misses overlap (see `ProjectionCache::prefetch`).
+            // Each record's user is prefetched in stages, so that every load finds what the
+            // stage before started: twice LOOK_AHEAD records on, the record's bytes
+            // (`Rec::prefetch`); 3/2 LOOK_AHEAD on, reading its key, the user's map bucket
+            // (`ProjectionCache::prefetch_entry`); LOOK_AHEAD on, finding the user there, its
+            // cache slot (`ProjectionCache::prefetch`); half LOOK_AHEAD on, with the slot
+            // loaded, its heap parts (id, counters, ids, credits, rule table, day quantities:
+            // `ProjectionCache::prefetch_parts`). Session 14: the slot lookup waiting for its
+            // bucket was the largest item of a 1 M-user profile.
             fn user(r: &Rec) -> Option<&str> {
                 r.key().and_then(|k| std::str::from_utf8(k).ok())
             }
-            // And twice as far ahead, the record's own bytes (`Rec::prefetch`), which the
-            // entry's lookup then reads.
             for r in ready.iter().take(2 * LOOK_AHEAD) {
                 r.prefetch();
+            }
+            for u in ready.iter().take(3 * LOOK_AHEAD / 2).filter_map(user) {
+                self.cache.prefetch_entry(u);
             }
             for u in ready.iter().take(LOOK_AHEAD).filter_map(user) {
                 self.cache.prefetch(u);
             }
-            // Half as far ahead, by then with its entry loaded, the user's heap parts (id,
-            // counters, ids, credits, rule table, day quantities) start loading too
-            // (`ProjectionCache::prefetch_parts`).
             for (i, rec) in ready.iter().enumerate() {
                 if let Some(r) = ready.get(i + 2 * LOOK_AHEAD) {
                     r.prefetch();
+                }
+                if let Some(u) = ready.get(i + 3 * LOOK_AHEAD / 2).and_then(user) {
+                    self.cache.prefetch_entry(u);
                 }
                 if let Some(u) = ready.get(i + LOOK_AHEAD).and_then(user) {
                     self.cache.prefetch(u);

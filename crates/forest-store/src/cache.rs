@@ -1,12 +1,14 @@
 //! A write-back cache of projections in front of the [`Store`].
 
+use crate::slot_map::{Keyed, SlotMap, hash};
 use crate::{NO_POSITION, OutboxEntry, Position, Store, StoreError};
 use compact_str::CompactString;
 use forest_domain::UserState;
-use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 
 struct Slot {
+    /// The user id the slot is found by (the map keeps only its hash).
+    key: Key,
     state: UserState,
     dirty: bool,
     /// CLOCK's reference bit: set when the user is used again after it was loaded, cleared
@@ -27,6 +29,13 @@ struct Slot {
     since: u64,
 }
 
+impl Keyed for Slot {
+    #[inline]
+    fn key(&self) -> &str {
+        self.key.as_str()
+    }
+}
+
 /// Starts loading every cache line of `slot`.
 #[inline]
 fn prefetch_slot(slot: &Slot) {
@@ -36,14 +45,9 @@ fn prefetch_slot(slot: &Slot) {
 /// The slot a dirty-queue entry `(user_id, since)` stands for, if the entry is not stale: the
 /// user is still dirty since that batch (see `ProjectionCache::dirty`).
 #[inline]
-fn queued_slot<'a>(
-    slots: &'a FxHashMap<Key, Box<Slot>>,
-    user_id: &Key,
-    since: u64,
-) -> Option<&'a Slot> {
+fn queued_slot<'a>(slots: &'a SlotMap<Slot>, user_id: &Key, since: u64) -> Option<&'a Slot> {
     slots
-        .get(user_id)
-        .map(|s| &**s)
+        .get(hash(user_id), user_id)
         .filter(|s| s.dirty && s.since == since)
 }
 
@@ -58,10 +62,10 @@ const WRITE_AHEAD: usize = 16;
 /// per event.
 pub fn estimate_bytes(s: &UserState) -> usize {
     use std::mem::size_of;
-    // The map's bucket (inline key and box pointer) at its load factor, the box's
-    // allocation, and the ring's and dirty queue's inline copies of the key; an id too long
-    // to be inline has its three copies on the heap.
-    const MAP_ENTRY: usize = 48 + 2 * size_of::<Key>();
+    // The map's 16-byte bucket (hash and box pointer) at its load factor (3/8 to 3/4), and
+    // the ring's and dirty queue's inline copies of the key (the slot's own is in the slot);
+    // an id too long to be inline has its three copies on the heap.
+    const MAP_ENTRY: usize = 32 + 2 * size_of::<Key>();
     let spilled = if s.user_id.len() > size_of::<Key>() {
         3 * s.user_id.len()
     } else {
@@ -124,7 +128,7 @@ pub struct ProjectionCache {
     /// projection on each doubling while it filled (at 1 M users, the rehash's copy into
     /// fresh pages was 12.7 % of a profile's samples), and left about half its buckets' bytes
     /// empty. A boxed slot never moves; the map holds the key and a pointer.
-    slots: FxHashMap<Key, Box<Slot>>,
+    slots: SlotMap<Slot>,
     capacity: usize,
     max_bytes: usize,
     /// Sum of the slots' `bytes`.
@@ -171,7 +175,7 @@ impl ProjectionCache {
     /// reached first.
     pub fn with_bounds(capacity: usize, max_bytes: usize) -> Self {
         Self {
-            slots: FxHashMap::default(),
+            slots: SlotMap::default(),
             capacity,
             max_bytes,
             bytes: 0,
@@ -215,7 +219,8 @@ impl ProjectionCache {
         replay: Option<(u8, i64)>,
         f: impl FnOnce(&mut UserState) -> Result<T, E>,
     ) -> Result<Option<Result<T, E>>, StoreError> {
-        let slot = match self.slots.get_mut(user_id) {
+        let h = hash(user_id);
+        let slot = match self.slots.get_mut(h, user_id) {
             Some(slot) => {
                 slot.referenced = true;
                 slot
@@ -227,9 +232,10 @@ impl ProjectionCache {
                 let bytes = estimate_bytes(&state);
                 self.bytes += bytes;
                 self.ring.push_back(Key::from(user_id));
-                self.slots
-                    .entry(Key::from(user_id))
-                    .or_insert(Box::new(Slot {
+                self.slots.insert_new(
+                    h,
+                    Box::new(Slot {
+                        key: Key::from(user_id),
                         state,
                         dirty: false,
                         referenced: false,
@@ -238,7 +244,8 @@ impl ProjectionCache {
                         partition,
                         position,
                         since: 0,
-                    }))
+                    }),
+                )
             }
         };
         slot.partition = partition;
@@ -267,11 +274,23 @@ impl ProjectionCache {
     /// user's entry is a miss to memory on every event, and the fold waits for it (the map
     /// lookup and its key compare were 12-14 % of a worker's samples in session 11). A caller
     /// that calls this for the next few users of a batch before folding them has those misses
-    /// overlap, instead of following one another.
+    /// overlap, instead of following one another. The lookup itself reads the user's map
+    /// bucket: call [`ProjectionCache::prefetch_entry`] a few records earlier still, or it
+    /// waits for that.
     pub fn prefetch(&self, user_id: &str) {
-        if let Some(slot) = self.slots.get(user_id) {
+        // By hash alone: comparing the key would wait for the slot being prefetched.
+        if let Some(slot) = self.slots.get_by_hash(hash(user_id)) {
             prefetch_slot(slot);
         }
+    }
+
+    /// Starts loading the map bucket where `user_id`'s entry is (or would be), changing
+    /// nothing: for a caller that will call [`ProjectionCache::prefetch`] for the same user a
+    /// few records later, so that that lookup finds its bucket loaded instead of waiting for
+    /// it (see the `slot_map` module).
+    #[inline]
+    pub fn prefetch_entry(&self, user_id: &str) {
+        self.slots.prefetch(hash(user_id));
     }
 
     /// Starts loading the heap parts of `user_id`'s cached projection (see
@@ -282,14 +301,14 @@ impl ProjectionCache {
     /// them one by one. At 100 K users the user-id compare alone was 4 % of a worker's
     /// samples.
     pub fn prefetch_parts(&self, user_id: &str) {
-        if let Some(slot) = self.slots.get(user_id) {
+        if let Some(slot) = self.slots.get(hash(user_id), user_id) {
             slot.state.prefetch_stored_parts();
         }
     }
 
     /// The cached projection of a user, if cached (for tests and diagnostics).
     pub fn peek(&self, user_id: &str) -> Option<&UserState> {
-        self.slots.get(user_id).map(|s| &s.state)
+        self.slots.get(hash(user_id), user_id).map(|s| &s.state)
     }
 
     /// The dirty users' states: what the next full flush will write (the changelog mirrors
@@ -392,7 +411,14 @@ impl ProjectionCache {
         // and this one used to be repeated to serialise the user.
         let slots = &self.slots;
         let mut taken: Vec<(Key, u64, &Slot)> = Vec::new();
+        // The map buckets of the users WRITE_AHEAD places on in the queue start loading first.
+        for (u, _) in self.dirty.iter().take(WRITE_AHEAD) {
+            slots.prefetch(hash(u));
+        }
         while let Some((u, since)) = self.dirty.front() {
+            if let Some((ahead, _)) = self.dirty.get(WRITE_AHEAD) {
+                slots.prefetch(hash(ahead));
+            }
             let Some(slot) = queued_slot(slots, u, *since) else {
                 self.dirty.pop_front(); // stale: written or dropped since
                 continue;
@@ -435,7 +461,7 @@ impl ProjectionCache {
         self.prepared += 1;
         let ticket = self.prepared;
         for (u, _) in &taken {
-            if let Some(s) = self.slots.get_mut(u) {
+            if let Some(s) = self.slots.get_mut(hash(u), u) {
                 s.dirty = false;
                 s.ticket = ticket;
                 s.position = position(s.partition);
@@ -464,7 +490,7 @@ impl ProjectionCache {
     pub fn forget_undurable(&mut self) {
         let durable = self.durable;
         let mut freed = 0;
-        self.slots.retain(|_, s| {
+        self.slots.retain(|s| {
             let keep = !s.dirty && s.ticket <= durable;
             if !keep {
                 freed += s.bytes;
@@ -489,7 +515,8 @@ impl ProjectionCache {
             let Some(u) = self.ring.pop_front() else {
                 break;
             };
-            let Some(slot) = self.slots.get_mut(&u) else {
+            let h = hash(&u);
+            let Some(slot) = self.slots.get_mut(h, &u) else {
                 continue; // dropped by discard_dirty
             };
             if slot.dirty || slot.ticket > self.durable {
@@ -497,7 +524,7 @@ impl ProjectionCache {
             } else if slot.referenced {
                 slot.referenced = false;
                 self.ring.push_back(u);
-            } else if let Some(slot) = self.slots.remove(&u) {
+            } else if let Some(slot) = self.slots.remove(h, &u) {
                 self.bytes -= slot.bytes;
             }
         }
@@ -505,14 +532,14 @@ impl ProjectionCache {
         // outnumber the cached users.
         if self.ring.len() > 2 * self.slots.len() + 1024 {
             let slots = &self.slots;
-            self.ring.retain(|u| slots.contains_key(u));
+            self.ring.retain(|u| slots.contains(hash(u), u));
         }
     }
 
     /// Drops every dirty user (a failed batch): the next update reloads what the store holds.
     pub fn discard_dirty(&mut self) {
         let mut freed = 0;
-        self.slots.retain(|_, s| {
+        self.slots.retain(|s| {
             if s.dirty {
                 freed += s.bytes;
             }

@@ -22,6 +22,7 @@
 //! estimated bytes, and evicts with CLOCK (an approximation of least-recently-used).
 
 mod cache;
+mod slot_map;
 mod store;
 
 pub use cache::{Flush, ProjectionCache, estimate_bytes};
