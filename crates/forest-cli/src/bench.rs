@@ -1,8 +1,9 @@
 //! `forest bench`: the end-to-end benchmark harness. In one run, on one preloaded topic set:
 //! (a) the raw consume-only throughput of a plain rdkafka consumer (and (a'), the same reading
-//! in batches as the processor does), (b) the processor's
-//! end-to-end throughput (decode, fold, RocksDB, outputs), (c) produce-to-projection latency at
-//! fixed rates; then one table. Works on the embedded broker and on `--brokers`.
+//! in batches as the processor does), (f) the processor's ceiling (that reading, decoded and
+//! folded in memory, nothing durable), (b) the processor's end-to-end throughput (decode,
+//! fold, RocksDB, outputs), (c) produce-to-projection latency at fixed rates; then one table.
+//! Works on the embedded broker and on `--brokers`.
 
 use crate::common;
 use crate::loadgen::{self, WorkloadArgs};
