@@ -396,10 +396,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     )?;
     let inputs = [&topics.payments, &topics.mobility, &topics.commands];
     let mut ends = Vec::new();
+    let mut lows = Vec::new();
     let mut retained = 0;
     for t in inputs {
         for (p, (low, end)) in watermarks(&brokers, t)? {
             ends.push((t.to_string(), p, end));
+            lows.push(low);
             retained += end - low;
         }
     }
@@ -481,7 +483,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "(f) ceiling: consume batched, decode, fold in memory; from its first record",
         args.broker_pid,
         |r: &RawRun| r.records,
-        || fold_ceiling(&brokers, kafka, &ends, &kinds, &rules, args.workers),
+        || {
+            let ceiling = Ceiling {
+                brokers: &brokers,
+                kafka,
+                kinds: &kinds,
+                rules: &rules,
+            };
+            let lanes = Lanes {
+                ends: &ends,
+                lows: &lows,
+            };
+            fold_ceiling(ceiling, lanes, args.workers, workload.users)
+        },
     )?;
     run.window(&mut ceiling);
 
@@ -1193,19 +1207,25 @@ impl RawRun {
 /// everything durable taken out. `workers` threads (`forest-fold-N`), each a batched plain
 /// consumer (as in (a')) over its share of the input partitions, decode every record and fold
 /// it with the processor's rules into a map in memory. No merge across topics, no store, no
-/// offsets, no outputs: so (f) is an upper bound for (b), and (f)/(a) says how far the
-/// decode and the fold alone, at this workload, leave the processor from (a). Partition p of
+/// offsets, no outputs; (f)/(a) says how far a plain decode and fold alone, at this workload,
+/// stay from (a). Partition p of
 /// every input topic goes to thread p % workers: a user's records are in one partition number
 /// of each topic, so the threads' users are disjoint, as the processor's workers' are.
+///
+/// It folds as plainly as possible, not as well as possible: a map sized for each thread's
+/// share of `users` up front, but no look-ahead prefetching, which the processor has. So it bounds (b) only as far as that
+/// prefetching gains less than the processor's durable work costs (in every run so far (f)
+/// was well above (b)).
 fn fold_ceiling(
-    brokers: &str,
-    kafka: &[(String, String)],
-    ends: &[(String, i32, i64)],
-    kinds: &[(&str, forest_domain::InputKind)],
-    rules: &forest_domain::RuleSet,
+    ceiling: Ceiling<'_>,
+    lanes: Lanes<'_>,
     workers: usize,
+    users: u64,
 ) -> anyhow::Result<RawRun> {
     let workers = workers.max(1);
+    // A share of the users per thread, bounded so that a huge --users reserves no more than
+    // a few GiB of address space (pages are touched only as users arrive).
+    let reserve = (users as usize / workers).min(4_000_000);
     let counted = AtomicU64::new(0);
     let first = std::sync::Mutex::new(None);
     let last = std::sync::Mutex::new(None);
@@ -1213,34 +1233,32 @@ fn fold_ceiling(
     let results = std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
             .map(|i| {
-                let share: Vec<(String, i32, i64)> = ends
+                let (share, share_lows): (Vec<(String, i32, i64)>, Vec<i64>) = lanes
+                    .ends
                     .iter()
-                    .filter(|(_, p, _)| *p as usize % workers == i)
-                    .cloned()
-                    .collect();
+                    .zip(lanes.lows)
+                    .filter(|((_, p, _), _)| *p as usize % workers == i)
+                    .map(|(e, low)| (e.clone(), *low))
+                    .unzip();
                 let (counted, first, last, finished) = (&counted, &first, &last, &finished);
                 std::thread::Builder::new()
                     .name(format!("forest-fold-{i}"))
-                    .spawn_scoped(s, move || -> anyhow::Result<BaseConsumer> {
+                    .spawn_scoped(s, move || -> anyhow::Result<(BaseConsumer, States)> {
                         let mut states =
-                            rustc_hash::FxHashMap::<String, forest_domain::UserState>::default();
-                        let consumer = fold_share(
-                            brokers,
-                            kafka,
-                            &share,
-                            kinds,
-                            rules,
-                            &mut states,
-                            counted,
-                            first,
-                        );
+                            States::with_capacity_and_hasher(reserve, Default::default());
+                        let lanes = Lanes {
+                            ends: &share,
+                            lows: &share_lows,
+                        };
+                        let consumer = fold_share(ceiling, lanes, &mut states, counted, first);
                         // The clock stops when the last thread is done; dropping the
-                        // states and closing the consumer after it are not throughput.
+                        // states (returned, so that no thread drops them while another
+                        // still folds) and closing the consumers are not throughput.
                         if finished.fetch_add(1, Ordering::SeqCst) + 1 == workers as u64 {
                             *last.lock().unwrap_or_else(|e| e.into_inner()) =
                                 Some((Instant::now(), cpu_seconds()));
                         }
-                        consumer
+                        consumer.map(|c| (c, states))
                     })
             })
             .collect();
@@ -1254,7 +1272,12 @@ fn fold_ceiling(
             })
             .collect::<Vec<_>>()
     });
-    let consumers = results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let (consumers, states): (Vec<_>, Vec<_>) = results
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    drop(states);
     let records = counted.load(Ordering::SeqCst);
     let last = last
         .into_inner()
@@ -1271,30 +1294,55 @@ fn fold_ceiling(
     })
 }
 
-/// One [`fold_ceiling`] thread: reads `share` to its end offsets, folding each record into
-/// `states`. `counted` is every thread's records so far; `first` is set, by the first thread
-/// to get records, to (when, process CPU, records counted by then).
-#[allow(clippy::too_many_arguments)]
+/// What every [`fold_ceiling`] thread reads and folds with.
+#[derive(Clone, Copy)]
+struct Ceiling<'a> {
+    brokers: &'a str,
+    kafka: &'a [(String, String)],
+    /// Each input topic's record kind.
+    kinds: &'a [(&'a str, forest_domain::InputKind)],
+    rules: &'a forest_domain::RuleSet,
+}
+
+/// A [`fold_ceiling`] thread's projections.
+type States = rustc_hash::FxHashMap<String, forest_domain::UserState>;
+
+/// Input partitions to read: (topic, partition, end offset), and each one's low watermark
+/// (the embedded broker may have trimmed the log's start).
+#[derive(Clone, Copy)]
+struct Lanes<'a> {
+    ends: &'a [(String, i32, i64)],
+    lows: &'a [i64],
+}
+
+/// One [`fold_ceiling`] thread: reads its lanes from their low watermarks to their end
+/// offsets, folding each record into `states`. `counted` is every thread's records so far;
+/// `first` is set, by the first thread to get records, to (when, process CPU, records
+/// counted by then).
 fn fold_share(
-    brokers: &str,
-    kafka: &[(String, String)],
-    share: &[(String, i32, i64)],
-    kinds: &[(&str, forest_domain::InputKind)],
-    rules: &forest_domain::RuleSet,
-    states: &mut rustc_hash::FxHashMap<String, forest_domain::UserState>,
+    ceiling: Ceiling<'_>,
+    lanes: Lanes<'_>,
+    states: &mut States,
     counted: &AtomicU64,
     first: &std::sync::Mutex<Option<(Instant, f64, u64)>>,
 ) -> anyhow::Result<BaseConsumer> {
+    let Ceiling {
+        brokers,
+        kafka,
+        kinds,
+        rules,
+    } = ceiling;
+    let share = lanes.ends;
     let (consumer, tpl) = raw_reader(brokers, kafka, share, "ceiling")?;
     // Per partition of the share: (topic, partition, kind, next offset to read, end).
     let mut todo = Vec::with_capacity(share.len());
-    for (t, p, end) in share {
+    for ((t, p, end), low) in share.iter().zip(lanes.lows) {
         let kind = kinds
             .iter()
             .find(|(name, _)| name == t)
             .map(|(_, k)| *k)
             .with_context(|| format!("no input kind for topic {t}"))?;
-        todo.push((t.as_bytes().to_vec(), *p, kind, 0i64, *end));
+        todo.push((t.as_bytes().to_vec(), *p, kind, *low, *end));
     }
     {
         let mut fetch = forest_kafka::FetchQueue::new(consumer.client())

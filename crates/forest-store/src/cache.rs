@@ -51,20 +51,23 @@ fn queued_slot<'a>(slots: &'a SlotMap<Slot>, user_id: &Key, since: u64) -> Optio
         .filter(|s| s.dirty && s.since == since)
 }
 
-/// How many users ahead [`ProjectionCache::prepare_flush`] starts loading a written user's
-/// slot (and half as far ahead, its heap parts).
+/// How many users ahead [`ProjectionCache::prepare_flush`] starts loading a queued user's
+/// map bucket as it scans the dirty queue, and a written user's slot as it serialises them
+/// (and half as far ahead, its heap parts).
 const WRITE_AHEAD: usize = 16;
 
-/// Estimated memory of a cached projection: the slot, the map entry's key, and the heap
+/// Estimated memory of a cached projection: the slot (with its key), the map's bucket, the
+/// ring's and dirty queue's copies of the key, and the heap
 /// behind the state's collections (by capacity). An estimate from the public shape of
 /// [`UserState`], not an allocator count: private derived indexes (the dedupe id index) are
 /// counted as one more entry's worth per remembered id. Computed at commit and load, never
 /// per event.
 pub fn estimate_bytes(s: &UserState) -> usize {
     use std::mem::size_of;
-    // The map's 16-byte bucket (hash and box pointer) at its load factor (3/8 to 3/4), and
-    // the ring's and dirty queue's inline copies of the key (the slot's own is in the slot);
-    // an id too long to be inline has its three copies on the heap.
+    // The map's 16-byte bucket (hash and box pointer) at its load factor (at most 3/4, and
+    // 3/8 just after a doubling; the table never shrinks), and the ring's and dirty queue's
+    // inline copies of the key (the slot's own is in the slot); an id too long to be inline
+    // has its three copies on the heap.
     const MAP_ENTRY: usize = 32 + 2 * size_of::<Key>();
     let spilled = if s.user_id.len() > size_of::<Key>() {
         3 * s.user_id.len()
@@ -90,8 +93,9 @@ pub fn estimate_bytes(s: &UserState) -> usize {
 }
 
 /// A user id as the cache keeps it: inline up to 24 bytes (ids are far shorter), so the
-/// map's key compare reads the bucket it already loaded instead of a second heap object, and
-/// the dirty queue and the eviction ring, which hold a copy per user, allocate nothing.
+/// map's key compare reads the slot it finds (already prefetched on the fold path) instead
+/// of a further heap object, and the dirty queue and the eviction ring, which hold a copy
+/// per user, allocate nothing.
 /// Why: at 1 M users each of those heap keys was a miss to memory (the compare in every
 /// lookup was most of the processor's `memcmp`, 7.5 % of a profile's samples), one
 /// allocation per new or newly dirty user, and the commit's sort of the dirty ids chased a
@@ -127,7 +131,8 @@ pub struct ProjectionCache {
     /// Boxed: a slot is a few hundred bytes, and a map of inline slots moved every cached
     /// projection on each doubling while it filled (at 1 M users, the rehash's copy into
     /// fresh pages was 12.7 % of a profile's samples), and left about half its buckets' bytes
-    /// empty. A boxed slot never moves; the map holds the key and a pointer.
+    /// empty. A boxed slot never moves; the map holds the key's hash and a pointer, and the
+    /// key is in the slot.
     slots: SlotMap<Slot>,
     capacity: usize,
     max_bytes: usize,

@@ -37,7 +37,8 @@ struct Entry<T> {
 pub(crate) struct SlotMap<T> {
     buckets: Box<[Option<Entry<T>>]>,
     len: usize,
-    /// 64 minus log2 of the bucket count: a hash's top bits pick its home bucket.
+    /// 64 minus log2 of the bucket count: the top bits of the hash times a constant pick its
+    /// home bucket (see `home`).
     shift: u32,
 }
 
