@@ -1208,14 +1208,14 @@ impl RawRun {
 /// consumer (as in (a')) over its share of the input partitions, decode every record and fold
 /// it with the processor's rules into a map in memory. No merge across topics, no store, no
 /// offsets, no outputs; (f)/(a) says how far a plain decode and fold alone, at this workload,
-/// stay from (a). Partition p of
-/// every input topic goes to thread p % workers: a user's records are in one partition number
-/// of each topic, so the threads' users are disjoint, as the processor's workers' are.
+/// stay from (a). Partition p of every input topic goes to thread p % workers: a user's
+/// records are in one partition number of each topic, so the threads' users are disjoint, as
+/// the processor's workers' are.
 ///
-/// It folds as plainly as possible, not as well as possible: a map sized for each thread's
-/// share of `users` up front, but no look-ahead prefetching, which the processor has. So it bounds (b) only as far as that
-/// prefetching gains less than the processor's durable work costs (in every run so far (f)
-/// was well above (b)).
+/// It folds plainly, not as well as possible: a map sized for each thread's share of `users`
+/// up front, but no look-ahead prefetching, which the processor has. So it bounds (b) only as
+/// far as that prefetching gains less than the processor's durable work costs (in every run
+/// so far (f) was well above (b)).
 fn fold_ceiling(
     ceiling: Ceiling<'_>,
     lanes: Lanes<'_>,
