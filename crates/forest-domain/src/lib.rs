@@ -17,8 +17,10 @@
 //!   of the same steps are not both credited, and the day's quantity never exceeds the rule's
 //!   `max_quantity` (see [`QuantityScope::Day`]).
 
+pub mod batch;
 mod behaviour;
 mod event;
+mod intern;
 mod rejection;
 mod rules;
 mod state;

@@ -9,7 +9,6 @@ use crate::behaviour::Unit;
 use chrono_tz::Tz;
 use serde::Deserialize;
 use std::path::Path;
-use std::sync::Arc;
 
 /// The built-in rules file.
 pub const DEFAULT_RULES_TOML: &str = include_str!("../rules/default.toml");
@@ -103,8 +102,8 @@ pub struct Rule {
     /// A 64-bit hash of (rules version, rule id): how a projection finds the stored copy of
     /// this rule's identity without comparing strings (see `UserState::credit_rules`).
     pub(crate) note_key: u64,
-    /// `id`, shared: projections refer to it instead of holding a copy each.
-    pub(crate) shared_id: Arc<str>,
+    /// `id`, interned: projections refer to it instead of holding a copy each.
+    pub(crate) shared_id: &'static str,
 }
 
 /// The key [`Rule::note_key`] holds for a rules version and rule id. The NUL separator keeps
@@ -134,8 +133,8 @@ pub struct RuleSet {
     pub max_future_skew_ms: i64,
     pub dedupe_max_ids: usize,
     pub species: Vec<Species>,
-    /// `version`, shared: projections refer to it instead of holding a copy each.
-    pub(crate) shared_version: Arc<str>,
+    /// `version`, interned: projections refer to it instead of holding a copy each.
+    pub(crate) shared_version: &'static str,
     pub(crate) default_species: usize,
     /// Cheapest species: a balance below it cannot mature any tree, so the fold skips the
     /// species lookup on almost every event.
@@ -309,7 +308,7 @@ impl RuleSet {
             }
             *slot = Some(Rule {
                 note_key: note_key(&file.version, &r.id),
-                shared_id: Arc::from(r.id.as_str()),
+                shared_id: crate::intern::intern(&r.id),
                 id: r.id,
                 behaviour: r.behaviour,
                 earn,
@@ -321,7 +320,7 @@ impl RuleSet {
         }
         let min_species_cost = species.iter().map(|s| s.cost_g).min().unwrap_or(u64::MAX);
         Ok(Self {
-            shared_version: Arc::from(file.version.as_str()),
+            shared_version: crate::intern::intern(&file.version),
             version: file.version,
             timezone,
             grace_window_ms: i64::from(file.grace_window_hours) * 3_600_000,

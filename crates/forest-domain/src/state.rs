@@ -10,7 +10,6 @@ use forest_proto::v1::TreeMatured;
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 const DAY_MS: i64 = 86_400_000;
 /// Below this many remembered ids a linear scan beats hashing; above it an index is built.
@@ -501,15 +500,34 @@ struct RuleCache {
 
 /// The identity of the rule behind stored credits: see [`UserState::credit_rules`].
 ///
-/// The strings are shared with the [`RuleSet`] that made the credits (an `Arc` clone, no copy),
-/// so a projection costs one small table, not a string allocation per entry: the fold is
+/// The strings are the process's interned copies (one per distinct string, shared with the
+/// [`RuleSet`] that made the credits and with every projection), so a projection costs one
+/// small table, not a string allocation per entry, and reusing an entry is two pointer writes
+/// (an `Arc` was four atomic operations on counters every worker shares): the fold is
 /// memory-bound, and per-user heap blocks slow every user down. Stored as plain strings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct NoteRule {
-    #[serde(serialize_with = "ser_str", deserialize_with = "de_str")]
-    pub rules_version: Arc<str>,
-    #[serde(serialize_with = "ser_str", deserialize_with = "de_str")]
-    pub rule_id: Arc<str>,
+    pub rules_version: &'static str,
+    pub rule_id: &'static str,
+}
+
+/// [`NoteRule`] as read: the same fields, each read into its interned copy.
+#[derive(Deserialize)]
+#[serde(rename = "NoteRule")]
+struct StoredNoteRule {
+    rules_version: Interned,
+    rule_id: Interned,
+}
+
+// By hand: serde's derive would tie a `&'static str` field to the input's lifetime.
+impl<'de> Deserialize<'de> for NoteRule {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        let s = StoredNoteRule::deserialize(de)?;
+        Ok(Self {
+            rules_version: s.rules_version.0,
+            rule_id: s.rule_id.0,
+        })
+    }
 }
 
 /// The stored encoding of [`UserState::recent_ids`] in binary formats: one byte string holding,
@@ -610,12 +628,29 @@ mod ids_codec {
     }
 }
 
-fn ser_str<S: serde::Serializer>(s: &Arc<str>, ser: S) -> Result<S::Ok, S::Error> {
-    ser.serialize_str(s)
-}
+/// A string read into the process's interned copy (see [`crate::intern`]): read from the
+/// input in place when the format allows, so a loaded projection allocates nothing for its
+/// rule table.
+struct Interned(&'static str);
 
-fn de_str<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Arc<str>, D::Error> {
-    String::deserialize(de).map(Arc::from)
+impl<'de> Deserialize<'de> for Interned {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        use serde::de::{self, Visitor};
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Interned;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+
+            // Borrowed and owned strings arrive here too (serde's defaults forward to it).
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(Interned(crate::intern::intern(s)))
+            }
+        }
+        de.deserialize_str(V)
+    }
 }
 
 /// Why a stored credit was below its raw grams.
@@ -730,7 +765,7 @@ impl UserState {
     /// entry has it. Called with at most `RECENT_CREDITS - 1` notes kept, so one of the first
     /// `RECENT_CREDITS` entries is always free to reuse once the table is that long, and a
     /// user's steady state allocates nothing.
-    fn intern_rule(&mut self, version: &Arc<str>, rule: &Rule) -> u8 {
+    fn intern_rule(&mut self, version: &'static str, rule: &Rule) -> u8 {
         let n = self.credit_rules.len().min(RECENT_CREDITS);
         let cache = self.rule_cache();
         if let Some(i) = cache.keys[..n].iter().position(|&k| k == rule.note_key) {
@@ -738,15 +773,10 @@ impl UserState {
         }
         let i = match (0..n).find(|&i| cache.refs[i] == 0) {
             Some(i) => {
-                let e = &mut self.credit_rules[i];
-                // Each `Arc` swap is two atomic read-modify-writes; the rules version is
-                // almost always the one already there.
-                if !Arc::ptr_eq(&e.rules_version, version) {
-                    e.rules_version = Arc::clone(version);
-                }
-                if !Arc::ptr_eq(&e.rule_id, &rule.shared_id) {
-                    e.rule_id = Arc::clone(&rule.shared_id);
-                }
+                self.credit_rules[i] = NoteRule {
+                    rules_version: version,
+                    rule_id: rule.shared_id,
+                };
                 i
             }
             None => {
@@ -754,8 +784,8 @@ impl UserState {
                     self.credit_rules.reserve_exact(RECENT_CREDITS);
                 }
                 self.credit_rules.push(NoteRule {
-                    rules_version: Arc::clone(version),
-                    rule_id: Arc::clone(&rule.shared_id),
+                    rules_version: version,
+                    rule_id: rule.shared_id,
                 });
                 self.credit_rules.len() - 1
             }
@@ -791,7 +821,7 @@ impl UserState {
 
     /// Keeps `note` as the newest credit explanation, dropping the oldest past
     /// [`RECENT_CREDITS`]; `note.rule` is set here.
-    fn push_note(&mut self, version: &Arc<str>, rule: &Rule, mut note: CreditNote) {
+    fn push_note(&mut self, version: &'static str, rule: &Rule, mut note: CreditNote) {
         let kept = self.recent_credits.len();
         if kept > RECENT_CREDITS {
             // Only a projection not written by the fold keeps more notes; `notes` cannot mirror
@@ -1060,9 +1090,10 @@ impl UserState {
 impl RuleSet {
     /// Starts loading the parts of `state` that applying `event` to it will touch, without
     /// changing anything: a hint for a caller that knows which event it folds next (a batch),
-    /// so that the memory reads of the next event overlap the work on this one. Only the fold
-    /// benchmark's look-ahead variant calls it today (the processor folds record by record;
-    /// BENCHMARKS.md, session 9).
+    /// so that the memory reads of the next event overlap the work on this one. The batch fold
+    /// with look-ahead ([`crate::batch::fold_ahead`]) calls it; the processor does not (it
+    /// decodes each record just before folding it: decoding a few records ahead to call this
+    /// cost more than it saved, BENCHMARKS.md, session 15).
     #[inline]
     pub fn prefetch(&self, state: &UserState, event: &Event) {
         let rule = match &event.action {
@@ -1302,7 +1333,7 @@ impl RuleSet {
                     state.lifetime_g += credited;
                 }
                 state.push_note(
-                    &self.shared_version,
+                    self.shared_version,
                     rule,
                     CreditNote {
                         event_ms: t,
@@ -1461,6 +1492,34 @@ mod tests {
             assert_eq!(c.rules_version, "2026.11-2");
             assert_eq!(s.balance_g, g);
         }
+    }
+
+    #[test]
+    fn credit_rules_round_trip_into_the_interned_strings() {
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        for (i, b) in [Behaviour::BusRide, Behaviour::EInvoice, Behaviour::BusRide]
+            .into_iter()
+            .enumerate()
+        {
+            r.apply(
+                &mut s,
+                &credit(&format!("e{i}"), NOON + i as i64, b, 10_000),
+            )
+            .unwrap();
+        }
+        assert_eq!(s.credit_rules.len(), 2);
+        let bytes = postcard::to_allocvec(&s).unwrap();
+        let back: UserState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back, s);
+        for (a, b) in back.credit_rules.iter().zip(&s.credit_rules) {
+            // Read back as the same copies the rules hold, not new strings.
+            assert!(std::ptr::eq(a.rule_id, b.rule_id));
+            assert!(std::ptr::eq(a.rules_version, b.rules_version));
+        }
+        let bus = back.note_rule(&back.recent_credits[2]).unwrap();
+        assert_eq!(bus.rule_id, r.rule(Behaviour::BusRide).unwrap().id);
+        assert_eq!(bus.rules_version, "2026.11-2");
     }
 
     #[test]

@@ -390,30 +390,29 @@ impl Core {
             // loaded, its heap parts (id, counters, ids, credits, rule table, day quantities:
             // `ProjectionCache::prefetch_parts`). Session 14: the slot lookup waiting for its
             // bucket was the largest item of a 1 M-user profile.
-            fn user(r: &Rec) -> Option<&str> {
-                r.key().and_then(|k| std::str::from_utf8(k).ok())
-            }
+            // Each stage finds the user by the hash the record computed when it was fetched
+            // (`Rec::user_hash`). A record without a key is only a useless prefetch.
             for r in ready.iter().take(2 * LOOK_AHEAD) {
                 r.prefetch();
             }
-            for u in ready.iter().take(3 * LOOK_AHEAD / 2).filter_map(user) {
-                self.cache.prefetch_entry(u);
+            for r in ready.iter().take(3 * LOOK_AHEAD / 2) {
+                self.cache.prefetch_entry(r.user_hash);
             }
-            for u in ready.iter().take(LOOK_AHEAD).filter_map(user) {
-                self.cache.prefetch(u);
+            for r in ready.iter().take(LOOK_AHEAD) {
+                self.cache.prefetch(r.user_hash);
             }
             for (i, rec) in ready.iter().enumerate() {
                 if let Some(r) = ready.get(i + 2 * LOOK_AHEAD) {
                     r.prefetch();
                 }
-                if let Some(u) = ready.get(i + 3 * LOOK_AHEAD / 2).and_then(user) {
-                    self.cache.prefetch_entry(u);
+                if let Some(r) = ready.get(i + 3 * LOOK_AHEAD / 2) {
+                    self.cache.prefetch_entry(r.user_hash);
                 }
-                if let Some(u) = ready.get(i + LOOK_AHEAD).and_then(user) {
-                    self.cache.prefetch(u);
+                if let Some(r) = ready.get(i + LOOK_AHEAD) {
+                    self.cache.prefetch(r.user_hash);
                 }
-                if let Some(u) = ready.get(i + LOOK_AHEAD / 2).and_then(user) {
-                    self.cache.prefetch_parts(u);
+                if let Some(r) = ready.get(i + LOOK_AHEAD / 2) {
+                    self.cache.prefetch_parts(r.user_hash);
                 }
                 self.process(rec)?;
             }
@@ -474,9 +473,11 @@ impl Core {
         }
         let replay_at = replay.then_some((rec.topic, rec.offset));
         let result = match decoded {
+            // The key is the user id (checked above), so its hash is the user's.
             Ok(event) => self.cache.update_at(
                 &self.store,
                 &event.user_id,
+                rec.user_hash,
                 rec.partition,
                 replay_at,
                 |s| rules.apply(s, &event),

@@ -48,6 +48,10 @@ pub struct Rec {
     key_len: Option<usize>,
     /// Whether the record has a value (it may be empty).
     has_value: bool,
+    /// [`forest_store::ProjectionCache::user_hash`] of the key (of no bytes if it has none), computed
+    /// once, while the bytes are being copied in: the fold's four look-ahead stages and the
+    /// cache update each hashed (and UTF-8 checked) the key again (session 15).
+    pub user_hash: u64,
     /// Released by a replay script (see [`Merger::set_script`]): folded again to rebuild
     /// projections, its outputs already stored.
     pub replay: bool,
@@ -74,6 +78,7 @@ impl Rec {
             bytes: bytes.into_boxed_slice(),
             key_len: key.map(<[u8]>::len),
             has_value: value.is_some(),
+            user_hash: forest_store::ProjectionCache::user_hash(k),
             replay: false,
         }
     }

@@ -1,6 +1,6 @@
 //! A write-back cache of projections in front of the [`Store`].
 
-use crate::slot_map::{Keyed, SlotMap, hash};
+use crate::slot_map::{self, Keyed, SlotMap, hash};
 use crate::{NO_POSITION, OutboxEntry, Position, Store, StoreError};
 use compact_str::CompactString;
 use forest_domain::UserState;
@@ -82,13 +82,8 @@ pub fn estimate_bytes(s: &UserState) -> usize {
         + s.counters.capacity() * size_of::<forest_domain::Counter>()
         + s.recent_ids.capacity() * 2 * size_of::<(i64, u64)>()
         + s.recent_credits.capacity() * size_of::<forest_domain::CreditNote>()
-        // The rule table's strings are shared with the loaded rules when the fold made them,
-        // and the table's own after a load; counted as its own (at most a few entries).
+        // The rule table's strings are the process's interned copies, not the projection's.
         + s.credit_rules.capacity() * size_of::<forest_domain::NoteRule>()
-        + s.credit_rules
-            .iter()
-            .map(|r| r.rules_version.len() + r.rule_id.len())
-            .sum::<usize>()
         + s.day_quantities.capacity() * size_of::<forest_domain::DayQuantity>()
 }
 
@@ -207,7 +202,7 @@ impl ProjectionCache {
         user_id: &str,
         f: impl FnOnce(&mut UserState) -> Result<T, E>,
     ) -> Result<Result<T, E>, StoreError> {
-        let out = self.update_at(store, user_id, 0, None, f)?;
+        let out = self.update_at(store, user_id, hash(user_id), 0, None, f)?;
         Ok(out.expect("only a replayed record is skipped"))
     }
 
@@ -216,15 +211,20 @@ impl ProjectionCache {
     /// user's stored position is past it, the stored state has it already and `f` does not
     /// run (`None`). That is exact because a replay folds a partition's records in the order
     /// they were first folded, so a stored position marks a prefix of that order.
+    ///
+    /// `user_hash` is [`ProjectionCache::user_hash`] of `user_id`: a caller that prefetched
+    /// the user has it already, and the hash is not computed again.
     pub fn update_at<T, E>(
         &mut self,
         store: &Store,
         user_id: &str,
+        user_hash: u64,
         partition: i32,
         replay: Option<(u8, i64)>,
         f: impl FnOnce(&mut UserState) -> Result<T, E>,
     ) -> Result<Option<Result<T, E>>, StoreError> {
-        let h = hash(user_id);
+        debug_assert_eq!(user_hash, hash(user_id), "user_hash is not user_id's");
+        let h = user_hash;
         let slot = match self.slots.get_mut(h, user_id) {
             Some(slot) => {
                 slot.referenced = true;
@@ -274,7 +274,7 @@ impl ProjectionCache {
         Ok(Some(out))
     }
 
-    /// Starts loading the cache entry of `user_id` (its map slot and projection) into the CPU
+    /// Starts loading the cache entry of a user (its map slot and projection) into the CPU
     /// cache, if the user is cached; changes nothing. Why: at 100 K users and more, finding a
     /// user's entry is a miss to memory on every event, and the fold waits for it (the map
     /// lookup and its key compare were 12-14 % of a worker's samples in session 11). A caller
@@ -282,11 +282,22 @@ impl ProjectionCache {
     /// overlap, instead of following one another. The lookup itself reads the user's map
     /// bucket: call [`ProjectionCache::prefetch_entry`] a few records earlier still, or it
     /// waits for that.
-    pub fn prefetch(&self, user_id: &str) {
+    ///
+    /// Takes the user's [`ProjectionCache::user_hash`], not the id: the caller hashes each
+    /// record's key once for all the prefetch stages and the fold.
+    pub fn prefetch(&self, user_hash: u64) {
         // By hash alone: comparing the key would wait for the slot being prefetched.
-        if let Some(slot) = self.slots.get_by_hash(hash(user_id)) {
+        if let Some(slot) = self.slots.get_by_hash(user_hash) {
             prefetch_slot(slot);
         }
+    }
+
+    /// The hash the cache finds `user_id` by, from its bytes (UTF-8 or not: a record's key
+    /// can be hashed before it is checked, and a key that is no user id is only a useless
+    /// prefetch). The same for a `&str` id and its bytes.
+    #[inline]
+    pub fn user_hash(user_id: &[u8]) -> u64 {
+        slot_map::hash_bytes(user_id)
     }
 
     /// Starts loading the map bucket where `user_id`'s entry is (or would be), changing
@@ -294,8 +305,8 @@ impl ProjectionCache {
     /// few records later, so that that lookup finds its bucket loaded instead of waiting for
     /// it (see the `slot_map` module).
     #[inline]
-    pub fn prefetch_entry(&self, user_id: &str) {
-        self.slots.prefetch(hash(user_id));
+    pub fn prefetch_entry(&self, user_hash: u64) {
+        self.slots.prefetch(user_hash);
     }
 
     /// Starts loading the heap parts of `user_id`'s cached projection (see
@@ -305,8 +316,10 @@ impl ProjectionCache {
     /// the event against, its ids, counters and credits) are started before the fold waits on
     /// them one by one. At 100 K users the user-id compare alone was 4 % of a worker's
     /// samples.
-    pub fn prefetch_parts(&self, user_id: &str) {
-        if let Some(slot) = self.slots.get(hash(user_id), user_id) {
+    pub fn prefetch_parts(&self, user_hash: u64) {
+        // By hash alone, as `prefetch`: a hint needs no key compare (another user with the
+        // same hash only has the wrong parts loaded).
+        if let Some(slot) = self.slots.get_by_hash(user_hash) {
             slot.state.prefetch_stored_parts();
         }
     }
@@ -658,7 +671,7 @@ mod tests {
         let bump = |s: &mut UserState| Ok::<_, ()>(s.balance_g += 1);
         // Batch 1 changes a (partition 3) and b; batch 2 changes b and c.
         for u in ["a", "b"] {
-            cache.update_at(&store, u, 3, None, bump).unwrap();
+            cache.update_at(&store, u, hash(u), 3, None, bump).unwrap();
         }
         let flush = |cache: &mut ProjectionCache, before, max_dirty, pos: fn(i32) -> Position| {
             cache
@@ -673,7 +686,7 @@ mod tests {
         store.write_prepared(p).unwrap();
         cache.durable(t1);
         for u in ["b", "c"] {
-            cache.update_at(&store, u, 3, None, bump).unwrap();
+            cache.update_at(&store, u, hash(u), 3, None, bump).unwrap();
         }
         // Batch 2 writes the users dirty since batch 1, at partition 3's position then.
         let (p, t2, n) = flush(&mut cache, 2, usize::MAX, |p| [p as i64 * 10, 5, -2]);
@@ -695,17 +708,21 @@ mod tests {
         // one at or past it is not.
         let mut cache = ProjectionCache::new(100);
         assert_eq!(
-            cache.update_at(&store, "b", 3, Some((1, 4)), bump).unwrap(),
+            cache
+                .update_at(&store, "b", hash("b"), 3, Some((1, 4)), bump)
+                .unwrap(),
             None
         );
         assert_eq!(
             cache
-                .update_at(&store, "b", 3, Some((0, 30)), bump)
+                .update_at(&store, "b", hash("b"), 3, Some((0, 30)), bump)
                 .unwrap(),
             Some(Ok(()))
         );
         assert_eq!(
-            cache.update_at(&store, "c", 3, Some((0, 0)), bump).unwrap(),
+            cache
+                .update_at(&store, "c", hash("c"), 3, Some((0, 0)), bump)
+                .unwrap(),
             Some(Ok(()))
         );
         assert_eq!(cache.peek("b").map(|s| s.balance_g), Some(3));

@@ -23,6 +23,14 @@ pub(crate) trait Keyed {
 /// The hash a key is stored and looked up under.
 #[inline]
 pub(crate) fn hash(key: &str) -> u64 {
+    hash_bytes(key.as_bytes())
+}
+
+/// [`hash`] of a key given as bytes, which need not be UTF-8: a caller holding a record's key
+/// can hash it once, before (or without) checking it is a user id (see
+/// [`crate::ProjectionCache::user_hash`]).
+#[inline]
+pub(crate) fn hash_bytes(key: &[u8]) -> u64 {
     FxBuildHasher.hash_one(key)
 }
 
