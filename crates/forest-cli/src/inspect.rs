@@ -77,7 +77,7 @@ fn print_user(s: &UserState, rules: &RuleSet) {
         // version that names or numbers rules differently.
         let (rule, version) = s
             .note_rule(c)
-            .map_or(("?", "?"), |r| (&*r.rule_id, &*r.rules_version));
+            .map_or(("?", "?"), |r| (r.rule_id, r.rules_version));
         let why = match c.limited_by {
             None => "full credit".to_string(),
             Some(l) => format!("limited: {l}"),

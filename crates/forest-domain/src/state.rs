@@ -805,7 +805,7 @@ impl UserState {
                 ..RuleCache::default()
             };
             for (k, r) in c.keys.iter_mut().zip(&self.credit_rules) {
-                *k = note_key(&r.rules_version, &r.rule_id);
+                *k = note_key(r.rules_version, r.rule_id);
             }
             for n in &self.recent_credits {
                 if let Some(r) = c.refs.get_mut(usize::from(n.rule)) {
