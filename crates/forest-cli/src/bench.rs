@@ -1206,18 +1206,20 @@ impl RawRun {
 /// (f) The processor's ceiling on this machine and workload: what is left of it with
 /// everything durable taken out. `workers` threads (`forest-fold-N`), each a batched plain
 /// consumer (as in (a')) over its share of the input partitions, decode every record and fold
-/// it with the processor's rules into a map in memory. No merge across topics, no store, no
-/// offsets, no outputs; (f)/(a) says how far a plain decode and fold alone, at this workload,
-/// stay from (a). Partition p of every input topic goes to thread p % workers: a user's
+/// it with the processor's rules into projections in memory. No merge across topics, no
+/// store, no offsets, no outputs; (f)/(a) says how far decoding and folding alone, at this
+/// workload, stay from (a). Partition p of every input topic goes to thread p % workers: a user's
 /// records are in one partition number of each topic, so the threads' users are disjoint, as
 /// the processor's workers' are.
 ///
-/// Each thread folds each poll's records as a batch with look-ahead
-/// ([`forest_domain::batch::fold_ahead`]: every user found first, then each projection
-/// prefetched a few records ahead), into a slab sized for its share of `users` up front. Until
-/// session 15 it folded record by record with no look-ahead, which the processor has, so it
-/// was not an upper bound for (b) in principle; now its fold waits for memory no more than
-/// the processor's.
+/// Each thread decodes a poll's records (up to 10,000) and folds them as a batch with
+/// look-ahead ([`forest_domain::batch::fold_ahead`]: every user of the batch found first, then
+/// each projection prefetched a few records ahead), into a slab (projections in one vector,
+/// found through a map of user id to index) sized for its share of `users` up front. Until
+/// session 15 it folded record by record into a map of projections with no look-ahead, which
+/// the processor has, so it was not an upper bound for (b) in principle. The batch fold is
+/// meant to wait for memory no more than the processor's fold does (not measured apart: in
+/// every run since, (f) ran at more than twice (b)).
 fn fold_ceiling(
     ceiling: Ceiling<'_>,
     lanes: Lanes<'_>,
@@ -1317,7 +1319,7 @@ struct Lanes<'a> {
 }
 
 /// One [`fold_ceiling`] thread: reads its lanes from their low watermarks to their end
-/// offsets, folding each record into `states`. `counted` is every thread's records so far;
+/// offsets, folding each poll's records into `states`. `counted` is every thread's records so far;
 /// `first` is set, by the first thread to get records, to (when, process CPU, records
 /// counted by then).
 fn fold_share(

@@ -106,6 +106,14 @@ pub struct Rule {
     pub(crate) shared_id: &'static str,
 }
 
+/// Why a rules file's version or rule id could not be interned (see [`crate::intern`]).
+fn too_many_identities() -> String {
+    format!(
+        "this process already holds {} distinct rules versions and rule ids; restart it",
+        crate::intern::MAX_INTERNED
+    )
+}
+
 /// The key [`Rule::note_key`] holds for a rules version and rule id. The NUL separator keeps
 /// ("a", "b.c") and ("a.b", "c") apart (neither part may contain NUL: TOML strings may, but a
 /// collision would only mislabel a stored explanation, never change a credit).
@@ -306,9 +314,12 @@ impl RuleSet {
             if slot.is_some() {
                 return invalid(format!("behaviour {} has more than one rule", r.behaviour));
             }
+            let Some(shared_id) = crate::intern::intern(&r.id) else {
+                return invalid(too_many_identities());
+            };
             *slot = Some(Rule {
                 note_key: note_key(&file.version, &r.id),
-                shared_id: crate::intern::intern(&r.id),
+                shared_id,
                 id: r.id,
                 behaviour: r.behaviour,
                 earn,
@@ -319,8 +330,11 @@ impl RuleSet {
             });
         }
         let min_species_cost = species.iter().map(|s| s.cost_g).min().unwrap_or(u64::MAX);
+        let Some(shared_version) = crate::intern::intern(&file.version) else {
+            return invalid(too_many_identities());
+        };
         Ok(Self {
-            shared_version: crate::intern::intern(&file.version),
+            shared_version,
             version: file.version,
             timezone,
             grace_window_ms: i64::from(file.grace_window_hours) * 3_600_000,

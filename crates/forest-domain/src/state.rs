@@ -646,7 +646,12 @@ impl<'de> Deserialize<'de> for Interned {
 
             // Borrowed and owned strings arrive here too (serde's defaults forward to it).
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
-                Ok(Interned(crate::intern::intern(s)))
+                crate::intern::intern(s).map(Interned).ok_or_else(|| {
+                    E::custom(format_args!(
+                        "rule identity {s:?}: the process already holds {} distinct ones",
+                        crate::intern::MAX_INTERNED
+                    ))
+                })
             }
         }
         de.deserialize_str(V)
@@ -1492,6 +1497,18 @@ mod tests {
             assert_eq!(c.rules_version, "2026.11-2");
             assert_eq!(s.balance_g, g);
         }
+    }
+
+    #[test]
+    fn a_note_rule_is_stored_as_two_strings() {
+        // The stored bytes of session 14's `Arc<str>` fields, each a postcard string (length,
+        // then the bytes): the interned form writes and reads the same.
+        let bytes = [
+            9, b'2', b'0', b'2', b'6', b'.', b'1', b'1', b'-', b'2', 3, b'b', b'u', b's',
+        ];
+        let rule: NoteRule = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!((rule.rules_version, rule.rule_id), ("2026.11-2", "bus"));
+        assert_eq!(postcard::to_allocvec(&rule).unwrap(), bytes);
     }
 
     #[test]

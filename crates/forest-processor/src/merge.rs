@@ -48,9 +48,10 @@ pub struct Rec {
     key_len: Option<usize>,
     /// Whether the record has a value (it may be empty).
     has_value: bool,
-    /// [`forest_store::ProjectionCache::user_hash`] of the key (of no bytes if it has none), computed
-    /// once, while the bytes are being copied in: the fold's four look-ahead stages and the
-    /// cache update each hashed (and UTF-8 checked) the key again (session 15).
+    /// [`forest_store::ProjectionCache::user_hash`] of the key (of no bytes if it has none),
+    /// computed once, while the bytes are being copied in. Before session 15 the fold's three
+    /// look-ahead stages each UTF-8 checked and hashed the key, and the cache update hashed
+    /// the user id once more.
     pub user_hash: u64,
     /// Released by a replay script (see [`Merger::set_script`]): folded again to rebuild
     /// projections, its outputs already stored.

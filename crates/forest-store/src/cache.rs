@@ -213,7 +213,10 @@ impl ProjectionCache {
     /// they were first folded, so a stored position marks a prefix of that order.
     ///
     /// `user_hash` is [`ProjectionCache::user_hash`] of `user_id`: a caller that prefetched
-    /// the user has it already, and the hash is not computed again.
+    /// the user has it already, and a cached user's hash is not computed again. Correctness
+    /// does not rest on it: a user not found under `user_hash` is looked for again under the
+    /// hash of `user_id` before it is loaded (a miss reads RocksDB anyway), so a wrong hash
+    /// costs a lookup, never a second slot for one user.
     pub fn update_at<T, E>(
         &mut self,
         store: &Store,
@@ -223,14 +226,16 @@ impl ProjectionCache {
         replay: Option<(u8, i64)>,
         f: impl FnOnce(&mut UserState) -> Result<T, E>,
     ) -> Result<Option<Result<T, E>>, StoreError> {
-        debug_assert_eq!(user_hash, hash(user_id), "user_hash is not user_id's");
-        let h = user_hash;
-        let slot = match self.slots.get_mut(h, user_id) {
+        let slot = match self.slots.get_mut(user_hash, user_id) {
             Some(slot) => {
                 slot.referenced = true;
                 slot
             }
             None => {
+                let h = hash(user_id);
+                if h != user_hash {
+                    return self.update_at(store, user_id, h, partition, replay, f);
+                }
                 let (state, position) = store
                     .get_user_at(user_id)?
                     .unwrap_or_else(|| (UserState::new(user_id), NO_POSITION));
@@ -300,7 +305,7 @@ impl ProjectionCache {
         slot_map::hash_bytes(user_id)
     }
 
-    /// Starts loading the map bucket where `user_id`'s entry is (or would be), changing
+    /// Starts loading the map bucket where the user's entry is (or would be), changing
     /// nothing: for a caller that will call [`ProjectionCache::prefetch`] for the same user a
     /// few records later, so that that lookup finds its bucket loaded instead of waiting for
     /// it (see the `slot_map` module).
@@ -309,7 +314,7 @@ impl ProjectionCache {
         self.slots.prefetch(user_hash);
     }
 
-    /// Starts loading the heap parts of `user_id`'s cached projection (see
+    /// Starts loading the heap parts of the user's cached projection (see
     /// [`UserState::prefetch_stored_parts`]), if cached; changes nothing. For a caller that
     /// called [`ProjectionCache::prefetch`] for the user a few records earlier: the entry is
     /// loaded by now, and the fold's next misses (the state's own user id, which it checks
@@ -661,6 +666,31 @@ mod tests {
             .update(store, u, |s| Ok::<_, ()>(s.balance_g += 1))
             .unwrap()
             .unwrap();
+    }
+
+    #[test]
+    fn a_wrong_user_hash_finds_the_same_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+        let mut cache = ProjectionCache::new(100);
+        let bump = |s: &mut UserState| {
+            s.balance_g += 1;
+            Ok::<_, ()>(())
+        };
+        cache
+            .update_at(&store, "a", hash("a"), 0, None, bump)
+            .unwrap();
+        // A new user under a wrong hash, then a cached one: each still one slot.
+        cache
+            .update_at(&store, "b", hash("a"), 0, None, bump)
+            .unwrap();
+        cache
+            .update_at(&store, "a", hash("b"), 0, None, bump)
+            .unwrap();
+        cache.update_at(&store, "b", 7, 0, None, bump).unwrap();
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.peek("a").map(|s| s.balance_g), Some(2));
+        assert_eq!(cache.peek("b").map(|s| s.balance_g), Some(2));
     }
 
     #[test]
