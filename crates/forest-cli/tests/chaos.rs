@@ -13,6 +13,7 @@
 
 use forest_tests::*;
 use rand::{Rng, SeedableRng};
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -849,6 +850,89 @@ fn restores_logged(logs: &Path, name: &str) -> Vec<(u64, f64)> {
     out
 }
 
+/// When the last store differs from the pure fold, prints what a post-mortem needs (CI keeps
+/// only a failed run's output, not its logs or topics): for the first differing user, the
+/// recent events the pure fold accepted that the store lacks and the reverse (event time, id
+/// hash), the user's input records, the changelog's records of its partition (the user's
+/// projections with their lifetime credit, every checkpoint) and the services' log lines about
+/// that partition.
+fn explain_differences(b: &TestBroker, store_dir: &Path, want: &Expected, logs: &Path) {
+    let store = forest_store::Store::open_read_only(store_dir).expect("store opens");
+    let Some((user, want_state, got)) = want.states.iter().find_map(|(u, s)| {
+        let got = store.get_user(u).expect("user reads");
+        (got.as_ref() != Some(s)).then(|| (u.clone(), s.clone(), got))
+    }) else {
+        return;
+    };
+    let p = forest_kafka::partition_of(user.as_bytes(), PARTITIONS).unwrap_or(-1);
+    let ids = |s: &forest_domain::UserState| -> BTreeSet<(i64, u64)> {
+        s.recent_ids.iter().copied().collect()
+    };
+    let got_ids = got.as_ref().map(ids).unwrap_or_default();
+    let want_ids = ids(&want_state);
+    eprintln!(
+        "--- first differing user {user} (partition {p}): lifetime {} g, want {} g; events the fold accepted and the store lacks {:?}; the reverse {:?}",
+        got.as_ref().map_or(0, |g| g.lifetime_g),
+        want_state.lifetime_g,
+        want_ids.difference(&got_ids).collect::<Vec<_>>(),
+        got_ids.difference(&want_ids).collect::<Vec<_>>(),
+    );
+    for r in input_records(b).iter().filter(|r| r.key == user.as_bytes()) {
+        eprintln!(
+            "input {:?} p{} @{} ts {}",
+            r.kind, r.partition, r.offset, r.timestamp
+        );
+    }
+    let changelog = forest_kafka::read_partition(
+        &b.bootstrap,
+        &b.topics.changelog,
+        p,
+        Duration::from_secs(60),
+        &mut |_, _| {},
+    )
+    .expect("changelog reads");
+    for r in &changelog {
+        if r.key == forest_processor::changelog::CHECKPOINT_KEY {
+            let lanes: Vec<i64> = r
+                .value
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+            eprintln!("changelog @{} checkpoint {lanes:?}", r.offset);
+        } else if r.key == user.as_bytes() {
+            let s = forest_store::decode_state(&r.value, "changelog").expect("projection");
+            eprintln!(
+                "changelog @{} {user}: lifetime {} g, newest event {:?}",
+                r.offset, s.lifetime_g, s.newest_event_ms
+            );
+        }
+    }
+    let token = format!("partition={p}");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(logs)
+        .expect("log dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|f| f.extension().is_some_and(|x| x == "log"))
+        .collect();
+    files.sort();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        let name = f
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        for line in text.lines().filter(|l| {
+            l.split_whitespace().any(|w| w == token)
+                || l.contains("dropped changelog")
+                || l.contains("revoked")
+                || l.contains("out of the canonical order")
+        }) {
+            eprintln!("{name}: {line}");
+        }
+    }
+}
+
 /// Scale-out on real Kafka: three processor instances (separate processes, each with its own
 /// store, one consumer group, the changelog on) work through a preloaded log while partitions
 /// move again and again: instances join, one is SIGKILLed and comes back on its old store,
@@ -1027,6 +1111,7 @@ fn scale_out_campaign(mode: &str) {
         "every generated record is in Kafka"
     );
     let want = expected(&Default::default(), &records);
+    explain_differences(&b, &stores[1], &want, dir.path());
     let summary = check(&b, &stores[1], &want);
     if mode == "transactions" {
         check_outputs_exactly_once(&b);

@@ -9,7 +9,8 @@
 //!
 //! When an instance is assigned a partition for which its store has no offsets, it restores
 //! the partition from the changelog before consuming: the latest projection of each user (the
-//! topic is compacted) and the latest checkpoint's offsets, written in one batch. Why this is
+//! topic is compacted) and the latest checkpoint's offsets replace whatever the store held
+//! for the partition (its users and offsets are deleted in the same batch). Why this is
 //! exact:
 //! - Projections up to the last checkpoint are what that checkpoint's offsets reflect.
 //! - Projections after it (a batch whose checkpoint never reached Kafka: its instance lost its
@@ -20,8 +21,17 @@
 //!   event had been applied once.
 //! - Compaction may drop a user's older projection once a newer one exists, so the restore
 //!   never relies on anything but the latest one.
-//! - No checkpoint at all: nothing is restored, and the partition is replayed from the start
-//!   of the log.
+//! - No checkpoint at all: the partition's local state is deleted, and the partition is
+//!   replayed from the start of the log.
+//! - A lane the checkpoint's writer had not read yet (-1) has no offset after the restore, so
+//!   it is read from its beginning, as the projections reflect.
+//! - A user the store held but the changelog lacks has no events before the checkpoint (the
+//!   checkpoint's writer wrote every user it changed), so deleting it loses nothing; its events
+//!   after the checkpoint are read again. Kept, it could hold events the changelog never had.
+//!
+//! Users are matched to partitions with the producers' partitioner (`forest_kafka::
+//! partition_of`): the changelog itself relies on input records being partitioned by user id
+//! that way, since each projection goes to its user's partition number.
 //!
 //! When is local state stale? The store records, next to the input offsets, the changelog end
 //! its state reflects: the offset after this instance's last acknowledged checkpoint of the
@@ -36,11 +46,11 @@
 //! start, never sent late (the partition may have moved, and a stale projection after the new
 //! owner's checkpoints would be restored as the latest), and the store's recorded ends are
 //! invalidated so each partition restores on its next assignment (`runtime::
-//! drop_changelog_leftovers`). Known edge, not handled: a changelog partition still empty
-//! at that restart has nothing to restore, so the local state (which includes the dropped
-//! batch) goes on; users of that batch never changed again then lack a changelog projection
-//! while later checkpoints cover their events. Forgetting the partition's local state and
-//! replaying it from the log's start would close it.
+//! drop_changelog_leftovers`), even from a changelog partition still empty (which deletes the
+//! local state and replays the partition from the log's start). Before session 16 local state
+//! was kept there, and kept beside every restore for users the changelog lacked: users of a
+//! dropped batch who never changed again then lacked a changelog projection while later
+//! checkpoints covered their events.
 //!
 //! Transactions mode (`ExactlyOnce::Transactions`): the projections and checkpoints go in the
 //! batch's Kafka transaction, and restores read `read_committed` up to the last stable offset,
@@ -96,17 +106,24 @@ pub struct Restored {
     pub users: u64,
     pub records: u64,
     pub lanes: Option<[i64; 3]>,
+    /// Users of the partition the store held before, all deleted (those the changelog has
+    /// are written again).
+    pub forgotten: u64,
 }
 
-/// Restores input partition `partition` from the changelog into `store`: the latest projection
-/// of each user and the latest checkpoint's offsets for `inputs` (the three input topic
-/// names, in lane order), in one batch. Nothing is written without a checkpoint.
+/// Replaces the local state of input partition `partition` with the changelog's, in one
+/// batch: `local_users` (the users of the partition the store holds) and the partition's
+/// offsets are deleted, then the latest projection of each user and the latest checkpoint's
+/// offsets for `inputs` (the three input topic names, in lane order) are written. Without a
+/// checkpoint only the deletion happens, so the partition is replayed from the start of the
+/// log.
 pub fn restore(
     store: &Store,
     brokers: &str,
     changelog: &str,
     inputs: [&str; 3],
     partition: i32,
+    local_users: &[Vec<u8>],
 ) -> Result<Restored, ProcessorError> {
     let started = Instant::now();
     let mut end = 0;
@@ -148,13 +165,22 @@ pub fn restore(
         users: 0,
         records: records.len() as u64,
         lanes,
+        forgotten: local_users.len() as u64,
     };
+    // Every offset of the partition goes: a lane the checkpoint has not read (-1) starts
+    // from the beginning of its log, like the state the checkpoint's projections reflect.
+    let forget_offsets = inputs
+        .iter()
+        .chain(std::iter::once(&changelog))
+        .map(|t| (*t, partition));
     let Some(lanes) = lanes else {
+        store.forget(local_users, forget_offsets)?;
         tracing::info!(
             changelog,
             partition,
             records = records.len(),
-            "no changelog checkpoint: the partition is replayed from the start of the log"
+            forgotten = local_users.len(),
+            "no changelog checkpoint: the partition's local state is deleted and replayed from the start of the log"
         );
         return Ok(done);
     };
@@ -177,16 +203,17 @@ pub fn restore(
         .chain(std::iter::once((changelog, partition, end)))
         .collect();
     // No replay runs where the changelog is on, so no position is needed.
-    store.commit(
+    store.replace(
+        local_users,
+        forget_offsets,
         states.iter().map(|s| (s, forest_store::NO_POSITION)),
         offsets,
-        &[],
     )?;
     done.users = states.len() as u64;
     let secs = started.elapsed().as_secs_f64();
     metrics::counter!(m::RESTORED_USERS).increment(done.users);
     metrics::histogram!(m::RESTORE_DURATION).record(secs);
-    tracing::info!(changelog, partition, users = done.users, records = done.records, lanes = ?lanes, secs, "partition restored from the changelog");
+    tracing::info!(changelog, partition, users = done.users, records = done.records, forgotten = done.forgotten, lanes = ?lanes, secs, "partition restored from the changelog");
     Ok(done)
 }
 

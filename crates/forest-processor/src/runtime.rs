@@ -290,10 +290,19 @@ impl ConsumerContext for Ctx {
 /// With the changelog on: restores every assigned partition number whose local state is not
 /// the latest, before any of its records is consumed. Local state is the latest when the store
 /// has input offsets for the partition and records, as the changelog end it reflects, the
-/// changelog partition's current end (nobody wrote to it since this store did). Otherwise (a
-/// partition this store never had, had and forgot, or that another instance advanced since,
-/// or a crash in transactions mode between the Kafka commit and the store write) the
-/// changelog's latest projections and checkpoint replace it.
+/// changelog partition's current end (nobody wrote to it since this store did), or when the
+/// changelog partition is empty and the store's end was not invalidated (a store that ran
+/// before the changelog was on). Otherwise (a partition this store never had, had and forgot,
+/// that another instance advanced since, whose changelog records a crash dropped, or a crash
+/// in transactions mode between the Kafka commit and the store write) the changelog's latest
+/// projections and checkpoint replace the partition's local state entirely.
+///
+/// Why entirely, users the changelog lacks included: a restore that kept them left a user
+/// whose only projections were in a batch a crash dropped (`drop_changelog_leftovers`) with
+/// that batch's events locally while the changelog never had them; re-read, they were
+/// rejected as duplicates, so no projection of the user reached the changelog and the next
+/// owner lost them. Kept offsets had the same flaw: a lane the checkpoint had not read (-1)
+/// kept a local offset its projections did not reflect.
 fn restore_stale(
     core: &Core,
     tpl: &TopicPartitionList,
@@ -314,6 +323,7 @@ fn restore_stale(
             reason: format!("reading the changelog's end offsets: {e}"),
         }
     })?;
+    let mut stale = Vec::new();
     for p in parts {
         let mut known = false;
         for t in inputs {
@@ -321,7 +331,8 @@ fn restore_stale(
         }
         let end = ends.get(&p).copied().unwrap_or(0);
         let reflected = core.store.offset(changelog, p)?;
-        if known && (end == 0 || reflected == Some(end)) {
+        // -1: invalidated by `drop_changelog_leftovers`.
+        if known && (reflected == Some(end) || (end == 0 && reflected != Some(-1))) {
             continue;
         }
         if known {
@@ -332,8 +343,26 @@ fn restore_stale(
                 "local state of the partition is behind its changelog: restoring"
             );
         }
+        stale.push(p);
+    }
+    if stale.is_empty() {
+        return Ok(());
+    }
+    // The users the store holds for each stale partition: one pass over the store for all of
+    // them. The changelog has the input topics' partition count (checked at start-up).
+    let n = ends.len() as i32;
+    let mut local: rustc_hash::FxHashMap<i32, Vec<Vec<u8>>> = Default::default();
+    for id in core.store.user_ids() {
+        let id = id?;
+        if let Some(p) = forest_kafka::partition_of(&id, n).filter(|p| stale.contains(p)) {
+            local.entry(p).or_default().push(id);
+        }
+    }
+    for p in stale {
         let started = std::time::Instant::now();
-        let r = crate::changelog::restore(&core.store, &core.brokers, changelog, inputs, p)?;
+        let users = local.remove(&p).unwrap_or_default();
+        let r =
+            crate::changelog::restore(&core.store, &core.brokers, changelog, inputs, p, &users)?;
         if r.lanes.is_some() {
             stats.restored_users.fetch_add(r.users, Ordering::Relaxed);
             stats.restored_partitions.fetch_add(1, Ordering::Relaxed);
@@ -753,14 +782,28 @@ fn drop_changelog_leftovers(cfg: &ProcessorConfig, store: &Store) -> Result<(), 
     if stale.is_empty() {
         return Ok(());
     }
-    let parts = store.partitions(changelog)?;
-    store.remove_outbox(stale.iter().copied())?;
-    // -1: never a changelog end, so `restore_stale` restores.
+    // Every partition the store has state for, recorded changelog end or not (a crash before
+    // the first checkpoint was acknowledged left none, and an empty changelog partition would
+    // otherwise leave the local state trusted).
+    let mut parts = store.partitions(changelog)?;
+    for topic in [
+        &cfg.topics.payments,
+        &cfg.topics.mobility,
+        &cfg.topics.commands,
+    ] {
+        parts.extend(store.partitions(topic)?);
+    }
+    parts.sort_unstable();
+    parts.dedup();
+    // -1: never a changelog end, so `restore_stale` restores. Before the removal: a crash
+    // between the two then leaves the leftovers to drop again, never a store trusted without
+    // them.
     store.commit(
         std::iter::empty(),
         parts.iter().map(|&p| (changelog, p, -1)),
         &[],
     )?;
+    store.remove_outbox(stale.iter().copied())?;
     tracing::warn!(
         records = stale.len(),
         partitions = parts.len(),

@@ -549,19 +549,35 @@ impl Store {
         users: &[Vec<u8>],
         offsets: impl IntoIterator<Item = (&'o str, i32)>,
     ) -> Result<usize, StoreError> {
+        self.replace(users, offsets, std::iter::empty(), std::iter::empty())?;
+        Ok(users.len())
+    }
+
+    /// Replaces local state in one atomic batch: deletes `forget_users`' projections and the
+    /// `forget_offsets` entries, then writes `states` and `offsets` (a key in both ends up
+    /// written). Why one batch: a restore must leave either the old state of a partition or
+    /// the new one, never new projections beside old offsets, nor old users the new state does
+    /// not have beside the new offsets.
+    pub fn replace<'s, 'o>(
+        &self,
+        forget_users: &[Vec<u8>],
+        forget_offsets: impl IntoIterator<Item = (&'o str, i32)>,
+        states: impl IntoIterator<Item = (&'s UserState, Position)>,
+        offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
+    ) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         let proj = self.cf(CF_PROJECTIONS);
-        for u in users {
+        for u in forget_users {
             batch.delete_cf(proj, u);
         }
         let offs = self.cf(CF_OFFSETS);
-        for (topic, partition) in offsets {
+        for (topic, partition) in forget_offsets {
             batch.delete_cf(offs, offset_key(topic, partition));
         }
-        self.db
-            .write_opt(batch, &self.write_opts)
-            .map_err(StoreError::Write)?;
-        Ok(users.len())
+        self.put_states(&mut batch, states)?;
+        let prepared = self.seal(batch, offsets, &[])?;
+        self.write_prepared(prepared)?;
+        Ok(())
     }
 
     /// The partitions of `topic` this store has an offset for.
@@ -622,6 +638,16 @@ impl Store {
         outbox: &[OutboxEntry],
     ) -> Result<PreparedBatch, StoreError> {
         let mut batch = WriteBatch::default();
+        self.put_states(&mut batch, states)?;
+        self.seal(batch, offsets, outbox)
+    }
+
+    /// Adds each state, prefixed with its position, to `batch`.
+    fn put_states<'s>(
+        &self,
+        batch: &mut WriteBatch,
+        states: impl IntoIterator<Item = (&'s UserState, Position)>,
+    ) -> Result<(), StoreError> {
         let mut buf = Vec::with_capacity(512);
         let proj = self.cf(CF_PROJECTIONS);
         for (s, pos) in states {
@@ -638,7 +664,7 @@ impl Store {
             batch.put_cf(proj, s.user_id.as_bytes(), &bytes);
             buf = bytes;
         }
-        self.seal(batch, offsets, outbox)
+        Ok(())
     }
 
     /// Like [`Store::commit`], for services whose state is opaque key-value pairs: `None`
@@ -894,6 +920,43 @@ mod tests {
         let old = postcard::to_allocvec(&s).unwrap();
         let err = decode_state(&old, "changelog/0/u-1").unwrap_err();
         assert!(err.to_string().contains("recreate the changelog"), "{err}");
+    }
+
+    /// A restore replaces a partition's local state: the users and offsets it forgets are
+    /// gone, what it writes is there (also a user in both), and the rest is untouched.
+    #[test]
+    fn replace_forgets_and_writes_in_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreConfig::default()).unwrap();
+        let state = |u: &str, g: u64| {
+            let mut s = UserState::new(u);
+            s.balance_g = g;
+            s.lifetime_g = g;
+            s
+        };
+        let (a, b, c) = (state("a", 1), state("b", 2), state("c", 3));
+        store
+            .commit(
+                [(&a, NO_POSITION), (&b, NO_POSITION), (&c, NO_POSITION)],
+                [("pay", 0, 10), ("mob", 0, 20), ("pay", 1, 30)],
+                &[],
+            )
+            .unwrap();
+        let b2 = state("b", 5);
+        store
+            .replace(
+                &[b"a".to_vec(), b"b".to_vec()],
+                [("pay", 0), ("mob", 0)],
+                [(&b2, [4, -1, -1])],
+                [("pay", 0, 4)],
+            )
+            .unwrap();
+        assert_eq!(store.get_user("a").unwrap(), None, "forgotten");
+        assert_eq!(store.get_user_at("b").unwrap(), Some((b2, [4, -1, -1])));
+        assert_eq!(store.get_user("c").unwrap(), Some(c), "untouched");
+        assert_eq!(store.offset("pay", 0).unwrap(), Some(4), "rewritten");
+        assert_eq!(store.offset("mob", 0).unwrap(), None, "forgotten");
+        assert_eq!(store.offset("pay", 1).unwrap(), Some(30), "untouched");
     }
 
     #[test]
