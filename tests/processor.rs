@@ -521,6 +521,63 @@ fn broker_faults_on_the_mock_cluster_lose_nothing() {
     );
 }
 
+/// Outbox mode with the changelog: when the group takes the partitions away from an instance
+/// that still holds them (here the embedded broker answers a heartbeat with UNKNOWN_MEMBER_ID,
+/// as after a session timeout; librdkafka then reports the assignment lost), the instance
+/// stops with `AssignmentLost` instead of committing its in-flight batch and sending its
+/// changelog records after those of a new owner, which cannot be fenced in this mode.
+/// Restarted on its store, it drops the leftovers, restores, finishes, and equals the pure
+/// fold.
+#[test]
+fn an_instance_whose_partitions_were_taken_away_stops_without_committing() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let b = TestBroker::embedded("lost-assignment");
+    let embedded = b.embedded.as_ref().expect("embedded broker");
+    let records = produce(&b, workload(61, 60_000, 6_000));
+    let want = expected(&Default::default(), &records);
+    let ends = end_offsets(&b, &records);
+    let total = offsets_total(&ends, &ends);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |slow: u64| {
+        let mut cfg = b.processor_config(dir.path(), "g");
+        cfg.changelog = true;
+        cfg.batch_max_records = 100;
+        // Busy when the heartbeat fails: at most 100 records per 5 ms write.
+        cfg.store_write_delay_ms
+            .store(slow, std::sync::atomic::Ordering::Relaxed);
+        cfg.kafka
+            .push(("heartbeat.interval.ms".into(), "200".into()));
+        cfg
+    };
+    let p = start(cfg(5));
+    wait_until("the processor is under way", CATCH_UP, || {
+        offsets_total(&p.stats.committed_offsets(), &ends) >= total / 10
+    });
+    embedded.cluster().request_errors(
+        RDKafkaApiKey::Heartbeat,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID],
+    );
+    let stats = std::sync::Arc::clone(&p.stats);
+    match p.join_within(Duration::from_secs(60)) {
+        Err(ProcessorError::AssignmentLost { partitions }) => {
+            assert!(!partitions.is_empty(), "the lost partitions are named")
+        }
+        other => panic!("expected AssignmentLost, got {other:?}"),
+    }
+    let done = offsets_total(&stats.committed_offsets(), &ends);
+    assert!(
+        done < total,
+        "stopped mid-stream ({done} of {total} committed)"
+    );
+    let p = start(cfg(0));
+    wait_caught_up(&[&p.stats], &ends, CATCH_UP);
+    p.stop().expect("graceful stop");
+    eprintln!(
+        "lost assignment: stopped with {done} of {total} input offsets committed; after the restart: {}",
+        check(&b, dir.path(), &want)
+    );
+}
+
 /// State follows a partition to an instance that never had it: instance A writes the
 /// changelog and crashes right after a batch was written but before its outputs (and so its
 /// changelog records) reached Kafka; instance B, on an empty store in the same group, restores

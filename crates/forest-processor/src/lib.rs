@@ -372,6 +372,16 @@ pub enum ProcessorError {
     InjectedCrash(CrashPoint),
     #[error("restoring input partition {partition} from the changelog failed: {reason}")]
     Restore { partition: i32, reason: String },
+    /// The group took partitions away while this instance still held them (no heartbeat
+    /// within `session.timeout.ms`, or polls further apart than `max.poll.interval.ms`), with
+    /// the changelog on in outbox mode. Their new owner may have restored them already, so the
+    /// in-flight batch is not committed and its changelog records are not sent (they would
+    /// land after the new owner's): the processor stops, and the restart drops what the
+    /// outbox still holds for the changelog and restores on its next assignments.
+    #[error(
+        "the consumer group took partitions {partitions:?} away while this instance still held them (no heartbeat within session.timeout.ms, or polls further apart than max.poll.interval.ms): stopped without committing their batch; restart the processor"
+    )]
+    AssignmentLost { partitions: Vec<i32> },
     /// The committer thread ended without reporting a failure (it panicked, or could not
     /// start).
     #[error("the committer thread {0}")]
@@ -402,6 +412,8 @@ impl ProcessorError {
             Self::Route(e) => e.is_retriable(),
             // A restore reads Kafka: a broker back up answers a retry.
             Self::Kafka { .. } | Self::InjectedCrash(_) | Self::Restore { .. } => true,
+            // The restart rejoins the group and restores.
+            Self::AssignmentLost { .. } => true,
             // A resource shortage of the moment: a restart may find the thread.
             Self::WorkerThread(_) => true,
         }

@@ -131,7 +131,7 @@ pub fn describe() {
     describe_counter!(
         REBALANCES,
         Unit::Count,
-        "Consumer-group rebalances, by kind (assign, revoke)."
+        "Consumer-group rebalances, by kind (assign, revoke; lost: a revoke of partitions the group had already given to another member)."
     );
     describe_counter!(
         MERGE_EARLY_RELEASES,

@@ -248,6 +248,24 @@ impl ConsumerContext for Ctx {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 metrics::counter!(m::REBALANCES, "kind" => "revoke").increment(1);
+                if consumer.assignment_lost() {
+                    metrics::counter!(m::REBALANCES, "kind" => "lost").increment(1);
+                    let core = lock(&self.core);
+                    // Outbox mode cannot fence a late batch: its changelog records would land
+                    // after those of a new owner, which a later restore would take as the
+                    // latest. Transactions mode is fenced by the group generation, and
+                    // without the changelog local state is this instance's own.
+                    if core.changelog.is_some() && !core.transactions {
+                        drop(core);
+                        tracing::error!(
+                            partitions = ?partition_numbers(tpl),
+                            "the group took this instance's partitions away while it held them: stopping without committing"
+                        );
+                        self.fail(ProcessorError::AssignmentLost {
+                            partitions: partition_numbers(tpl),
+                        });
+                    }
+                }
                 if !self.failed() {
                     let mut core = lock(&self.core);
                     core.force_checkpoint();
