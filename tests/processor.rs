@@ -578,6 +578,85 @@ fn an_instance_whose_partitions_were_taken_away_stops_without_committing() {
     );
 }
 
+/// With the changelog, a user's projections go to the changelog partition its id hashes to,
+/// and a restore of input partition N reads changelog partition N: a record produced to
+/// another partition (an upstream producer with another partitioner) would be folded into
+/// state no restore finds. Such a record is dead-lettered with the reason instead, and the
+/// rest equals the pure fold.
+#[test]
+fn with_the_changelog_a_record_in_the_wrong_partition_is_dead_lettered() {
+    use prost::Message as _;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let b = TestBroker::new("wrong-partition");
+    let mut records = produce(&b, workload(71, 5_000, 500));
+    let mut want = expected(&Default::default(), &records);
+    // A copy of a valid payment under a new event id, produced to the next partition.
+    let first = records
+        .iter()
+        .find(|r| r.kind == forest_domain::InputKind::Payment)
+        .expect("a payment");
+    let mut event =
+        forest_proto::v1::PaymentEvent::decode(first.value.as_slice()).expect("payment decodes");
+    if let Some(env) = event.envelope.as_mut() {
+        env.event_id = "moved-to-the-wrong-partition".into();
+    }
+    let value = event.encode_to_vec();
+    let wrong = (first.partition + 1) % PARTITIONS;
+    let producer: BaseProducer = forest_kafka::client_config(&b.bootstrap, &[])
+        .create()
+        .expect("producer");
+    producer
+        .send(
+            BaseRecord::to(&b.topics.payments)
+                .key(&first.key)
+                .payload(&value)
+                .partition(wrong)
+                .timestamp(first.timestamp),
+        )
+        .map_err(|(e, _)| e)
+        .expect("send");
+    producer.flush(Duration::from_secs(30)).expect("flush");
+    let ends = forest_kafka::end_offsets(&b.bootstrap, &b.topics.payments).expect("ends");
+    let offset = ends[&wrong] - 1;
+    want.dead_letters.insert((0, wrong, offset));
+    records.push(Produced {
+        kind: forest_domain::InputKind::Payment,
+        partition: wrong,
+        offset,
+        timestamp: first.timestamp,
+        key: first.key.clone(),
+        value,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = b.processor_config(dir.path(), "g");
+    cfg.changelog = true;
+    let p = start(cfg);
+    wait_caught_up(&[&p.stats], &end_offsets(&b, &records), CATCH_UP);
+    p.stop().expect("graceful stop");
+    let dlq = read_topic(&b, &b.topics.dlq);
+    let moved = dlq
+        .iter()
+        .find(|(_, _, h)| {
+            h.iter().any(|(k, v)| {
+                k == forest_kafka::headers::ERROR
+                    && String::from_utf8_lossy(v).contains("the record is in partition")
+            })
+        })
+        .expect("the moved record is dead-lettered with its reason");
+    eprintln!(
+        "wrong partition: {}; {}",
+        String::from_utf8_lossy(
+            &moved
+                .2
+                .iter()
+                .find(|(k, _)| k == forest_kafka::headers::ERROR)
+                .expect("error header")
+                .1
+        ),
+        check(&b, dir.path(), &want)
+    );
+}
+
 /// State follows a partition to an instance that never had it: instance A writes the
 /// changelog and crashes right after a batch was written but before its outputs (and so its
 /// changelog records) reached Kafka; instance B, on an empty store in the same group, restores

@@ -36,6 +36,11 @@ pub enum Malformed {
     KeyMismatch { key: String, user_id: String },
     #[error("the Kafka record has no timestamp")]
     NoRecordTimestamp,
+    /// Only checked with the processor's changelog, which relies on it.
+    #[error(
+        "the record is in partition {partition}, but its user id hashes to partition {expected} (murmur2, the Java client's default partitioner for keyed records): with the changelog, input records must be partitioned by user id that way"
+    )]
+    WrongPartition { partition: i32, expected: i32 },
     #[error("the event is for user {event:?} but was applied to the projection of {state:?}")]
     WrongUser { state: String, event: String },
 }

@@ -31,7 +31,8 @@
 //!
 //! Users are matched to partitions with the producers' partitioner (`forest_kafka::
 //! partition_of`): the changelog itself relies on input records being partitioned by user id
-//! that way, since each projection goes to its user's partition number.
+//! that way, since each projection goes to its user's partition number. A record found in
+//! another partition is dead-lettered, never folded (`Malformed::WrongPartition`).
 //!
 //! When is local state stale? The store records, next to the input offsets, the changelog end
 //! its state reflects: the offset after this instance's last acknowledged checkpoint of the

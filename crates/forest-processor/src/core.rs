@@ -104,6 +104,12 @@ pub struct Core {
     /// The consumer's group membership, which a transaction's offsets are committed under
     /// (so the broker fences a member that was rebalanced out). Set on every assignment.
     pub group_meta: Option<rdkafka::consumer::ConsumerGroupMetadata>,
+    /// With the changelog: the input topics' partition count, set on assignment. Each record
+    /// must then lie in the partition its user id hashes to (`forest_kafka::partition_of`),
+    /// where its user's changelog projections go and where restores look for them; one that
+    /// does not is dead-lettered (`Malformed::WrongPartition`) rather than folded into state
+    /// no restore would find.
+    pub partition_count: Option<i32>,
     /// When projections are stored, and the replay records of batches that did not store
     /// them (see [`crate::replay`]); `None` where replays cannot run (see [`replays_here`]).
     checkpoints: Option<Checkpoints>,
@@ -310,6 +316,7 @@ impl Core {
             brokers: cfg.brokers.clone(),
             transactions,
             group_meta: None,
+            partition_count: None,
             // Also with an interval of 0: replay records a run with spaced checkpoints left
             // are followed and deleted all the same.
             checkpoints: replays_here(cfg).then(|| {
@@ -452,6 +459,18 @@ impl Core {
                     user_id: e.user_id.clone(),
                 }))
             }
+        })
+        .and_then(|e| match self.partition_count {
+            Some(n) => match forest_kafka::partition_of(e.user_id.as_bytes(), n) {
+                Some(p) if p != rec.partition => {
+                    Err(Rejection::Malformed(Malformed::WrongPartition {
+                        partition: rec.partition,
+                        expected: p,
+                    }))
+                }
+                _ => Ok(e),
+            },
+            None => Ok(e),
         });
         let rules = &self.rules;
         // A replayed record's outputs are stored already (see the replay module), and its

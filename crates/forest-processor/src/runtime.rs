@@ -141,7 +141,7 @@ impl ConsumerContext for Ctx {
                 let mut ownership = lock(&self.ownership);
                 ownership.acquire(&partition_numbers(tpl));
                 let mut core = lock(&self.core);
-                if let Err(e) = restore_stale(&core, tpl, &self.stats) {
+                if let Err(e) = restore_stale(&mut core, tpl, &self.stats) {
                     self.fail(e);
                     return;
                 }
@@ -322,13 +322,14 @@ impl ConsumerContext for Ctx {
 /// owner lost them. Kept offsets had the same flaw: a lane the checkpoint had not read (-1)
 /// kept a local offset its projections did not reflect.
 fn restore_stale(
-    core: &Core,
+    core: &mut Core,
     tpl: &TopicPartitionList,
     stats: &ProcessorStats,
 ) -> Result<(), ProcessorError> {
-    let Some(changelog) = &core.changelog else {
+    let Some(changelog) = core.changelog.clone() else {
         return Ok(());
     };
+    let changelog = changelog.as_str();
     let inputs = [
         core.inputs[0].0.as_str(),
         core.inputs[1].0.as_str(),
@@ -341,6 +342,9 @@ fn restore_stale(
             reason: format!("reading the changelog's end offsets: {e}"),
         }
     })?;
+    // The changelog has the input topics' partition count (checked at start-up).
+    let n = ends.len() as i32;
+    core.partition_count = Some(n);
     let mut stale = Vec::new();
     for p in parts {
         let mut known = false;
@@ -367,8 +371,7 @@ fn restore_stale(
         return Ok(());
     }
     // The users the store holds for each stale partition: one pass over the store for all of
-    // them. The changelog has the input topics' partition count (checked at start-up).
-    let n = ends.len() as i32;
+    // them.
     let mut local: rustc_hash::FxHashMap<i32, Vec<Vec<u8>>> = Default::default();
     for id in core.store.user_ids() {
         let id = id?;
