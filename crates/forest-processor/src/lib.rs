@@ -379,7 +379,7 @@ pub enum ProcessorError {
     /// land after the new owner's): the processor stops, and the restart drops what the
     /// outbox still holds for the changelog and restores on its next assignments.
     #[error(
-        "the consumer group took partitions {partitions:?} away while this instance still held them (no heartbeat within session.timeout.ms, or polls further apart than max.poll.interval.ms): stopped without committing their batch; restart the processor"
+        "the consumer group took partitions {partitions:?} away while this instance still held them (no heartbeat within session.timeout.ms, or polls further apart than max.poll.interval.ms): stopped without committing its open batch; restart the processor"
     )]
     AssignmentLost { partitions: Vec<i32> },
     /// The committer thread ended without reporting a failure (it panicked, or could not

@@ -344,6 +344,12 @@ fn restore_stale(
     })?;
     // The changelog has the input topics' partition count (checked at start-up).
     let n = ends.len() as i32;
+    if n == 0 {
+        return Err(ProcessorError::Restore {
+            partition: parts.first().copied().unwrap_or(-1),
+            reason: format!("the changelog topic {changelog} reported no partitions"),
+        });
+    }
     core.partition_count = Some(n);
     let mut stale = Vec::new();
     for p in parts {
@@ -1153,6 +1159,11 @@ fn consume_loop(
                     ));
                 }
             }
+        }
+        // A rebalance callback in that poll may have failed the worker: a lost assignment
+        // must not go on to the merge and the commits below with the batch it holds.
+        if let Some(e) = lock(&ctx.fatal).take() {
+            return Err(e);
         }
         if drained {
             // Then the routed partitions' records, many per call; waiting only if nothing came
