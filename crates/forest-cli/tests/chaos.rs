@@ -893,11 +893,7 @@ fn explain_differences(b: &TestBroker, store_dir: &Path, want: &Expected, logs: 
     .expect("changelog reads");
     for r in &changelog {
         if r.key == forest_processor::changelog::CHECKPOINT_KEY {
-            let lanes: Vec<i64> = r
-                .value
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect();
+            let lanes = forest_processor::changelog::decode_checkpoint(&r.value);
             eprintln!("changelog @{} checkpoint {lanes:?}", r.offset);
         } else if r.key == user.as_bytes() {
             let s = forest_store::decode_state(&r.value, "changelog").expect("projection");

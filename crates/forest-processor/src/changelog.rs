@@ -90,7 +90,8 @@ pub fn checkpoint(topic: &str, partition: i32, lanes: [i64; 3]) -> OutboxEntry {
     }
 }
 
-fn decode_checkpoint(v: &[u8]) -> Option<[i64; 3]> {
+/// The lanes of a checkpoint record's value; `None` if it is not one.
+pub fn decode_checkpoint(v: &[u8]) -> Option<[i64; 3]> {
     if v.len() != 24 {
         return None;
     }

@@ -376,15 +376,7 @@ fn restore_stale(
     if stale.is_empty() {
         return Ok(());
     }
-    // The users the store holds for each stale partition: one pass over the store for all of
-    // them.
-    let mut local: rustc_hash::FxHashMap<i32, Vec<Vec<u8>>> = Default::default();
-    for id in core.store.user_ids() {
-        let id = id?;
-        if let Some(p) = forest_kafka::partition_of(&id, n).filter(|p| stale.contains(p)) {
-            local.entry(p).or_default().push(id);
-        }
-    }
+    let mut local = users_of(&core.store, n, &stale)?;
     for p in stale {
         let started = std::time::Instant::now();
         let users = local.remove(&p).unwrap_or_default();
@@ -399,6 +391,23 @@ fn restore_stale(
         }
     }
     Ok(())
+}
+
+/// The ids of the users `store` holds in each of `partitions` (numbers among `n`), matched with
+/// the producers' partitioner: one pass over the store for all of them.
+fn users_of(
+    store: &Store,
+    n: i32,
+    partitions: &[i32],
+) -> Result<rustc_hash::FxHashMap<i32, Vec<Vec<u8>>>, ProcessorError> {
+    let mut out: rustc_hash::FxHashMap<i32, Vec<Vec<u8>>> = Default::default();
+    for id in store.user_ids() {
+        let id = id?;
+        if let Some(p) = forest_kafka::partition_of(&id, n).filter(|p| partitions.contains(p)) {
+            out.entry(p).or_default().push(id);
+        }
+    }
+    Ok(out)
 }
 
 /// Deletes the local state (projections and offsets) of every partition no worker of this
@@ -442,13 +451,7 @@ fn forget_unowned(
         return Ok(());
     };
     let started = Instant::now();
-    let mut users = Vec::new();
-    for id in store.user_ids() {
-        let id = id?;
-        if forest_kafka::partition_of(&id, n).is_some_and(|p| due.binary_search(&p).is_ok()) {
-            users.push(id);
-        }
-    }
+    let users: Vec<Vec<u8>> = users_of(&store, n, &due)?.into_values().flatten().collect();
     let offsets: Vec<(&str, i32)> = topics
         .iter()
         .flat_map(|t| due.iter().map(move |p| (t.as_str(), *p)))
