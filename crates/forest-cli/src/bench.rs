@@ -77,6 +77,13 @@ pub struct BenchArgs {
     /// says what Kafka alone gives.
     #[arg(long)]
     latency_beside: bool,
+    /// Run the latency phase's load generator (its thread, and the librdkafka threads of its
+    /// producer, which start on it) on this CPU only. For measuring the processor on cores of
+    /// its own: run the bench under `taskset -c` with the other CPUs, and pin the broker to
+    /// this one (`taskset -a -p -c N <broker pid>`), so the maximum rate (b) and the latency
+    /// phase's processor share no core with the broker or the load (BENCHMARKS.md, session 17).
+    #[arg(long)]
+    load_core: Option<usize>,
     /// Run the processor once over the log before the measured phases, reported as (w) but
     /// not compared: the first run in a process and on a broker is slower, whatever it runs.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -148,8 +155,8 @@ impl Drop for CpuSampler {
 }
 
 /// The group a thread's CPU is reported under, by its name. The harness's main thread is a
-/// group of its own: in the latency phase it is the load generator, which competes with the
-/// processor for the same cores. With `--workers 1` the one worker runs on the processor's
+/// group of its own (it produces the preload), and so is the latency phase's load generator:
+/// both compete with the processor for the same cores. With `--workers 1` the one worker runs on the processor's
 /// own (unnamed) thread, so its CPU is under "other forest threads".
 fn thread_group(main: bool, comm: &str) -> &'static str {
     if main {
@@ -162,6 +169,8 @@ fn thread_group(main: bool, comm: &str) -> &'static str {
         "processor workers"
     } else if comm.starts_with("forest-commit") {
         "processor committers"
+    } else if comm.starts_with("forest-load") {
+        "load generator"
     } else if comm.starts_with("forest-fold") {
         "fold ceiling threads"
     } else if comm.starts_with("rocksdb:") {
@@ -316,6 +325,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.latency_at.iter().all(|f| *f > 0.0 && *f <= 2.0),
         "--latency-at takes fractions of the measured throughput, e.g. 0.25,0.5"
     );
+    if let Some(id) = args.load_core {
+        // Tried now, on a thread that ends, rather than after minutes of earlier phases.
+        std::thread::spawn(move || pin_to_cpu(id))
+            .join()
+            .map_err(|_| anyhow::anyhow!("--load-core check panicked"))??;
+    }
     let embedded = match &args.brokers {
         None => Some(EmbeddedBroker::start(1)?),
         Some(_) => None,
@@ -560,6 +575,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 records: &records,
                 rate,
                 broker_pid: args.broker_pid,
+                load_core: args.load_core,
             };
             let (no_processor, alone_cpu) = load(&alone_topics).kafka_alone()?;
             let stop = Arc::new(AtomicBool::new(false));
@@ -830,7 +846,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         println!();
         println!(
-            "CPU during the latency phases, cores by thread group (after the warm-up; the harness main thread is the load generator):"
+            "CPU during the latency phases, cores by thread group (after the warm-up; the load generator's producer threads are among the librdkafka clients):"
         );
         println!();
         let names: std::collections::BTreeSet<&str> = latency_cpu
@@ -924,6 +940,8 @@ struct PacedLoad<'a> {
     records: &'a [forest_workload::Record],
     rate: u64,
     broker_pid: Option<u32>,
+    /// See `--load-core`.
+    load_core: Option<usize>,
 }
 
 impl PacedLoad<'_> {
@@ -977,15 +995,27 @@ impl PacedLoad<'_> {
                 warmed_up();
                 CpuWindow::start(self.broker_pid)
             });
-            let produced = loadgen::produce_records(
-                self.brokers,
-                self.kafka,
-                self.topics,
-                self.records,
-                pace,
-                &sent,
-                &never,
-            );
+            // On a thread of its own, pinned first if asked: the producer it creates starts its
+            // librdkafka threads there, and they keep its CPU.
+            let produced = std::thread::Builder::new()
+                .name("forest-load".into())
+                .spawn_scoped(s, || {
+                    if let Some(id) = self.load_core {
+                        pin_to_cpu(id)?;
+                    }
+                    loadgen::produce_records(
+                        self.brokers,
+                        self.kafka,
+                        self.topics,
+                        self.records,
+                        pace,
+                        &sent,
+                        &never,
+                    )
+                })
+                .context("starting the latency load generator's thread")?
+                .join()
+                .map_err(|_| anyhow::anyhow!("latency load generator panicked"))?;
             let end = Instant::now();
             let cpu = warmed
                 .join()
@@ -994,6 +1024,22 @@ impl PacedLoad<'_> {
             Ok((produced?, cpu))
         })
     }
+}
+
+/// Keeps the calling thread, and the threads it starts from now on, on CPU `id` only
+/// (`--load-core`).
+fn pin_to_cpu(id: usize) -> anyhow::Result<()> {
+    // Linux's CPU set (`cpu_set_t`) holds CPUs 0-1023; `core_affinity` would index past it.
+    ensure!(
+        id < 1024,
+        "--load-core {id}: CPUs are numbered from 0 to at most 1023"
+    );
+    ensure!(
+        core_affinity::set_for_current(core_affinity::CoreId { id }),
+        "--load-core {id}: cannot run on CPU {id}: the machine has no such CPU, or this \
+         process may not use it (CPUs are numbered from 0, as `taskset` and /proc/cpuinfo do)"
+    );
+    Ok(())
 }
 
 /// CPU used from the end of a latency phase's warm-up to the end of its load: the whole
@@ -1637,6 +1683,7 @@ mod tests {
         assert_eq!(thread_group(false, "forest-worker-1"), "processor workers");
         assert_eq!(thread_group(false, "forest-commit"), "processor committers");
         assert_eq!(thread_group(false, "forest-fold-1"), "fold ceiling threads");
+        assert_eq!(thread_group(false, "forest-load"), "load generator");
         assert_eq!(thread_group(false, "rocksdb:low"), "RocksDB background");
         assert_eq!(thread_group(false, "rdk:mock"), "embedded broker");
         assert_eq!(thread_group(false, "rdk:broker1"), "librdkafka clients");

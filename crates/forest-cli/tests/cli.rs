@@ -71,6 +71,15 @@ fn bad_flags_and_config_fail_with_what_to_fix() {
             &["--rules", "/nonexistent/rules.toml", "rules"],
             "/nonexistent/rules.toml",
         ),
+        // Checked before any broker starts or record is made.
+        (
+            &["bench", "--load-core", "1000"],
+            "--load-core 1000: cannot run on CPU 1000",
+        ),
+        (
+            &["bench", "--load-core", "5000"],
+            "--load-core 5000: CPUs are numbered from 0 to at most 1023",
+        ),
     ];
     for (args, want) in cases {
         let o = run(args);
