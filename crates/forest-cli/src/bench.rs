@@ -156,8 +156,9 @@ impl Drop for CpuSampler {
 
 /// The group a thread's CPU is reported under, by its name. The harness's main thread is a
 /// group of its own (it produces the preload), and so is the latency phase's load generator:
-/// both compete with the processor for the same cores. With `--workers 1` the one worker runs on the processor's
-/// own (unnamed) thread, so its CPU is under "other forest threads".
+/// both compete with the processor for the same cores unless `--load-core` moves the load
+/// away. With `--workers 1` the one worker runs on the processor's own (unnamed) thread, so
+/// its CPU is under "other forest threads".
 fn thread_group(main: bool, comm: &str) -> &'static str {
     if main {
         "harness main thread"
