@@ -149,14 +149,31 @@ fn marks<C: rdkafka::consumer::ConsumerContext>(
         .map(|t| t.partitions().len())
         .filter(|n| *n > 0)
         .ok_or_else(|| ReadError::NoTopic(topic.into()))?;
+    // A topic created a moment ago can answer "not leader" for a while, longer on a busy
+    // broker (seen with the broker held to one CPU: `forest bench --load-core`).
+    let deadline = Instant::now() + Duration::from_secs(30);
     (0..partitions as i32)
         .map(|p| {
-            let marks = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(30))
-                .map_err(err("fetch watermarks"))?;
-            Ok((p, marks))
+            loop {
+                match consumer.fetch_watermarks(topic, p, Duration::from_secs(30)) {
+                    Ok(marks) => return Ok((p, marks)),
+                    Err(e) if leader_pending(&e) && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => return Err(err("fetch watermarks")(e)),
+                }
+            }
         })
         .collect()
+}
+
+/// Whether a partition's error is the broker still electing its leader (a new topic).
+fn leader_pending(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::NotLeaderForPartition | C::LeaderNotAvailable | C::UnknownTopicOrPartition)
+    )
 }
 
 /// A reader's context: the end-of-partition events it asks for are how it knows it is done,
@@ -286,4 +303,27 @@ fn read_from(
     }
     progress(out.len(), want);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaErrorCode as C;
+
+    #[test]
+    fn only_leader_election_errors_are_waited_out() {
+        for code in [
+            C::NotLeaderForPartition,
+            C::LeaderNotAvailable,
+            C::UnknownTopicOrPartition,
+        ] {
+            assert!(leader_pending(&KafkaError::MetadataFetch(code)), "{code:?}");
+        }
+        for code in [C::TopicAuthorizationFailed, C::BrokerTransportFailure] {
+            assert!(
+                !leader_pending(&KafkaError::MetadataFetch(code)),
+                "{code:?}"
+            );
+        }
+    }
 }
