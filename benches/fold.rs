@@ -17,7 +17,7 @@ use xxhash_rust::xxh3::xxh3_64;
 fn bench(c: &mut Criterion) {
     let rules = RuleSet::default();
     let mut g = c.benchmark_group("fold");
-    // 100 users: a small, hot working set (about 2 MiB of projections), the fold at its
+    // 100 users: a small, hot working set (about 2.3 MiB of projections), the fold at its
     // fastest; 10 K and 1 M users spread the events over more state (BENCHMARKS.md,
     // session 17).
     for users in [100u64, 10_000, 1_000_000] {

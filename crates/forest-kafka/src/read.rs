@@ -79,8 +79,8 @@ pub fn group_committed(
     let consumer = reader(brokers, group)?;
     let mut tpl = TopicPartitionList::new();
     for t in topics {
-        for p in marks(&consumer, t)?.keys() {
-            tpl.add_partition(t, *p);
+        for p in 0..partition_count(&consumer, t)? {
+            tpl.add_partition(t, p);
         }
     }
     let got = consumer
@@ -128,6 +128,26 @@ pub fn watermarks(brokers: &str, topic: &str) -> Result<BTreeMap<i32, (i64, i64)
     marks(&Watermarks::new(brokers)?.consumer, topic)
 }
 
+/// How many partitions `topic` has, from the broker's metadata.
+fn partition_count<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+) -> Result<i32, ReadError> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .map_err(|source| ReadError::Kafka {
+            op: "fetch metadata",
+            topic: topic.to_string(),
+            source,
+        })?;
+    md.topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .and_then(|t| i32::try_from(t.partitions().len()).ok())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| ReadError::NoTopic(topic.into()))
+}
+
 fn marks<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
@@ -139,20 +159,13 @@ fn marks<C: rdkafka::consumer::ConsumerContext>(
             source,
         }
     };
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(30))
-        .map_err(err("fetch metadata"))?;
-    let partitions = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().len())
-        .filter(|n| *n > 0)
-        .ok_or_else(|| ReadError::NoTopic(topic.into()))?;
-    // A topic created a moment ago can answer "not leader" for a while, longer on a busy
-    // broker (seen with the broker held to one CPU: `forest bench --load-core`).
+    let partitions = partition_count(consumer, topic)?;
+    // A topic created a moment ago can answer "not leader" until its leader is elected,
+    // longer on a busy broker (seen with the broker held to one CPU: `forest bench
+    // --load-core`); so does a partition during a leader failover. Waited out for up to 30 s
+    // in all, by the processor at start-up and on assignment, the tools and the tests.
     let deadline = Instant::now() + Duration::from_secs(30);
-    (0..partitions as i32)
+    (0..partitions)
         .map(|p| {
             loop {
                 match consumer.fetch_watermarks(topic, p, Duration::from_secs(30)) {
@@ -167,7 +180,8 @@ fn marks<C: rdkafka::consumer::ConsumerContext>(
         .collect()
 }
 
-/// Whether a partition's error is the broker still electing its leader (a new topic).
+/// Whether a partition's error is the broker still electing its leader (a new topic, or a
+/// failover).
 fn leader_pending(e: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as C;
     matches!(
