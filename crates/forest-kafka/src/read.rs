@@ -128,6 +128,15 @@ pub fn watermarks(brokers: &str, topic: &str) -> Result<BTreeMap<i32, (i64, i64)
     marks(&Watermarks::new(brokers)?.consumer, topic)
 }
 
+/// Turns a client error of operation `op` on `topic` into a [`ReadError`].
+fn kafka_err<'t>(op: &'static str, topic: &'t str) -> impl Fn(KafkaError) -> ReadError + 't {
+    move |source| ReadError::Kafka {
+        op,
+        topic: topic.to_string(),
+        source,
+    }
+}
+
 /// How many partitions `topic` has, from the broker's metadata.
 fn partition_count<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
@@ -135,11 +144,7 @@ fn partition_count<C: rdkafka::consumer::ConsumerContext>(
 ) -> Result<i32, ReadError> {
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(30))
-        .map_err(|source| ReadError::Kafka {
-            op: "fetch metadata",
-            topic: topic.to_string(),
-            source,
-        })?;
+        .map_err(kafka_err("fetch metadata", topic))?;
     md.topics()
         .iter()
         .find(|t| t.name() == topic && t.error().is_none())
@@ -152,13 +157,7 @@ fn marks<C: rdkafka::consumer::ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
 ) -> Result<BTreeMap<i32, (i64, i64)>, ReadError> {
-    let err = |op| {
-        move |source| ReadError::Kafka {
-            op,
-            topic: topic.to_string(),
-            source,
-        }
-    };
+    let err = |op| kafka_err(op, topic);
     let partitions = partition_count(consumer, topic)?;
     // A topic created a moment ago can answer "not leader" until its leader is elected,
     // longer on a busy broker (seen with the broker held to one CPU: `forest bench
@@ -237,13 +236,7 @@ fn read_from(
     timeout: Duration,
     progress: &mut dyn FnMut(usize, i64),
 ) -> Result<Vec<Record>, ReadError> {
-    let err = |op| {
-        move |source| ReadError::Kafka {
-            op,
-            topic: topic.to_string(),
-            source,
-        }
-    };
+    let err = |op| kafka_err(op, topic);
     let consumer: BaseConsumer<EofIsNotAnError> = client_config(brokers, &[])
         .consumer_defaults()
         .set("group.id", "forest-reader")
