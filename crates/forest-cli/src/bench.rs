@@ -102,6 +102,10 @@ pub struct BenchArgs {
     /// librdkafka setting passed through to every client, repeatable: --kafka-config key=value.
     #[arg(long = "kafka-config", value_parser = crate::common::parse_kv)]
     kafka_config: Vec<(String, String)>,
+    /// Keep RocksDB's write-ahead log in every processor phase (`forest processor
+    /// --store-wal`), to price it; off by default, as in the processor.
+    #[arg(long)]
+    store_wal: bool,
 }
 
 impl BenchArgs {
@@ -1478,6 +1482,8 @@ fn processor_config(
     cfg.workers = args.workers;
     cfg.topics = topics.clone();
     cfg.kafka = args.kafka_config.clone();
+    // The baseline too: the two differ in where offsets and outputs go, not in RocksDB's log.
+    cfg.store.wal = args.store_wal;
     cfg.at_least_once_baseline = at_least_once;
     // The baseline spaces its projection writes too (flushing everything, then committing
     // Kafka offsets, once per interval), or it would be no baseline at that interval.

@@ -61,6 +61,19 @@ pub struct ProcessorArgs {
     /// writes wait for a flush when it is full.
     #[arg(long, env = "FOREST_WRITE_BUFFER_MB", default_value_t = 128)]
     write_buffer_mb: usize,
+    /// Keep RocksDB's write-ahead log. Off by default: the input topics are the processor's
+    /// log, and a crash reopens the store at its last memtable flush (whole: offsets,
+    /// projections and outbox of one moment) and reads the input again from there, outputs
+    /// re-sent under the same ids. On: a crash loses no written batch, and every batch is
+    /// also copied to the WAL (about 0.06 CPU-s per M events at full speed, BENCHMARKS.md
+    /// session 18).
+    #[arg(long, env = "FOREST_STORE_WAL")]
+    store_wal: bool,
+    /// Without the WAL: the longest, in seconds, a written batch may stay in memtables only
+    /// before every column family is flushed, so a crash with slow input redoes at most about
+    /// this much (at full speed memtables fill and flush sooner).
+    #[arg(long, env = "FOREST_STORE_MAX_UNFLUSHED_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    store_max_unflushed_secs: u64,
     /// Bound on records waiting in the co-partition merge: from 3/4 of it, fetching pauses for
     /// the lanes that hold records; past it plus 500 per assigned lane, the merge releases
     /// records without waiting for every lane (out of the canonical order, counted).
@@ -209,6 +222,8 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.cache_bytes = args.cache_mb << 20;
     cfg.store.block_cache_bytes = args.block_cache_mb << 20;
     cfg.store.write_buffer_bytes = args.write_buffer_mb << 20;
+    cfg.store.wal = args.store_wal;
+    cfg.store.max_unflushed = std::time::Duration::from_secs(args.store_max_unflushed_secs);
     cfg.max_buffered = args.merge_buffer_records;
     cfg.dead_letter_max_bytes = args.dead_letter_max_bytes;
     cfg.store_write_delay_ms.store(

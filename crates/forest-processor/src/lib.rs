@@ -167,6 +167,15 @@ pub struct ProcessorConfig {
     pub group_id: String,
     pub topics: Topics,
     pub store_path: PathBuf,
+    /// RocksDB's settings. [`ProcessorConfig::new`] turns the store's write-ahead log off
+    /// ([`StoreConfig::wal`]): the input topics are the processor's log. A crash then reopens
+    /// the store at its last memtable flush, whole (offsets, projections, outbox and replay
+    /// records of one moment, at most [`StoreConfig::max_unflushed`] old when input is
+    /// slow), and the processor reads the input again from those offsets, as after any
+    /// crash: the same state, and outputs re-sent under the same ids (in transactions mode,
+    /// or with the changelog, the store is restored from the changelog first, as it is
+    /// behind it). What it costs is a longer replay after a crash; what it saves is the
+    /// WAL's copy of every batch (BENCHMARKS.md, session 18).
     pub store: StoreConfig,
     /// Commit a batch after this many records... 20,000 by default: the bound matters only
     /// while the committer is busy (a due batch keeps taking records until it is free), that
@@ -312,7 +321,10 @@ impl ProcessorConfig {
             group_id: "forest-processor".into(),
             topics: Topics::default(),
             store_path: store_path.into(),
-            store: StoreConfig::default(),
+            store: StoreConfig {
+                wal: false,
+                ..StoreConfig::default()
+            },
             batch_max_records: 20_000,
             batch_max_wait: Duration::from_millis(5),
             cache_users: 1_000_000,

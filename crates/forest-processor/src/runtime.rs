@@ -1063,7 +1063,12 @@ fn consume_loop(
     while !shutdown.load(Ordering::Relaxed) && !halt.load(Ordering::Relaxed) {
         if last_export.elapsed() >= Duration::from_secs(5) {
             last_export = std::time::Instant::now();
-            lock(core).store.export_metrics();
+            let core = lock(core);
+            core.store.export_metrics();
+            // Without the WAL, an idle store's last batches are flushed too (writes check
+            // for themselves), so a crash after a quiet spell does not replay from before it;
+            // and a store whose flushes fail stops the worker even when no write comes.
+            core.store.flush_if_due()?;
         }
         if let Some((retention, ownership)) = &cleanup {
             if last_cleanup.elapsed()

@@ -3,9 +3,12 @@
 //!
 //! Guarantees:
 //! - [`Store::commit`] writes projections, partition offsets and new outbox entries in ONE
-//!   `WriteBatch` with the write-ahead log on: after a crash the store holds all of a batch or
-//!   none of it, so the stored offsets always describe exactly the events the stored
-//!   projections reflect. That is what makes a replay from the stored offsets exact. (A
+//!   `WriteBatch`: after a crash the store holds all of a batch or none of it, so the stored
+//!   offsets always describe exactly the events the stored projections reflect. With the
+//!   write-ahead log (the default) a process crash loses no written batch; without it
+//!   ([`StoreConfig::wal`], for a writer whose input is its log) it loses the batches since
+//!   the last memtable flush, all column families together, so the store reopens at an
+//!   older state that is still whole. That is what makes a replay from the stored offsets exact. (A
 //!   caller may write projections later than their offsets if it stores, in the same batches,
 //!   what rebuilds them: each projection then carries the input [`Position`] it reflects,
 //!   and the `replay` column family holds the caller's records.)

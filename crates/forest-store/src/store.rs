@@ -20,6 +20,7 @@ use rocksdb::{
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 const CF_PROJECTIONS: &str = "projections";
 const CF_OFFSETS: &str = "offsets";
@@ -83,11 +84,17 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("invalid store settings: {0}")]
     Config(String),
+    #[error(
+        "RocksDB's background work at {path} failed ({errors} errors: a flush or compaction could not write; RocksDB's LOG there says why). Without the write-ahead log, batches since the last flush are in memory only: stop, make room, restart (the input is read again from the last flush)"
+    )]
+    Background { path: PathBuf, errors: u64 },
+    #[error("starting a flush of the store failed: {0}")]
+    Flush(rocksdb::Error),
 }
 
 impl StoreError {
     /// `Write` and `Read` may succeed later (disk space freed, transient I/O); the others need
-    /// an operator.
+    /// an operator (`Background` and `Flush` at least a reopen of the store).
     pub fn is_retriable(&self) -> bool {
         matches!(self, Self::Read(_) | Self::Write(_))
     }
@@ -121,12 +128,40 @@ pub struct StoreConfig {
     pub write_buffer_bytes: usize,
     /// fsync the WAL on every batch. Off by default: the WAL survives a process crash without
     /// it (it is in the OS page cache); turn it on to survive power loss too, at a latency cost.
+    /// Needs `wal`.
     pub sync_writes: bool,
+    /// Keep RocksDB's write-ahead log (the default). Off, a batch goes to the memtables only,
+    /// and a crash loses every batch written since the last memtable flush. Every column
+    /// family is flushed together (RocksDB's atomic flush, on in both cases), so the store
+    /// then reopens at an older state that is still whole: the offsets, projections, outbox
+    /// and replay records of one moment, as if the later batches had never been written.
+    /// Only for a writer that can redo those batches from a log of its own. The processor
+    /// can: it re-reads its input from the stored offsets and re-sends outputs under the
+    /// same ids, so the input topics are its write-ahead log, as the changelog is for Kafka
+    /// Streams' state stores, which run with RocksDB's WAL off. Why bother: with the WAL,
+    /// every batch is also copied into the log's file, and that copy (in the kernel) and its
+    /// checksums were about half of the committer threads' time at 1 M events/s
+    /// (BENCHMARKS.md, session 18). A graceful close still flushes everything.
+    pub wal: bool,
+    /// Without the WAL: the longest a written batch may stay in memtables only. The first
+    /// write (or [`Store::flush_if_due`] call) after that starts a flush of every column
+    /// family in the background. At full speed memtables fill and flush sooner by
+    /// themselves; this bounds what a crash makes the writer redo when input is slow.
+    pub max_unflushed: Duration,
 }
 
 impl StoreConfig {
     /// Checks the memory settings fit together; the error says which and why.
     pub fn validate(&self) -> Result<(), String> {
+        if self.sync_writes && !self.wal {
+            return Err("syncing writes needs the write-ahead log: turn the WAL on".into());
+        }
+        if !self.wal && self.max_unflushed.is_zero() {
+            return Err(
+                "without the write-ahead log the longest unflushed time must be above zero"
+                    .into(),
+            );
+        }
         if self.write_buffer_bytes < 1 << 20 {
             return Err(format!(
                 "write buffer budget of {} bytes is below 1 MiB",
@@ -150,6 +185,8 @@ impl Default for StoreConfig {
             block_cache_bytes: 256 << 20,
             write_buffer_bytes: 128 << 20,
             sync_writes: false,
+            wal: true,
+            max_unflushed: Duration::from_secs(10),
         }
     }
 }
@@ -201,6 +238,12 @@ pub struct Store {
     cache: Cache,
     /// The options the DB was opened with: they hold RocksDB's statistics (tickers).
     opts: Options,
+    /// Without the WAL: see [`StoreConfig::max_unflushed`]. `None` with it.
+    max_unflushed: Option<Duration>,
+    /// When the store was opened, and when the last flush was started, in milliseconds since
+    /// then (several writers share the store: an atomic, so one of them starts the flush).
+    opened: Instant,
+    last_flush_ms: AtomicU64,
 }
 
 /// Splits a stored projection value into its position and the postcard-encoded state.
@@ -398,6 +441,9 @@ impl Store {
         db_opts.enable_statistics();
         db_opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptTimers);
         db_opts.set_max_background_jobs(2);
+        // Every column family flushed at once: without the WAL a crash reopens the store at
+        // its last flush, which must hold the offsets, projections and outbox of one moment.
+        db_opts.set_atomic_flush(true);
         // allow_stall: writes wait at the budget instead of growing past it (see StoreConfig).
         let wbm = WriteBufferManager::new_write_buffer_manager_with_cache(
             cfg.write_buffer_bytes,
@@ -472,7 +518,7 @@ impl Store {
         }
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(cfg.sync_writes);
-        write_opts.disable_wal(false);
+        write_opts.disable_wal(!cfg.wal);
         Ok(Self {
             db,
             path: path.to_path_buf(),
@@ -482,7 +528,53 @@ impl Store {
             stats: StoreStats::default(),
             cache,
             opts: db_opts,
+            max_unflushed: (!cfg.wal && !read_only).then_some(cfg.max_unflushed),
+            opened: Instant::now(),
+            last_flush_ms: AtomicU64::new(0),
         })
+    }
+
+    /// Without the WAL: starts a flush of every column family (in the background, not
+    /// waiting for it) if none was started for [`StoreConfig::max_unflushed`]. Called after
+    /// each batch write, and by an idle writer now and then, so that a crash never takes
+    /// more than about that long of batches with it. Returns whether it started one.
+    ///
+    /// It fails if RocksDB reported a failed flush or compaction since the store was opened
+    /// (checked when a flush is due, so within about `max_unflushed` of the failure): without
+    /// the WAL, what such a store holds past its last flush is in memory only, and a writer
+    /// that went on, or sat idle, would not learn its disk is full until its next write.
+    pub fn flush_if_due(&self) -> Result<bool, StoreError> {
+        let Some(every) = self.max_unflushed else {
+            return Ok(false);
+        };
+        let now = self.opened.elapsed().as_millis() as u64;
+        let last = self.last_flush_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < every.as_millis() as u64
+            || self
+                .last_flush_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return Ok(false);
+        }
+        let errors = self
+            .db
+            .property_int_value("rocksdb.background-errors")
+            .map_err(StoreError::Read)?
+            .unwrap_or(0);
+        if errors > 0 {
+            return Err(StoreError::Background {
+                path: self.path.clone(),
+                errors,
+            });
+        }
+        let mut opts = rocksdb::FlushOptions::default();
+        opts.set_wait(false);
+        let cfs: Vec<_> = CFS.iter().map(|cf| self.cf(cf)).collect();
+        self.db
+            .flush_cfs_opt(&cfs, &opts)
+            .map_err(StoreError::Flush)?;
+        Ok(true)
     }
 
     pub fn path(&self) -> &Path {
@@ -738,7 +830,8 @@ impl Store {
     }
 
     /// Writes a [`PreparedBatch`] atomically. Returns the outbox sequence numbers its entries
-    /// got, in order.
+    /// got, in order. Without the WAL it may fail after the batch is in the memtables, from
+    /// [`Store::flush_if_due`]: the store cannot persist, and the writer must stop.
     pub fn write_prepared(
         &self,
         prepared: PreparedBatch,
@@ -752,6 +845,7 @@ impl Store {
             .fetch_add(seqs.end - seqs.start, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.writes.fetch_add(n, Ordering::Relaxed);
+        self.flush_if_due()?;
         Ok(seqs)
     }
 
@@ -986,6 +1080,142 @@ mod tests {
         assert_eq!(store.outbox_len().unwrap(), 2);
     }
 
+    /// Copies a live store's files as a process crash would leave them: what is only in
+    /// memtables is in none of them.
+    fn crash_copy(from: &Path, to: &Path) {
+        for f in std::fs::read_dir(from).unwrap() {
+            let f = f.unwrap();
+            if f.file_name() != "LOCK" {
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn without_the_wal_a_crash_reopens_at_the_last_flush_whole_and_a_close_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            wal: false,
+            max_unflushed: Duration::from_secs(1),
+            ..StoreConfig::default()
+        };
+        let store = Store::open(dir.path(), &cfg).unwrap();
+        let state = |g| {
+            let mut s = UserState::new("alice");
+            s.balance_g = g;
+            s
+        };
+        // Batch A: a projection, an offset and an output.
+        store
+            .commit([(&state(1), [1, -2, -2])], [("pay", 0, 1)], &[entry(1)])
+            .unwrap();
+        assert!(!store.flush_if_due().unwrap(), "not due within a second of the open");
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(store.flush_if_due().unwrap(), "due after max_unflushed");
+        assert!(!store.flush_if_due().unwrap(), "just started one");
+        // Wait for it (a waiting flush of every column family waits for the pending one).
+        let mut wait = rocksdb::FlushOptions::default();
+        wait.set_wait(true);
+        let cfs: Vec<_> = CFS.iter().map(|cf| store.cf(cf)).collect();
+        store.db.flush_cfs_opt(&cfs, &wait).unwrap();
+        // Batch B changes all three, and A's output is delivered; then the process "dies".
+        store
+            .commit([(&state(2), [2, -2, -2])], [("pay", 0, 2)], &[entry(2)])
+            .unwrap();
+        store.remove_outbox([0]).unwrap();
+        let crashed = tempfile::tempdir().unwrap();
+        crash_copy(dir.path(), crashed.path());
+
+        // The crash copy holds batch A whole and nothing of B: projection, offset and outbox
+        // of one moment, A's output back in the outbox to be sent again.
+        let c = Store::open(crashed.path(), &cfg).unwrap();
+        assert_eq!(c.get_user_at("alice").unwrap(), Some((state(1), [1, -2, -2])));
+        assert_eq!(c.offset("pay", 0).unwrap(), Some(1));
+        assert_eq!(c.outbox(10).unwrap(), vec![(0, entry(1))]);
+        drop(c);
+
+        // A graceful close flushes what the memtables held.
+        drop(store);
+        let store = Store::open(dir.path(), &cfg).unwrap();
+        assert_eq!(store.get_user_at("alice").unwrap(), Some((state(2), [2, -2, -2])));
+        assert_eq!(store.offset("pay", 0).unwrap(), Some(2));
+        assert_eq!(store.outbox(10).unwrap(), vec![(1, entry(2))]);
+    }
+
+    #[test]
+    fn without_the_wal_a_full_memtable_flushes_every_column_family_with_it() {
+        // Only batch writes fill memtables here (no timed flush). Projections fill theirs
+        // first; if the offsets were not flushed with them, a crash would reopen at
+        // projections newer than the offsets they are stored with.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            wal: false,
+            max_unflushed: Duration::from_secs(3600),
+            write_buffer_bytes: 1 << 20,
+            ..StoreConfig::default()
+        };
+        let store = Store::open(dir.path(), &cfg).unwrap();
+        let user = |i: i64| {
+            let mut s = UserState::new(format!("{i:05}-{}", "x".repeat(1000)));
+            s.balance_g = i as u64;
+            s
+        };
+        let n = 2_000;
+        for i in 1..=n {
+            store
+                .commit([(&user(i), NO_POSITION)], [("pay", 0, i)], &[])
+                .unwrap();
+        }
+        // Let the flushes the writes started finish.
+        let busy = |prop: &str| {
+            CFS.iter()
+                .map(|cf| store.db.property_int_value_cf(store.cf(cf), prop).unwrap())
+                .any(|v| v != Some(0))
+        };
+        let t0 = Instant::now();
+        while busy("rocksdb.num-immutable-mem-table") || busy("rocksdb.num-running-flushes") {
+            assert!(t0.elapsed() < Duration::from_secs(30), "flushes did not finish");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let crashed = tempfile::tempdir().unwrap();
+        crash_copy(dir.path(), crashed.path());
+        drop(store);
+
+        let c = Store::open(crashed.path(), &cfg).unwrap();
+        let k = c
+            .offset("pay", 0)
+            .unwrap()
+            .expect("a flush of the projections took the offsets with it");
+        assert!(k < n, "2 MB of projections cannot all be flushed yet: {k}");
+        for i in [1, k / 2, k] {
+            let u = user(i);
+            assert_eq!(c.get_user(&u.user_id).unwrap(), Some(u), "user {i} of {k}");
+        }
+        assert_eq!(c.get_user(&user(k + 1).user_id).unwrap(), None);
+    }
+
+    #[test]
+    fn durability_settings_that_cannot_hold_are_refused() {
+        let sync_without_wal = StoreConfig {
+            wal: false,
+            sync_writes: true,
+            ..StoreConfig::default()
+        };
+        assert!(sync_without_wal.validate().unwrap_err().contains("write-ahead log"));
+        let never_flushed = StoreConfig {
+            wal: false,
+            max_unflushed: Duration::ZERO,
+            ..StoreConfig::default()
+        };
+        assert!(never_flushed.validate().unwrap_err().contains("above zero"));
+        // With the WAL the interval is not used.
+        let with_wal = StoreConfig {
+            max_unflushed: Duration::ZERO,
+            ..StoreConfig::default()
+        };
+        assert!(with_wal.validate().is_ok());
+    }
+
     #[test]
     fn replay_records_are_stored_with_their_batch_kept_per_partition_and_deleted_by_range() {
         let dir = tempfile::tempdir().unwrap();
@@ -1080,7 +1310,7 @@ mod tests {
         let cfg = StoreConfig {
             block_cache_bytes: 64 << 20,
             write_buffer_bytes: 64 << 20,
-            sync_writes: false,
+            ..StoreConfig::default()
         };
         let err = Store::open(dir.path(), &cfg).err().unwrap();
         assert!(matches!(err, StoreError::Config(_)), "{err}");
