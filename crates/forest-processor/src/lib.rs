@@ -7,7 +7,11 @@
 //!   one RocksDB batch. On start and on every assignment the consumer seeks to the offsets in
 //!   RocksDB, not Kafka's committed offsets, so after any crash the store and the input position
 //!   agree and no event is lost or counted twice. (Kafka's committed offsets are still updated
-//!   after each durable batch, for lag tools.)
+//!   after each written batch, for lag tools.)
+//! - The store runs without RocksDB's write-ahead log by default: the input topics are the
+//!   log. A crash reopens the store at its last memtable flush, which is whole (every column
+//!   family flushed together), and the processor reads the input again from the offsets
+//!   stored there, as after any crash (see [`ProcessorConfig::store`]).
 //! - Outputs are produced from the outbox by an idempotent producer and deleted only once Kafka
 //!   acknowledged them: never lost, possibly re-sent after a crash, always with the same
 //!   deterministic ids (`tree_id`; the source coordinates of a dead letter) for downstream
