@@ -11,7 +11,8 @@
 //! - The store runs without RocksDB's write-ahead log by default: the input topics are the
 //!   log. A crash reopens the store at its last memtable flush, which is whole (every column
 //!   family flushed together), and the processor reads the input again from the offsets
-//!   stored there, as after any crash (see [`ProcessorConfig::store`]).
+//!   stored there, as after any crash (see [`ProcessorConfig::store`]). With the changelog
+//!   in the outbox mode the WAL stays on ([`ProcessorConfig::store_config`]).
 //! - Outputs are produced from the outbox by an idempotent producer and deleted only once Kafka
 //!   acknowledged them: never lost, possibly re-sent after a crash, always with the same
 //!   deterministic ids (`tree_id`; the source coordinates of a dead letter) for downstream
@@ -174,12 +175,14 @@ pub struct ProcessorConfig {
     /// RocksDB's settings. [`ProcessorConfig::new`] turns the store's write-ahead log off
     /// ([`StoreConfig::wal`]): the input topics are the processor's log. A crash then reopens
     /// the store at its last memtable flush, whole (offsets, projections, outbox and replay
-    /// records of one moment, at most [`StoreConfig::max_unflushed`] old when input is
-    /// slow), and the processor reads the input again from those offsets, as after any
-    /// crash: the same state, and outputs re-sent under the same ids (in transactions mode,
-    /// or with the changelog, the store is restored from the changelog first, as it is
-    /// behind it). What it costs is a longer replay after a crash; what it saves is the
-    /// WAL's copy of every batch (BENCHMARKS.md, session 18).
+    /// records of one moment; when input is slow, from about [`StoreConfig::max_unflushed`]
+    /// before the crash, plus the 5 s between an idle worker's checks), and the processor
+    /// reads the input again from those offsets, as after any crash: the same state, and
+    /// outputs re-sent under the same ids (in transactions mode a store the changelog has
+    /// moved past is restored from it first). What it costs is a longer replay after a
+    /// crash; what it saves is the WAL's copy of every batch (BENCHMARKS.md, session 18).
+    /// With the changelog in the outbox mode the WAL stays on: see
+    /// [`ProcessorConfig::store_config`].
     pub store: StoreConfig,
     /// Commit a batch after this many records... 20,000 by default: the bound matters only
     /// while the committer is busy (a due batch keeps taking records until it is free), that
@@ -231,7 +234,9 @@ pub struct ProcessorConfig {
     pub overlap_commits: bool,
     /// BENCHMARK BASELINE ONLY: plain at-least-once, to measure what effectively-once costs.
     /// Offsets are Kafka's committed ones (not in the store) and outputs go straight to Kafka
-    /// (no outbox), so a crash re-applies events since the last Kafka commit.
+    /// (no outbox), so a crash re-applies events since the last Kafka commit. (With the
+    /// store's WAL off, as `forest bench` runs it to compare like with like, a crash would
+    /// also lose projections written since the last flush; the bench never crashes it.)
     pub at_least_once_baseline: bool,
     /// Fold and store, but emit nothing: `forest rebuild` replays the log into a fresh store
     /// without re-sending TreeMatured or dead letters.
@@ -319,6 +324,19 @@ impl std::str::FromStr for ExactlyOnce {
 }
 
 impl ProcessorConfig {
+    /// The store settings the processor opens its store with: [`ProcessorConfig::store`],
+    /// except that the WAL stays on with the changelog in the outbox mode. There a batch's
+    /// outputs and its changelog records go out together, to different partitions, so its
+    /// checkpoint can be acknowledged before one of its trees. A store reopened at a flush
+    /// before that batch would then be restored from the changelog past the batch, and the
+    /// tree would never be sent; with the WAL the batch and its outbox survive the crash, and
+    /// the tree is sent from there. (Transactions mode commits both in one transaction.)
+    pub fn store_config(&self) -> StoreConfig {
+        let mut s = self.store.clone();
+        s.wal |= self.changelog && self.exactly_once == ExactlyOnce::Outbox;
+        s
+    }
+
     pub fn new(brokers: impl Into<String>, store_path: impl Into<PathBuf>) -> Self {
         Self {
             brokers: brokers.into(),

@@ -741,7 +741,7 @@ pub fn run(
         &cfg.group_id,
         &[&t.payments, &t.mobility, &t.commands],
     );
-    let store = Arc::new(Store::open(&cfg.store_path, &cfg.store)?);
+    let store = Arc::new(Store::open(&cfg.store_path, &cfg.store_config())?);
     let replaying = store.replay_partitions()?;
     if !replaying.is_empty() && !crate::core::replays_here(&cfg) {
         return Err(ProcessorError::Config(format!(
