@@ -65,7 +65,7 @@ pub struct ProcessorArgs {
     /// log, and a crash reopens the store at its last memtable flush (whole: offsets,
     /// projections and outbox of one moment) and reads the input again from there, outputs
     /// re-sent under the same ids. On: a crash loses no written batch, and every batch is
-    /// also copied to the WAL (about 0.06 CPU-s per M events at full speed, BENCHMARKS.md
+    /// also copied to the WAL (about 0.05 CPU-s per M events at full speed, BENCHMARKS.md
     /// session 18). Always on with --changelog in the outbox mode (see README).
     #[arg(long, env = "FOREST_STORE_WAL")]
     store_wal: bool,

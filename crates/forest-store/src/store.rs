@@ -139,7 +139,7 @@ pub struct StoreConfig {
     /// Streams' state stores, which run with RocksDB's WAL off. Why bother: with the WAL,
     /// every batch is also copied into the log's file; that copy (in the kernel) and its
     /// checksums were more than half of the committer threads' samples in a profile at about
-    /// 1 M events/s, and leaving them out cut the committers from 0.20-0.23 to 0.14-0.17
+    /// 1 M events/s, and leaving them out cut the committers from 0.18-0.23 to 0.14-0.17
     /// CPU-s per M events (BENCHMARKS.md, session 18). A graceful close still flushes
     /// everything.
     pub wal: bool,
