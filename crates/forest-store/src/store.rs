@@ -1137,26 +1137,23 @@ mod tests {
         let crashed = tempfile::tempdir().unwrap();
         crash_copy(dir.path(), crashed.path());
 
-        // The crash copy holds batch A whole and nothing of B: projection, offset and outbox
-        // of one moment, A's output back in the outbox to be sent again.
-        let c = Store::open(crashed.path(), &cfg).unwrap();
-        assert_eq!(
-            c.get_user_at("alice").unwrap(),
-            Some((state(1), [1, -2, -2]))
-        );
-        assert_eq!(c.offset("pay", 0).unwrap(), Some(1));
-        assert_eq!(c.outbox(10).unwrap(), vec![(0, entry(1))]);
-        drop(c);
-
+        // Batch `n` (1 = A, 2 = B) whole: its projection, its offset, and its output alone in
+        // the outbox.
+        let holds_batch = |s: &Store, n: u8| {
+            let pos = i64::from(n);
+            assert_eq!(
+                s.get_user_at("alice").unwrap(),
+                Some((state(u64::from(n)), [pos, -2, -2]))
+            );
+            assert_eq!(s.offset("pay", 0).unwrap(), Some(pos));
+            assert_eq!(s.outbox(10).unwrap(), vec![(u64::from(n) - 1, entry(n))]);
+        };
+        // The crash copy holds batch A whole and nothing of B, A's output back in the outbox
+        // to be sent again.
+        holds_batch(&Store::open(crashed.path(), &cfg).unwrap(), 1);
         // A graceful close flushes what the memtables held.
         drop(store);
-        let store = Store::open(dir.path(), &cfg).unwrap();
-        assert_eq!(
-            store.get_user_at("alice").unwrap(),
-            Some((state(2), [2, -2, -2]))
-        );
-        assert_eq!(store.offset("pay", 0).unwrap(), Some(2));
-        assert_eq!(store.outbox(10).unwrap(), vec![(1, entry(2))]);
+        holds_batch(&Store::open(dir.path(), &cfg).unwrap(), 2);
     }
 
     #[test]
