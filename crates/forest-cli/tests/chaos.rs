@@ -306,7 +306,7 @@ fn disk_full(wal: bool) {
     std::fs::write(&rules_file, cheap_tree_rules_toml()).expect("rules");
     let store = dir.path().join("processor");
     let group = format!("{}processor", b.prefix());
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "--rules",
         rules_file.to_str().unwrap(),
         "processor",
@@ -330,7 +330,6 @@ fn disk_full(wal: bool) {
     ]
     .map(String::from)
     .to_vec();
-    let mut args = args;
     if wal {
         args.push("--store-wal".into());
     } else {
@@ -409,14 +408,18 @@ fn disk_full(wal: bool) {
         );
         stored
     };
-    let committed = kafka_committed(&bootstrap, &group, &input_ends);
-    for (i, (t, p, _)) in input_ends.iter().enumerate().filter(|_| wal) {
-        assert!(
-            committed[i] <= stored[i],
-            "{t}/{p}: Kafka committed {} past the store's {}",
-            committed[i],
-            stored[i]
-        );
+    // Without the WAL Kafka's committed offsets follow the writes, not the flushes (see
+    // above): compared only with it.
+    if wal {
+        let committed = kafka_committed(&bootstrap, &group, &input_ends);
+        for (i, (t, p, _)) in input_ends.iter().enumerate() {
+            assert!(
+                committed[i] <= stored[i],
+                "{t}/{p}: Kafka committed {} past the store's {}",
+                committed[i],
+                stored[i]
+            );
+        }
     }
 
     // With room again, a restart finishes the log exactly.
