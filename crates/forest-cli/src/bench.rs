@@ -62,9 +62,12 @@ pub struct BenchArgs {
     /// interval.
     #[arg(long)]
     projection_interval_ms: Option<u64>,
-    /// Seconds of load at each fixed rate of the latency phase (the first 2 s are warm-up and
-    /// not measured); 0 skips it.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds of load at each fixed rate of the latency phase; 0 skips it. The first 2 s are
+    /// warm-up and not measured. The steady-state figure also leaves out the first projection
+    /// interval and 1 s more: a processor that starts on a topic has every user it meets in
+    /// its first second due for writing together one interval later (BENCHMARKS.md,
+    /// session 19).
+    #[arg(long, default_value_t = 20)]
     latency_secs: u64,
     /// Rates of the latency phase, as fractions of the processor's measured throughput from its
     /// first record. The goal is at half; a quarter shows what the machine holds below it.
@@ -554,6 +557,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // (c) Latency at fixed rates.
     let mut latencies = Vec::new();
+    let mut timelines = Vec::new();
+    // Seconds of the latency timeline before its steady state: the first projection interval
+    // (rounded up) and 1 s more, the time the first writes take.
+    let steady_skip = interval.as_millis().div_ceil(1000) as usize + 1;
     let mut latency_cpu = Vec::new();
     if args.latency_secs > 0 {
         for (i, frac) in args.latency_at.iter().enumerate() {
@@ -643,24 +650,56 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 );
                 std::thread::spawn(move || raw_latency(&b, &k, &tt, &h, &AtomicU64::new(0), &st))
             });
-            let (_, with_cpu) = load(&t).run(|| {
+            // Per second after the warm-up: when the tail happened, and what the processor
+            // wrote then.
+            let (measuring, timeline_stop) = (
+                Arc::new(AtomicBool::new(false)),
+                Arc::new(AtomicBool::new(false)),
+            );
+            let timeline = {
+                let (s, m, st) = (stats.clone(), measuring.clone(), timeline_stop.clone());
+                std::thread::spawn(move || latency_timeline(&s, &m, &st))
+            };
+            let loaded = load(&t).run(|| {
                 hists(&stats);
                 kafka_alone.reset();
-            })?;
+                measuring.store(true, Ordering::Relaxed);
+            });
+            // Stopped on every path: a failed load must not leave the sampler running.
+            let stop_timeline = || {
+                timeline_stop.store(true, Ordering::Relaxed);
+                measuring.store(true, Ordering::Relaxed);
+            };
+            let (_, with_cpu) = loaded.inspect_err(|_| stop_timeline())?;
             drop(records);
-            let mut lat_ends = Vec::new();
-            for tp in [&t.payments, &t.mobility, &t.commands] {
-                for (p, end) in end_offsets(&brokers, tp)? {
-                    lat_ends.push((tp.to_string(), p, end));
+            let committed = (|| {
+                let mut lat_ends = Vec::new();
+                for tp in [&t.payments, &t.mobility, &t.commands] {
+                    for (p, end) in end_offsets(&brokers, tp)? {
+                        lat_ends.push((tp.to_string(), p, end));
+                    }
                 }
-            }
-            let _ = wait_committed(
-                &stats,
-                &lat_ends,
-                args.workers as u64,
-                Duration::from_secs(600),
-                &handle,
-            )?;
+                wait_committed(
+                    &stats,
+                    &lat_ends,
+                    args.workers as u64,
+                    Duration::from_secs(600),
+                    &handle,
+                )
+            })();
+            stop_timeline();
+            let timeline = timeline
+                .join()
+                .map_err(|_| anyhow::anyhow!("latency timeline sampler panicked"))?;
+            let _ = committed?;
+            let steady = timeline
+                .iter()
+                .skip(steady_skip)
+                .fold(forest_processor::HistogramSnapshot::default(), |a, w| {
+                    a.plus(&w.latency)
+                });
+            let steady = (steady.count() > 0).then_some(steady);
+            timelines.push((rate, timeline));
             raw_stop.store(true, Ordering::Relaxed);
             if let Some(raw) = raw {
                 raw.join()
@@ -684,6 +723,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 stats.latency_durable.quantile_ms(0.5),
                 stats.latency_durable.quantile_ms(0.99),
                 no_processor.quantile_ms(0.99),
+                steady,
                 format!(
                     "| {rate} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     q(&stats.latency_durable),
@@ -826,10 +866,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         eo.cpu / (eo.events as f64 / 1e6),
         alo_cmp.cpu / (alo_cmp.events as f64 / 1e6)
     );
-    for (frac, rate, count, p50, p99, alone_p99, _) in &latencies {
+    for (frac, rate, count, p50, p99, alone_p99, steady, _) in &latencies {
         let ms = |v: &Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        let steady = steady.as_ref().map_or_else(
+            || "in steady state: no records (a longer --latency-secs)".to_string(),
+            |s| {
+                format!(
+                    "in steady state, from {} s into the load (after the first projection writes, all due at once), {} records: p50 {} ms, p99 {} ms",
+                    WARM_UP.as_secs() + steady_skip as u64,
+                    s.count(),
+                    ms(&s.quantile_ms(0.5)),
+                    ms(&s.quantile_ms(0.99))
+                )
+            },
+        );
         println!(
-            "latency at {rate} events/s ({:.0} % of (b) from its first record), {count} records: p50 {} ms, p99 {} ms (produce to durable projection after a 2 s warm-up, bucket upper bounds); Kafka alone at that rate with no processor: p99 {} ms",
+            "latency at {rate} events/s ({:.0} % of (b) from its first record), {count} records: p50 {} ms, p99 {} ms (produce to durable projection after a 2 s warm-up, bucket upper bounds); {steady}; Kafka alone at that rate with no processor: p99 {} ms",
             frac * 100.0,
             ms(p50),
             ms(p99),
@@ -848,6 +900,30 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
         for (.., row) in &latencies {
             println!("{row}");
+        }
+        println!();
+        println!(
+            "Produce to projection, second by second after the warm-up, by when each batch became durable (the last row: the records after the load, until every offset was committed). A p99 above the goal in a few seconds only is a stall; one in every second is the steady state:"
+        );
+        println!();
+        println!(
+            "| rate | second | ended (UTC) | records | p50 / p99 ms | records at 53.8 ms or more | projections written |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for (rate, timeline) in &timelines {
+            for (i, w) in timeline.iter().enumerate() {
+                let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+                println!(
+                    "| {rate} | {} | {} | {} | {} / {} | {} | {} |",
+                    i + 1,
+                    w.ended.format("%H:%M:%S%.3f"),
+                    w.latency.count(),
+                    ms(w.latency.quantile_ms(0.5)),
+                    ms(w.latency.quantile_ms(0.99)),
+                    w.latency.at_least_ms(50),
+                    w.projections
+                );
+            }
         }
         println!();
         println!(
@@ -936,6 +1012,66 @@ fn raw_latency(
 
 /// Latency is measured after this long at the fixed rate.
 const WARM_UP: Duration = Duration::from_secs(2);
+
+/// One second of a latency phase: see [`latency_timeline`].
+struct LatencyWindow {
+    latency: forest_processor::HistogramSnapshot,
+    projections: u64,
+    /// When the second ended, to match it with RocksDB's and the broker's logs.
+    ended: chrono::DateTime<chrono::Utc>,
+}
+
+/// Samples the processor's produce-to-projection histogram once a second from when
+/// `measuring` is set (the warm-up's end, just after the histograms' reset) until `stop`, and
+/// returns each second's share. Why: a phase's p99 says how long the tail was, not whether it
+/// was one stall or every second. At 200 K events/s the slowest 1 % is 16 ms of records: one
+/// pause of a few tens of ms anywhere in the 8 s makes the p99.
+fn latency_timeline(
+    stats: &ProcessorStats,
+    measuring: &AtomicBool,
+    stop: &AtomicBool,
+) -> Vec<LatencyWindow> {
+    while !measuring.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut windows = Vec::new();
+    let sample = || {
+        (
+            stats.latency_durable.snapshot(),
+            ProcessorStats::get(&stats.projections_written),
+        )
+    };
+    // The histogram was reset just before `measuring` was set: it all belongs to the first
+    // second, including what arrived before this thread noticed.
+    let mut last = (
+        forest_processor::HistogramSnapshot::default(),
+        ProcessorStats::get(&stats.projections_written),
+    );
+    let mut next = Instant::now() + Duration::from_secs(1);
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        if !stopping {
+            std::thread::sleep(
+                next.saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(50)),
+            );
+            if Instant::now() < next {
+                continue;
+            }
+            next += Duration::from_secs(1);
+        }
+        let now = sample();
+        windows.push(LatencyWindow {
+            latency: now.0.since(&last.0),
+            projections: now.1.saturating_sub(last.1),
+            ended: chrono::Utc::now(),
+        });
+        last = now;
+        if stopping {
+            return windows;
+        }
+    }
+}
 
 /// One latency run's load: `records`, produced at `rate` to `topics`.
 struct PacedLoad<'a> {
@@ -1660,6 +1796,42 @@ mod tests {
         format!(
             "cpu  {user} 0 10 {idle} 5 1 2 3 0 0\ncpu0 1 0 0 1 0 0 0 0 0 0\ncpu1 1 0 0 1 0 0 0 0 0 0\nintr 1 2\nctxt 9\n"
         )
+    }
+
+    #[test]
+    fn the_latency_timeline_splits_the_records_by_second_from_the_warm_up() {
+        let stats = Arc::new(ProcessorStats::default());
+        let (measuring, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let sampler = {
+            let (s, m, st) = (stats.clone(), measuring.clone(), stop.clone());
+            std::thread::spawn(move || latency_timeline(&s, &m, &st))
+        };
+        // Before the warm-up's end (and the histograms' reset): not in any window.
+        stats.latency_durable.record_ms(900);
+        std::thread::sleep(Duration::from_millis(100));
+        stats.latency_durable.reset();
+        measuring.store(true, Ordering::Relaxed);
+        for ms in [5, 6, 7] {
+            stats.latency_durable.record_ms(ms);
+        }
+        // (Projections are counted from when the sampler notices: it checks every 5 ms.)
+        std::thread::sleep(Duration::from_millis(100));
+        stats.projections_written.fetch_add(4, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(1_300));
+        stats.latency_durable.record_ms(200);
+        stop.store(true, Ordering::Relaxed);
+        let windows = sampler.join().expect("sampler");
+        assert_eq!(windows.len(), 2, "one whole second and the rest");
+        assert_eq!(windows[0].latency.count(), 3);
+        assert_eq!(windows[0].latency.at_least_ms(50), 0);
+        assert_eq!(windows[0].projections, 4);
+        assert_eq!(windows[1].latency.count(), 1);
+        assert_eq!(windows[1].latency.at_least_ms(50), 1);
+        assert_eq!(windows[1].projections, 0);
+        assert!(windows[0].ended < windows[1].ended);
     }
 
     #[test]

@@ -591,6 +591,77 @@ impl LatencyHistogram {
 
     /// The `q` quantile (0..=1) in ms, as its bucket's upper bound; `None` when empty.
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        self.snapshot().quantile_ms(q)
+    }
+
+    /// The counts so far. Two snapshots' difference ([`HistogramSnapshot::since`]) is the
+    /// histogram of what was recorded between them: how `forest bench` finds *when* a
+    /// latency tail happened, not only how large it was.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+        }
+    }
+
+    pub fn reset(&self) {
+        for b in &self.buckets {
+            b.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The counts of a [`LatencyHistogram`] at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistogramSnapshot {
+    buckets: [u64; LatencyHistogram::BUCKETS],
+}
+
+impl Default for HistogramSnapshot {
+    fn default() -> Self {
+        Self {
+            buckets: [0; LatencyHistogram::BUCKETS],
+        }
+    }
+}
+
+impl HistogramSnapshot {
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// What was recorded after `earlier` (a snapshot of the same histogram). A bucket that
+    /// shrank (the histogram was reset in between) counts from 0.
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            buckets: std::array::from_fn(|i| self.buckets[i].saturating_sub(earlier.buckets[i])),
+        }
+    }
+
+    /// Records of at least `ms` milliseconds, counted by whole buckets: those whose lower
+    /// bound is at least `ms`.
+    pub fn at_least_ms(&self, ms: u64) -> u64 {
+        let lower = |i: usize| {
+            if i == 0 {
+                0.0
+            } else {
+                2f64.powf((i - 1) as f64 / 4.0)
+            }
+        };
+        (0..LatencyHistogram::BUCKETS)
+            .filter(|&i| lower(i) >= ms as f64)
+            .map(|i| self.buckets[i])
+            .sum()
+    }
+
+    /// Both snapshots' records together (of two windows of one histogram).
+    pub fn plus(&self, other: &Self) -> Self {
+        Self {
+            buckets: std::array::from_fn(|i| self.buckets[i] + other.buckets[i]),
+        }
+    }
+
+    /// As [`LatencyHistogram::quantile_ms`].
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
         let total = self.count();
         if total == 0 {
             return None;
@@ -598,18 +669,12 @@ impl LatencyHistogram {
         let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
         let mut seen = 0;
         for (i, b) in self.buckets.iter().enumerate() {
-            seen += b.load(Ordering::Relaxed);
+            seen += b;
             if seen >= rank {
-                return Some(Self::upper_ms(i));
+                return Some(LatencyHistogram::upper_ms(i));
             }
         }
-        Some(Self::upper_ms(Self::BUCKETS - 1))
-    }
-
-    pub fn reset(&self) {
-        for b in &self.buckets {
-            b.store(0, Ordering::Relaxed);
-        }
+        Some(LatencyHistogram::upper_ms(LatencyHistogram::BUCKETS - 1))
     }
 }
 
@@ -632,6 +697,34 @@ mod tests {
         assert_eq!(h.quantile_ms(0.0), Some(0.0));
         h.reset();
         assert_eq!(h.count(), 0);
+    }
+
+    #[test]
+    fn snapshots_tell_what_was_recorded_between_them() {
+        let h = LatencyHistogram::default();
+        for ms in 1..=100 {
+            h.record_ms(ms);
+        }
+        let first = h.snapshot();
+        for _ in 0..10 {
+            h.record_ms(300);
+        }
+        let window = h.snapshot().since(&first);
+        assert_eq!(window.count(), 10);
+        assert_eq!(window.plus(&first), h.snapshot());
+        // 300 ms lies in [2^32/4, 2^33/4) = [256, 304.4): its bucket's upper bound.
+        assert_eq!(window.quantile_ms(0.99).map(f64::round), Some(304.0));
+        assert_eq!(window.at_least_ms(50), 10);
+        assert_eq!(window.at_least_ms(305), 0);
+        // Whole buckets only: 50..=100 ms starts in the bucket [45.3, 53.8), which is left
+        // out; the buckets from 53.8 ms hold 54..=100.
+        assert_eq!(first.at_least_ms(50), 47);
+        assert_eq!(first.at_least_ms(0), 100);
+        // A reset in between: a shrunken bucket counts as 0, never below (so this is not
+        // a wrapped-around count), and a grown one counts what it gained.
+        h.reset();
+        h.record_ms(700);
+        assert_eq!(h.snapshot().since(&first).count(), 1);
     }
 }
 
