@@ -66,7 +66,8 @@ pub struct BenchArgs {
     /// warm-up and not measured. The steady-state figure also leaves out the first projection
     /// interval and 1 s more: a processor that starts on a topic has every user it meets in
     /// its first second due for writing together one interval later (BENCHMARKS.md,
-    /// session 19).
+    /// session 19). The records are made before each rate's runs and held through them: about
+    /// 160 bytes each, so 1 GiB per 6.7 M (rate x seconds).
     #[arg(long, default_value_t = 20)]
     latency_secs: u64,
     /// Rates of the latency phase, as fractions of the processor's measured throughput from its
@@ -652,24 +653,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             });
             // Per second after the warm-up: when the tail happened, and what the processor
             // wrote then.
-            let (measuring, timeline_stop) = (
-                Arc::new(AtomicBool::new(false)),
-                Arc::new(AtomicBool::new(false)),
-            );
+            let signals = Arc::new(TimelineSignals::default());
             let timeline = {
-                let (s, m, st) = (stats.clone(), measuring.clone(), timeline_stop.clone());
-                std::thread::spawn(move || latency_timeline(&s, &m, &st))
+                let (s, sig) = (stats.clone(), signals.clone());
+                std::thread::spawn(move || latency_timeline(&s, &sig))
             };
             let loaded = load(&t).run(|| {
                 hists(&stats);
                 kafka_alone.reset();
-                measuring.store(true, Ordering::Relaxed);
+                signals.measuring.store(true, Ordering::Release);
             });
+            signals.load_over.store(true, Ordering::Release);
             // Stopped on every path: a failed load must not leave the sampler running.
-            let stop_timeline = || {
-                timeline_stop.store(true, Ordering::Relaxed);
-                measuring.store(true, Ordering::Relaxed);
-            };
+            let stop_timeline = || signals.stop();
             let (_, with_cpu) = loaded.inspect_err(|_| stop_timeline())?;
             drop(records);
             let committed = (|| {
@@ -692,13 +688,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .join()
                 .map_err(|_| anyhow::anyhow!("latency timeline sampler panicked"))?;
             let _ = committed?;
-            let steady = timeline
+            // Only seconds under load: the drain after it is a backlog, not a rate.
+            let steady: Vec<_> = timeline
                 .iter()
+                .filter(|w| w.under_load)
                 .skip(steady_skip)
-                .fold(forest_processor::HistogramSnapshot::default(), |a, w| {
-                    a.plus(&w.latency)
-                });
-            let steady = (steady.count() > 0).then_some(steady);
+                .collect();
+            let steady = (steady.len() >= STEADY_MIN_SECS).then(|| {
+                steady
+                    .iter()
+                    .fold(forest_processor::HistogramSnapshot::default(), |a, w| {
+                        a.plus(&w.latency)
+                    })
+            });
             timelines.push((rate, timeline));
             raw_stop.store(true, Ordering::Relaxed);
             if let Some(raw) = raw {
@@ -868,11 +870,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     for (frac, rate, count, p50, p99, alone_p99, steady, _) in &latencies {
         let ms = |v: &Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        let after = if interval.is_zero() {
+            ""
+        } else {
+            " (after the first projection writes, all due at once)"
+        };
         let steady = steady.as_ref().map_or_else(
-            || "in steady state: no records (a longer --latency-secs)".to_string(),
+            || {
+                format!(
+                    "no steady-state figure: it needs --latency-secs of at least {}",
+                    WARM_UP.as_secs() + (steady_skip + STEADY_MIN_SECS) as u64
+                )
+            },
             |s| {
                 format!(
-                    "in steady state, from {} s into the load (after the first projection writes, all due at once), {} records: p50 {} ms, p99 {} ms",
+                    "in steady state, from {} s into the load to its end{after}, {} records: p50 {} ms, p99 {} ms",
                     WARM_UP.as_secs() + steady_skip as u64,
                     s.count(),
                     ms(&s.quantile_ms(0.5)),
@@ -903,20 +915,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         println!();
         println!(
-            "Produce to projection, second by second after the warm-up, by when each batch became durable (the last row: the records after the load, until every offset was committed). A p99 above the goal in a few seconds only is a stall; one in every second is the steady state:"
+            "Produce to projection, second by second after the warm-up, by when each batch became durable; the second in which the load ended is cut there, and the rows after it are the backlog's drain until every offset was committed. A p99 above the goal in a few seconds only is a stall; one in every second is the steady state:"
         );
         println!();
         println!(
-            "| rate | second | ended (UTC) | records | p50 / p99 ms | records at 53.8 ms or more | projections written |"
+            "| rate | second | ended (UTC) | load | records | p50 / p99 ms | records at {:.1} ms or more | projections written |",
+            forest_processor::HistogramSnapshot::whole_buckets_from_ms(50)
         );
-        println!("|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|");
         for (rate, timeline) in &timelines {
             for (i, w) in timeline.iter().enumerate() {
-                let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+                let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
                 println!(
-                    "| {rate} | {} | {} | {} | {} / {} | {} | {} |",
+                    "| {rate} | {} | {} | {} | {} | {} / {} | {} | {} |",
                     i + 1,
                     w.ended.format("%H:%M:%S%.3f"),
+                    if w.under_load { "on" } else { "over" },
                     w.latency.count(),
                     ms(w.latency.quantile_ms(0.5)),
                     ms(w.latency.quantile_ms(0.99)),
@@ -1013,25 +1027,45 @@ fn raw_latency(
 /// Latency is measured after this long at the fixed rate.
 const WARM_UP: Duration = Duration::from_secs(2);
 
+/// The fewest seconds under load a steady-state latency figure is given for.
+const STEADY_MIN_SECS: usize = 3;
+
 /// One second of a latency phase: see [`latency_timeline`].
 struct LatencyWindow {
     latency: forest_processor::HistogramSnapshot,
     projections: u64,
     /// When the second ended, to match it with RocksDB's and the broker's logs.
     ended: chrono::DateTime<chrono::Utc>,
+    /// Whether the load was still being produced when it ended. The window in which the
+    /// load ends is cut short there, so the later ones hold only the backlog's drain.
+    under_load: bool,
 }
 
-/// Samples the processor's produce-to-projection histogram once a second from when
-/// `measuring` is set (the warm-up's end, just after the histograms' reset) until `stop`, and
-/// returns each second's share. Why: a phase's p99 says how long the tail was, not whether it
-/// was one stall or every second. At 200 K events/s the slowest 1 % is 16 ms of records: one
-/// pause of a few tens of ms anywhere in the 8 s makes the p99.
-fn latency_timeline(
-    stats: &ProcessorStats,
-    measuring: &AtomicBool,
-    stop: &AtomicBool,
-) -> Vec<LatencyWindow> {
-    while !measuring.load(Ordering::Relaxed) {
+/// What [`latency_timeline`] waits for: the warm-up's end (just after the histograms'
+/// reset), the load's end and the end of sampling. Each is set once.
+#[derive(Default)]
+struct TimelineSignals {
+    measuring: AtomicBool,
+    load_over: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl TimelineSignals {
+    /// Ends sampling (and any wait for the warm-up): on every path, failed ones included.
+    fn stop(&self) {
+        for s in [&self.load_over, &self.stop, &self.measuring] {
+            s.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Samples the processor's produce-to-projection histogram once a second from the warm-up's
+/// end until `stop`, and returns each second's share. Why: a phase's p99 says how long the
+/// tail was, not whether it was one stall or every second. At 200 K events/s the slowest 1 %
+/// of 18 s is 36 K records, the arrivals of 0.18 s: a stall of a few hundred ms anywhere
+/// makes the p99, however quiet the other seconds were.
+fn latency_timeline(stats: &ProcessorStats, signals: &TimelineSignals) -> Vec<LatencyWindow> {
+    while !signals.measuring.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut windows = Vec::new();
@@ -1048,9 +1082,11 @@ fn latency_timeline(
         ProcessorStats::get(&stats.projections_written),
     );
     let mut next = Instant::now() + Duration::from_secs(1);
+    let mut under_load = true;
     loop {
-        let stopping = stop.load(Ordering::Relaxed);
-        if !stopping {
+        let stopping = signals.stop.load(Ordering::Acquire);
+        let load_ends = under_load && signals.load_over.load(Ordering::Acquire);
+        if !stopping && !load_ends {
             std::thread::sleep(
                 next.saturating_duration_since(Instant::now())
                     .min(Duration::from_millis(50)),
@@ -1065,8 +1101,13 @@ fn latency_timeline(
             latency: now.0.since(&last.0),
             projections: now.1.saturating_sub(last.1),
             ended: chrono::Utc::now(),
+            under_load,
         });
         last = now;
+        if load_ends {
+            under_load = false;
+            next = Instant::now() + Duration::from_secs(1);
+        }
         if stopping {
             return windows;
         }
@@ -1799,39 +1840,50 @@ mod tests {
     }
 
     #[test]
-    fn the_latency_timeline_splits_the_records_by_second_from_the_warm_up() {
+    fn the_latency_timeline_splits_the_records_by_second_and_at_the_loads_end() {
         let stats = Arc::new(ProcessorStats::default());
-        let (measuring, stop) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-        );
+        let signals = Arc::new(TimelineSignals::default());
         let sampler = {
-            let (s, m, st) = (stats.clone(), measuring.clone(), stop.clone());
-            std::thread::spawn(move || latency_timeline(&s, &m, &st))
+            let (s, sig) = (stats.clone(), signals.clone());
+            std::thread::spawn(move || latency_timeline(&s, &sig))
         };
         // Before the warm-up's end (and the histograms' reset): not in any window.
         stats.latency_durable.record_ms(900);
         std::thread::sleep(Duration::from_millis(100));
         stats.latency_durable.reset();
-        measuring.store(true, Ordering::Relaxed);
+        signals.measuring.store(true, Ordering::Release);
         for ms in [5, 6, 7] {
             stats.latency_durable.record_ms(ms);
         }
         // (Projections are counted from when the sampler notices: it checks every 5 ms.)
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(200));
         stats.projections_written.fetch_add(4, Ordering::Relaxed);
+        // The first second has ended (at about 1 s); the load ends in the second one.
         std::thread::sleep(Duration::from_millis(1_300));
         stats.latency_durable.record_ms(200);
-        stop.store(true, Ordering::Relaxed);
+        signals.load_over.store(true, Ordering::Release);
+        std::thread::sleep(Duration::from_millis(200));
+        // The drain: after the load.
+        stats.latency_durable.record_ms(300);
+        stats.projections_written.fetch_add(2, Ordering::Relaxed);
+        signals.stop();
         let windows = sampler.join().expect("sampler");
-        assert_eq!(windows.len(), 2, "one whole second and the rest");
-        assert_eq!(windows[0].latency.count(), 3);
-        assert_eq!(windows[0].latency.at_least_ms(50), 0);
-        assert_eq!(windows[0].projections, 4);
-        assert_eq!(windows[1].latency.count(), 1);
-        assert_eq!(windows[1].latency.at_least_ms(50), 1);
-        assert_eq!(windows[1].projections, 0);
-        assert!(windows[0].ended < windows[1].ended);
+        let shape: Vec<_> = windows
+            .iter()
+            .map(|w| {
+                (
+                    w.latency.count(),
+                    w.latency.at_least_ms(50),
+                    w.projections,
+                    w.under_load,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [(3, 0, 4, true), (1, 1, 0, true), (1, 1, 2, false)],
+            "a whole second, the second cut at the load's end, the drain"
+        );
     }
 
     #[test]

@@ -629,8 +629,8 @@ impl HistogramSnapshot {
         self.buckets.iter().sum()
     }
 
-    /// What was recorded after `earlier` (a snapshot of the same histogram). A bucket that
-    /// shrank (the histogram was reset in between) counts from 0.
+    /// What was recorded after `earlier` (a snapshot of the same histogram with no reset in
+    /// between: across a reset the result is meaningless, though never below 0 per bucket).
     pub fn since(&self, earlier: &Self) -> Self {
         Self {
             buckets: std::array::from_fn(|i| self.buckets[i].saturating_sub(earlier.buckets[i])),
@@ -638,19 +638,29 @@ impl HistogramSnapshot {
     }
 
     /// Records of at least `ms` milliseconds, counted by whole buckets: those whose lower
-    /// bound is at least `ms`.
+    /// bound is at least `ms`, so from [`HistogramSnapshot::whole_buckets_from_ms`]`(ms)`.
     pub fn at_least_ms(&self, ms: u64) -> u64 {
-        let lower = |i: usize| {
-            if i == 0 {
-                0.0
-            } else {
-                2f64.powf((i - 1) as f64 / 4.0)
-            }
-        };
         (0..LatencyHistogram::BUCKETS)
-            .filter(|&i| lower(i) >= ms as f64)
+            .filter(|&i| Self::lower_ms(i) >= ms as f64)
             .map(|i| self.buckets[i])
             .sum()
+    }
+
+    /// Where [`HistogramSnapshot::at_least_ms`]`(ms)` starts counting: the lowest bucket
+    /// lower bound at or above `ms` (53.8 for 50).
+    pub fn whole_buckets_from_ms(ms: u64) -> f64 {
+        (0..LatencyHistogram::BUCKETS)
+            .map(Self::lower_ms)
+            .find(|&l| l >= ms as f64)
+            .unwrap_or(f64::INFINITY)
+    }
+
+    fn lower_ms(i: usize) -> f64 {
+        if i == 0 {
+            0.0
+        } else {
+            2f64.powf((i - 1) as f64 / 4.0)
+        }
     }
 
     /// Both snapshots' records together (of two windows of one histogram).
@@ -680,7 +690,7 @@ impl HistogramSnapshot {
 
 #[cfg(test)]
 mod tests {
-    use super::LatencyHistogram;
+    use super::{HistogramSnapshot, LatencyHistogram};
 
     #[test]
     fn quantiles_are_bucket_upper_bounds_within_a_fifth() {
@@ -712,7 +722,7 @@ mod tests {
         let window = h.snapshot().since(&first);
         assert_eq!(window.count(), 10);
         assert_eq!(window.plus(&first), h.snapshot());
-        // 300 ms lies in [2^32/4, 2^33/4) = [256, 304.4): its bucket's upper bound.
+        // 300 ms lies in [2^(32/4), 2^(33/4)) = [256, 304.4): its bucket's upper bound.
         assert_eq!(window.quantile_ms(0.99).map(f64::round), Some(304.0));
         assert_eq!(window.at_least_ms(50), 10);
         assert_eq!(window.at_least_ms(305), 0);
@@ -720,8 +730,11 @@ mod tests {
         // out; the buckets from 53.8 ms hold 54..=100.
         assert_eq!(first.at_least_ms(50), 47);
         assert_eq!(first.at_least_ms(0), 100);
-        // A reset in between: a shrunken bucket counts as 0, never below (so this is not
-        // a wrapped-around count), and a grown one counts what it gained.
+        assert_eq!(
+            (10.0 * HistogramSnapshot::whole_buckets_from_ms(50)).round(),
+            538.0
+        );
+        // Across a reset, a shrunken bucket counts as 0, not a wrapped-around count.
         h.reset();
         h.record_ms(700);
         assert_eq!(h.snapshot().since(&first).count(), 1);
