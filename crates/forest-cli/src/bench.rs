@@ -66,8 +66,8 @@ pub struct BenchArgs {
     /// warm-up and not measured. The steady-state figure also leaves out the first projection
     /// interval and 1 s more: a processor that starts on a topic has every user it meets in
     /// its first second due for writing together one interval later (BENCHMARKS.md,
-    /// session 19). The records are made before each rate's runs and held through them: about
-    /// 160 bytes each, so 1 GiB per 6.7 M (rate x seconds).
+    /// session 19). The records are made before each rate's runs and held through them: by
+    /// estimate about 160 bytes each, so 1 GiB per 6.7 M (rate x seconds).
     #[arg(long, default_value_t = 20)]
     latency_secs: u64,
     /// Rates of the latency phase, as fractions of the processor's measured throughput from its
