@@ -573,6 +573,15 @@ impl LatencyHistogram {
         i.min(Self::BUCKETS - 1)
     }
 
+    /// Bucket `i`'s bounds, `[lower_ms(i), upper_ms(i))` ms (bucket 0 holds 0 ms only).
+    fn lower_ms(i: usize) -> f64 {
+        if i == 0 {
+            0.0
+        } else {
+            2f64.powf((i - 1) as f64 / 4.0)
+        }
+    }
+
     fn upper_ms(i: usize) -> f64 {
         if i == 0 {
             0.0
@@ -641,7 +650,7 @@ impl HistogramSnapshot {
     /// bound is at least `ms`, so from [`HistogramSnapshot::whole_buckets_from_ms`]`(ms)`.
     pub fn at_least_ms(&self, ms: u64) -> u64 {
         (0..LatencyHistogram::BUCKETS)
-            .filter(|&i| Self::lower_ms(i) >= ms as f64)
+            .filter(|&i| LatencyHistogram::lower_ms(i) >= ms as f64)
             .map(|i| self.buckets[i])
             .sum()
     }
@@ -650,17 +659,9 @@ impl HistogramSnapshot {
     /// lower bound at or above `ms` (53.8 for 50).
     pub fn whole_buckets_from_ms(ms: u64) -> f64 {
         (0..LatencyHistogram::BUCKETS)
-            .map(Self::lower_ms)
+            .map(LatencyHistogram::lower_ms)
             .find(|&l| l >= ms as f64)
             .unwrap_or(f64::INFINITY)
-    }
-
-    fn lower_ms(i: usize) -> f64 {
-        if i == 0 {
-            0.0
-        } else {
-            2f64.powf((i - 1) as f64 / 4.0)
-        }
     }
 
     /// Both snapshots' records together (of two windows of one histogram).
