@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// interval.
     #[arg(long)]
     projection_interval_ms: Option<u64>,
+    /// Pace the projection writes in phases (b) and (c): `forest processor
+    /// --projection-pace`.
+    #[arg(long)]
+    projection_pace: bool,
     /// Seconds of load at each fixed rate of the latency phase; 0 skips it. The first 2 s are
     /// warm-up and not measured. The steady-state figure also leaves out the first projection
     /// interval and 1 s more: a processor that starts on a topic has every user it meets in
@@ -74,6 +78,12 @@ pub struct BenchArgs {
     /// first record. The goal is at half; a quarter shows what the machine holds below it.
     #[arg(long, value_delimiter = ',', default_value = "0.25,0.5")]
     latency_at: Vec<f64>,
+    /// Rates of the latency phase in events/s, instead of `--latency-at`'s fractions. For
+    /// comparing builds or settings at one rate: the measured throughput, and so any fraction
+    /// of it, varies from run to run, and the latency tail grows with the rate (BENCHMARKS.md,
+    /// session 20).
+    #[arg(long, value_delimiter = ',')]
+    latency_rates: Vec<u64>,
     /// Also run a plain consumer beside the processor in the latency phase, recording each
     /// record's age on arrival. Off by default: its own thread took 0.06-0.23 cores, plus its
     /// fetches in librdkafka and the broker, on the cores the processor was measured on
@@ -118,6 +128,22 @@ impl BenchArgs {
             || forest_processor::default_projection_interval(self.exactly_once, self.changelog),
             Duration::from_millis,
         )
+    }
+}
+
+/// The latency phase's rates, each with the fraction it is of the maximum rate `max`
+/// (events/s): `--latency-at`'s fractions of it, or the `--latency-rates` asked for.
+fn latency_rates(args: &BenchArgs, max: f64) -> Vec<(f64, u64)> {
+    if args.latency_rates.is_empty() {
+        args.latency_at
+            .iter()
+            .map(|f| (*f, (max * f).max(1.0) as u64))
+            .collect()
+    } else {
+        args.latency_rates
+            .iter()
+            .map(|&r| (r as f64 / max.max(1.0), r))
+            .collect()
     }
 }
 
@@ -333,6 +359,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     ensure!(
         args.latency_at.iter().all(|f| *f > 0.0 && *f <= 2.0),
         "--latency-at takes fractions of the measured throughput, e.g. 0.25,0.5"
+    );
+    ensure!(
+        args.latency_rates.iter().all(|r| *r > 0),
+        "--latency-rates takes events per second above 0, e.g. 100000,200000"
     );
     if let Some(id) = args.load_core {
         // Tried now, on a thread that ends, rather than after minutes of earlier phases.
@@ -564,10 +594,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let steady_skip = interval.as_millis().div_ceil(1000) as usize + 1;
     let mut latency_cpu = Vec::new();
     if args.latency_secs > 0 {
-        for (i, frac) in args.latency_at.iter().enumerate() {
-            // A fraction of the steady rate (from the first record): the group join is not
-            // part of the maximum rate.
-            let rate = (steady.rate() * frac).max(1.0) as u64;
+        // From the steady rate (from the first record): the group join is not part of the
+        // maximum rate.
+        for (i, &(frac, rate)) in latency_rates(&args, steady.rate()).iter().enumerate() {
             let t = create(&format!("bench-{stamp}-lat{i}."))?;
             let events = rate * args.latency_secs;
             let stats = Arc::new(ProcessorStats::default());
@@ -718,7 +747,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             latency_cpu.push((rate, "Kafka with no processor", alone_cpu.groups));
             latency_cpu.push((rate, "with the processor", with_cpu.groups));
             latencies.push((
-                *frac,
+                frac,
                 rate,
                 stats.latency_durable.count(),
                 stats.latency_durable.quantile_ms(0.5),
@@ -1667,6 +1696,7 @@ fn processor_config(
     // The baseline spaces its projection writes too (flushing everything, then committing
     // Kafka offsets, once per interval), or it would be no baseline at that interval.
     cfg.projection_interval = args.projection_interval();
+    cfg.pace_projection_writes = args.projection_pace;
     if !at_least_once {
         cfg.exactly_once = args.exactly_once;
         cfg.changelog = args.changelog;
@@ -1834,6 +1864,25 @@ fn wait_committed<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    #[test]
+    fn latency_rates_are_fractions_of_the_maximum_or_the_rates_asked_for() {
+        let args = |a: &[&str]| Cli::try_parse_from([&["bench"], a].concat()).unwrap().bench;
+        let by_default = latency_rates(&args(&[]), 400_000.0);
+        assert_eq!(by_default, vec![(0.25, 100_000), (0.5, 200_000)]);
+        let fixed = latency_rates(&args(&["--latency-rates", "215000,100000"]), 430_000.0);
+        assert_eq!(
+            fixed,
+            vec![(0.5, 215_000), (100_000.0 / 430_000.0, 100_000)]
+        );
+    }
 
     fn stat(user: u64, idle: u64) -> String {
         format!(

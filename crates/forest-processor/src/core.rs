@@ -321,6 +321,7 @@ impl Core {
             // are followed and deleted all the same.
             checkpoints: replays_here(cfg).then(|| {
                 Checkpoints::new(cfg.projection_interval, cfg.cache_users, cfg.cache_bytes)
+                    .with_pace(cfg.pace_projection_writes)
             }),
             alo: (cfg.at_least_once_baseline && !cfg.projection_interval.is_zero()).then(|| {
                 AloSpacing {
@@ -1089,7 +1090,7 @@ fn species_label(id: &str) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The per-batch metrics against a real (embedded) broker: what the gauges and counters
     //! say across a crash and a restart.
 
@@ -1140,10 +1141,10 @@ mod tests {
     }
 
     /// A scratch directory, removed on drop (no tempfile dependency in this crate).
-    struct Scratch(std::path::PathBuf);
+    pub(crate) struct Scratch(pub(crate) std::path::PathBuf);
 
     impl Scratch {
-        fn new(name: &str) -> Self {
+        pub(crate) fn new(name: &str) -> Self {
             let p = std::env::temp_dir().join(format!(
                 "forest-core-{name}-{}-{}",
                 std::process::id(),

@@ -13,6 +13,13 @@
 //!   So the write load is spread over batches: no batch serialises a whole interval's users,
 //!   which stalled the polling thread for ~75 ms per 40,000 users when all were written at
 //!   once (session 8 in BENCHMARKS.md).
+//! - Optionally ([`crate::ProcessorConfig::pace_projection_writes`]) the writes are also
+//!   paced: each batch writes, oldest first, at least the share of the dirty users that the
+//!   time since the previous batch is of the interval (see `Checkpoints::paced`). In a steady
+//!   state that is about the users whose turn has come anyway; after a start it spreads the
+//!   first interval's writes instead of letting every user first changed in one second fall
+//!   due together. The price is writes: users written early change again, about 0.02 more
+//!   writes per event at full speed (BENCHMARKS.md, session 20).
 //! - Each stored projection carries the *position* it reflects: the next offset of each lane
 //!   of its partition at the batch that wrote it (the store's value prefix).
 //! - A batch after which some user stays dirty also stores, per partition number it
@@ -149,7 +156,11 @@ pub(crate) struct Checkpoints {
     starts: FxHashMap<(u8, i32), i64>,
     /// Write every dirty user with the next commit (revocation, shutdown).
     force: bool,
+    pace: bool,
 }
+
+/// The fewest users a paced write takes ahead of their turn (see `Checkpoints::paced`).
+const PACE_MIN_USERS: usize = 32;
 
 impl Checkpoints {
     pub(crate) fn new(interval: Duration, cache_users: usize, cache_bytes: usize) -> Self {
@@ -164,7 +175,14 @@ impl Checkpoints {
             held: FxHashMap::default(),
             starts: FxHashMap::default(),
             force: false,
+            pace: false,
         }
+    }
+
+    /// Paces the writes (see `Checkpoints::paced`).
+    pub(crate) fn with_pace(mut self, pace: bool) -> Self {
+        self.pace = pace;
+        self
     }
 
     /// Whether projections are written later than their batch.
@@ -251,8 +269,36 @@ impl Checkpoints {
         };
         Flush {
             before,
-            max_dirty: self.max_dirty(cache),
+            max_dirty: self.max_dirty(cache).min(self.paced(cache, now)),
         }
+    }
+
+    /// How many users may stay dirty after this batch when the writes are paced: every batch
+    /// writes, oldest first, at least the share of the dirty users that the time since the
+    /// last batch is of the interval.
+    ///
+    /// Why: a processor that starts meets most of its users for the first time in its first
+    /// seconds, and with only the interval's rule all the users first changed in one second
+    /// are due together an interval later: a wave of writes, up to twice the steady rate,
+    /// that made that second's batches slow (BENCHMARKS.md, session 19). Paced, the writes
+    /// start within the first second and grow with the dirty set. In a steady state, with
+    /// users becoming dirty at a constant rate, the dirty set is that rate times the
+    /// interval and the pace writes each user about an interval after it became dirty, as
+    /// the rule alone does. Writing a user early is always safe: it is what the cache's
+    /// bounds already do.
+    fn paced(&self, cache: &ProjectionCache, now: Instant) -> usize {
+        let Some(&(_, last)) = self.closed.back().filter(|_| self.pace) else {
+            return usize::MAX;
+        };
+        let since = now.saturating_duration_since(last).min(self.interval);
+        let dirty = cache.dirty_len();
+        let due = (dirty as u128 * since.as_nanos() / self.interval.as_nanos()) as usize;
+        // Not for a handful: an idle processor would otherwise commit a batch of one or two
+        // users every few milliseconds.
+        if due < PACE_MIN_USERS {
+            return usize::MAX;
+        }
+        dirty - due.min(dirty)
     }
 
     fn max_dirty(&self, cache: &ProjectionCache) -> usize {
@@ -476,5 +522,51 @@ mod tests {
         assert_eq!(c.flush(&cache, t0).before, u64::MAX);
         let mut every = Checkpoints::new(Duration::ZERO, 10, 1 << 20);
         assert_eq!(every.flush(&cache, t0).before, u64::MAX);
+    }
+
+    /// Paced: each batch writes at least the share of the dirty users that the time since the
+    /// last batch is of the interval, oldest first (not a handful, and never past the cache's
+    /// own bound), so the users first changed in one second are not all due together.
+    #[test]
+    fn paced_writes_take_the_dirty_users_share_of_the_time_since_the_last_batch() {
+        let dir = crate::core::tests::Scratch::new("pace");
+        let store =
+            forest_store::Store::open(&dir.0, &forest_store::StoreConfig::default()).unwrap();
+        let mut cache = ProjectionCache::new(100_000);
+        for i in 0..1_000 {
+            cache
+                .update(&store, &format!("u{i}"), |_| Ok::<_, ()>(()))
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(cache.dirty_len(), 1_000);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let unpaced = 50_000; // half the cache's users
+        let mut off = Checkpoints::new(Duration::from_secs(5), 100_000, 1 << 40);
+        off.prepared(1, t0, true, None, |_, _| None);
+        assert_eq!(off.flush(&cache, at(1_000)).max_dirty, unpaced, "not paced");
+        let mut c = Checkpoints::new(Duration::from_secs(5), 100_000, 1 << 40).with_pace(true);
+        assert_eq!(
+            c.flush(&cache, t0).max_dirty,
+            unpaced,
+            "no batch closed yet"
+        );
+        c.prepared(1, t0, true, None, |_, _| None);
+        // 1 s of 5: a fifth of the 1,000 dirty users, so 800 stay dirty.
+        assert_eq!(c.flush(&cache, at(1_000)).max_dirty, 800);
+        assert_eq!(c.flush(&cache, at(2_500)).max_dirty, 500);
+        // 150 ms: 30 users, fewer than PACE_MIN_USERS; 160 ms: 32.
+        assert_eq!(c.flush(&cache, at(150)).max_dirty, unpaced);
+        assert_eq!(c.flush(&cache, at(160)).max_dirty, 1_000 - PACE_MIN_USERS);
+        // An interval or more since the last batch: every dirty user.
+        assert_eq!(c.flush(&cache, at(9_000)).max_dirty, 0);
+        // Measured from the newest closed batch.
+        c.prepared(2, at(4_000), true, None, |_, _| None);
+        assert_eq!(c.flush(&cache, at(5_000)).max_dirty, 800);
+        // The cache's bound still applies when it is the lower one.
+        let mut small = Checkpoints::new(Duration::from_secs(5), 1_000, 1 << 40).with_pace(true);
+        small.prepared(1, t0, true, None, |_, _| None);
+        assert_eq!(small.flush(&cache, at(1_000)).max_dirty, 500);
     }
 }
