@@ -275,11 +275,13 @@ pub struct ProcessorConfig {
     /// users that the time since the previous batch is of the interval (oldest first), so the
     /// writes stay spread over time after a start. Without it, every user first changed in a
     /// processor's first second falls due an interval later, together: in 6 latency runs
-    /// that second had 93-110 K projection writes, against 43-69 K a second from 8 s on.
+    /// that second had 94-110 K projection writes, against 44-68 K a second from 8 s on.
     /// Off by default: the users written early change again, and at full speed it cost about
-    /// 0.02 more RocksDB writes per event, and 8.4 % and 12.0 % fewer events/s than the
-    /// at-least-once baseline in 2 runs, against 0.1 % and -1.8 % without it (BENCHMARKS.md,
-    /// session 20).
+    /// 0.02 more RocksDB writes per event; (b) read 8.4 % and 12.0 % below the (never paced)
+    /// at-least-once baseline in 2 runs, against 0.1 % and -1.8 % without it, partly the
+    /// baseline's own spread (BENCHMARKS.md, session 20). A batch's share is left out
+    /// below 32 users and not carried over, so with batches `dt` apart the pace acts only
+    /// above about 32 x interval / `dt` changed users (32 K at 5 s and 5 ms batches).
     pub pace_projection_writes: bool,
 }
 

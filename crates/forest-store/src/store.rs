@@ -540,7 +540,8 @@ impl Store {
     /// full) if none was started for [`StoreConfig::max_unflushed`]. Called after
     /// each batch write, and by an idle writer now and then, so that a crash never takes
     /// more than about that long of batches with it. Returns whether it started one; a
-    /// flush RocksDB is already running when one is due counts as that one.
+    /// flush RocksDB is already running or has queued when one is due counts as that one
+    /// (so the bound is `max_unflushed` plus that flush's age).
     ///
     /// It fails if RocksDB reported a failed flush or compaction since the store was opened
     /// (checked when a flush is due, so within about `max_unflushed` of the failure): without
@@ -572,11 +573,11 @@ impl Store {
             });
         }
         // A flush already running or queued (a memtable filled up) holds every batch written
-        // before it began, a moment ago: it counts as this round's flush. Why not ask for one
-        // anyway: RocksDB holds the request until the running flush is done, and the writer
-        // that asked (the committer thread, mid-batch) waited with it; its extra small L0 file
-        // also brought the next compaction forward. Those were the slowest seconds of the
-        // latency runs at a fixed rate (BENCHMARKS.md, session 20).
+        // before its memtables were switched, a moment ago: it counts as this round's flush.
+        // Why not ask for one anyway: the request switches the memtables again on the thread
+        // that asked (the committer, mid-batch; 0.2-18.5 ms in the latency runs), and its small
+        // flush adds an L0 file that brings the next compaction forward (BENCHMARKS.md,
+        // session 20).
         let running = self
             .db
             .property_int_value("rocksdb.num-running-flushes")
