@@ -48,6 +48,17 @@ fn bad_flags_and_config_fail_with_what_to_fix() {
             "a projection interval above 0 works in the outbox mode only",
         ),
         (
+            &[
+                "processor",
+                "--brokers",
+                "b",
+                "--projection-pace",
+                "--projection-interval-ms",
+                "0",
+            ],
+            "pacing projection writes needs a projection interval above 0",
+        ),
+        (
             &["loadgen", "--brokers", "b", "--duplicate-rate", "2"],
             "--duplicate-rate is a share between 0 and 1",
         ),

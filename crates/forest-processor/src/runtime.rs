@@ -649,6 +649,11 @@ fn validate(cfg: &ProcessorConfig) -> Result<(), ProcessorError> {
             "a projection interval above 0 works in the outbox mode only, without the changelog (whose records carry every batch's projections) or a dry run: set it to 0 or drop those options",
         );
     }
+    if cfg.pace_projection_writes && cfg.projection_interval.is_zero() {
+        return bad(
+            "pacing projection writes needs a projection interval above 0 (the outbox mode without the changelog): set one, or drop the pacing",
+        );
+    }
     if cfg.exactly_once == crate::ExactlyOnce::Transactions {
         if cfg.dry_run || cfg.at_least_once_baseline {
             return bad(
