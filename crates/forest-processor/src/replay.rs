@@ -156,6 +156,7 @@ pub(crate) struct Checkpoints {
     starts: FxHashMap<(u8, i32), i64>,
     /// Write every dirty user with the next commit (revocation, shutdown).
     force: bool,
+    /// [`crate::ProcessorConfig::pace_projection_writes`].
     pace: bool,
 }
 
@@ -275,19 +276,16 @@ impl Checkpoints {
 
     /// How many users may stay dirty after this batch when the writes are paced: every batch
     /// writes, oldest first, at least the share of the dirty users that the time since the
-    /// last batch is of the interval.
-    ///
-    /// Why: a processor that starts meets most of its users for the first time in its first
-    /// seconds, and with only the interval's rule all the users first changed in one second
-    /// are due together an interval later: a wave of writes, up to twice the steady rate,
-    /// that made that second's batches slow (BENCHMARKS.md, session 19). Paced, the writes
-    /// start within the first second and grow with the dirty set. In a steady state, with
-    /// users becoming dirty at a constant rate, the dirty set is that rate times the
-    /// interval and the pace writes each user about an interval after it became dirty, as
-    /// the rule alone does. Writing a user early is always safe: it is what the cache's
-    /// bounds already do.
+    /// last batch is of the interval (why, and its price: see
+    /// [`crate::ProcessorConfig::pace_projection_writes`]). In a steady state, with users
+    /// becoming dirty at a constant rate, the dirty set is that rate times the interval and
+    /// the pace writes each user about an interval after it became dirty, as the rule alone
+    /// does. Writing a user early is always safe: it is what the cache's bounds already do.
     fn paced(&self, cache: &ProjectionCache, now: Instant) -> usize {
-        let Some(&(_, last)) = self.closed.back().filter(|_| self.pace) else {
+        if !self.pace {
+            return usize::MAX;
+        }
+        let Some(&(_, last)) = self.closed.back() else {
             return usize::MAX;
         };
         let since = now.saturating_duration_since(last).min(self.interval);
