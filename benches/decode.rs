@@ -21,6 +21,23 @@ fn bench(c: &mut Criterion) {
             })
         },
     );
+    // As the processor decodes: every record into one event that keeps its buffers.
+    g.bench_function(
+        format!(
+            "200k_records_avg_{}_bytes_into_one_event",
+            bytes / recs.len()
+        ),
+        |b| {
+            let mut event = forest_domain::Event::placeholder();
+            b.iter(|| {
+                recs.iter()
+                    .filter(|r| {
+                        black_box(event.decode_into(r.topic, &r.value, r.timestamp_ms)).is_ok()
+                    })
+                    .count()
+            })
+        },
+    );
     g.finish();
 }
 

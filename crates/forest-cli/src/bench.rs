@@ -1617,8 +1617,11 @@ fn fold_share(
         let deadline = Instant::now() + Duration::from_secs(3600);
         let mut failed = None;
         let mut unknown = None;
-        // Each poll's events, decoded, then folded together with look-ahead.
-        let mut batch = Vec::with_capacity(10_000);
+        // Each poll's events, decoded, then folded together with look-ahead. The events are
+        // decoded into the slots of earlier polls, reusing their strings' buffers, as the
+        // processor reuses its one event.
+        let mut batch: Vec<forest_domain::Event> = Vec::with_capacity(10_000);
+        let mut used = 0;
         while todo.iter().any(|(_, _, _, next, end)| next < end) {
             ensure!(Instant::now() < deadline, "the fold ceiling timed out");
             if let Some(m) = consumer.poll(Duration::ZERO) {
@@ -1642,16 +1645,19 @@ fn fold_share(
                     return;
                 };
                 lane.3 = r.offset() + 1;
-                if let Ok(event) = forest_domain::Event::decode(
-                    lane.2,
-                    r.payload().unwrap_or_default(),
-                    r.timestamp().unwrap_or(0),
-                ) {
-                    batch.push(event);
-                } // else the processor dead-letters it
+                if used == batch.len() {
+                    batch.push(forest_domain::Event::placeholder());
+                }
+                if let Some(event) = batch.get_mut(used) {
+                    let (value, ts) = (r.payload().unwrap_or_default(), r.timestamp());
+                    if event.decode_into(lane.2, value, ts.unwrap_or(0)).is_ok() {
+                        used += 1;
+                    } // else the processor dead-letters it
+                }
             });
-            std::hint::black_box(forest_domain::batch::fold_ahead(rules, states, &batch));
-            batch.clear();
+            let folded = batch.get(..used).unwrap_or_default();
+            std::hint::black_box(forest_domain::batch::fold_ahead(rules, states, folded));
+            used = 0;
             if let Some((code, text)) = failed {
                 anyhow::bail!("fold ceiling: {code}: {text}");
             }

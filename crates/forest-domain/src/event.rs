@@ -1,11 +1,14 @@
 //! Validated input events: what [`crate::RuleSet::apply`] folds.
 //!
 //! Decoded protobufs are checked against the contract in `proto/forest/v1` here, once, and
-//! turned into an [`Event`]. The conversion takes the protobuf by value and moves its strings,
-//! so it does not copy them.
+//! turned into an [`Event`]. Payments and mobility events, nearly all records, are read
+//! without copies where they have the usual shape (`crate::wire`) and copied into an event
+//! whose buffers are reused ([`Event::decode_into`]); everything else is decoded by prost,
+//! and both go through the same validation.
 
 use crate::Behaviour;
 use crate::rejection::{Malformed, Rejection};
+use crate::wire::{self, ActivityRef, EnvelopeRef, MobilityRef, PaymentRef};
 use chrono_tz::Tz;
 use forest_proto::v1 as pb;
 
@@ -83,28 +86,18 @@ fn check_text(field: &'static str, s: &str, max: usize, required: bool) -> Resul
     Ok(())
 }
 
-struct Header {
-    event_id: String,
-    user_id: String,
-    occurred_at_ms: i64,
-}
-
-fn envelope(env: Option<pb::Envelope>) -> Result<Header, Malformed> {
+fn envelope(env: Option<EnvelopeRef<'_>>) -> Result<EnvelopeRef<'_>, Malformed> {
     let env = env.ok_or(Malformed::MissingEnvelope)?;
-    check_text("event_id", &env.event_id, MAX_ID_BYTES, true)?;
-    check_text("user_id", &env.user_id, MAX_ID_BYTES, true)?;
-    check_text("source", &env.source, MAX_SOURCE_BYTES, true)?;
+    check_text("event_id", env.event_id, MAX_ID_BYTES, true)?;
+    check_text("user_id", env.user_id, MAX_ID_BYTES, true)?;
+    check_text("source", env.source, MAX_SOURCE_BYTES, true)?;
     if env.occurred_at_ms <= 0 {
         return Err(Malformed::NonPositiveTime(env.occurred_at_ms));
     }
     if env.schema_version != forest_proto::SCHEMA_VERSION {
         return Err(Malformed::SchemaVersion(env.schema_version));
     }
-    Ok(Header {
-        event_id: env.event_id,
-        user_id: env.user_id,
-        occurred_at_ms: env.occurred_at_ms,
-    })
+    Ok(env)
 }
 
 fn non_negative(behaviour: Behaviour, value: i64) -> Result<i64, Rejection> {
@@ -115,113 +108,174 @@ fn non_negative(behaviour: Behaviour, value: i64) -> Result<i64, Rejection> {
     }
 }
 
+fn payment_credit(p: &PaymentRef<'_>) -> Result<Action, Rejection> {
+    use pb::PaymentKind as K;
+    let behaviour = match K::try_from(p.kind) {
+        Ok(K::OfflinePayment) => Behaviour::OfflinePayment,
+        Ok(K::UtilityBill) => Behaviour::UtilityBill,
+        Ok(K::MovieTicket) => Behaviour::MovieTicket,
+        Ok(K::TrainTicket) => Behaviour::TrainTicket,
+        Ok(K::HospitalAppointment) => Behaviour::HospitalAppointment,
+        Ok(K::EInvoice) => Behaviour::EInvoice,
+        Ok(K::TrafficFine) => Behaviour::TrafficFine,
+        Ok(K::EtcToll) => Behaviour::EtcToll,
+        Ok(K::EReceipt) => Behaviour::EReceipt,
+        Ok(K::ReusableCup) => Behaviour::ReusableCup,
+        Ok(K::EStatement) => Behaviour::EStatement,
+        Ok(K::Unspecified) | Err(_) => {
+            return Err(Rejection::UnknownBehaviour(format!(
+                "payment kind {}",
+                p.kind
+            )));
+        }
+    };
+    check_text("merchant_id", p.merchant_id, MAX_TEXT_BYTES, false)?;
+    let money = p.amount.ok_or(Malformed::MissingAmount)?;
+    let c = money.currency.as_bytes();
+    if c.len() != 3 || !c.iter().all(u8::is_ascii_uppercase) {
+        return Err(Malformed::Currency(money.currency.to_owned()).into());
+    }
+    let quantity = non_negative(behaviour, money.amount_minor)?;
+    Ok(Action::Credit {
+        behaviour,
+        quantity,
+        tally: Tally::Add,
+    })
+}
+
+fn mobility_credit(m: &MobilityRef<'_>) -> Result<Action, Rejection> {
+    let (behaviour, quantity, tally) = match m.activity {
+        None => return Err(Malformed::MissingVariant("activity").into()),
+        Some(ActivityRef::Walking { steps, period }) => {
+            let tally = match pb::walking::Period::try_from(period) {
+                Ok(pb::walking::Period::Day) => Tally::DayTotal,
+                Ok(pb::walking::Period::Interval) => Tally::Add,
+                _ => return Err(Malformed::WalkingPeriod(period).into()),
+            };
+            (Behaviour::Walking, steps, tally)
+        }
+        Some(ActivityRef::BusRide { line, distance_m }) => {
+            check_text("bus_ride.line", line, MAX_TEXT_BYTES, false)?;
+            (Behaviour::BusRide, distance_m, Tally::Add)
+        }
+        Some(ActivityRef::SubwayRide { line, distance_m }) => {
+            check_text("subway_ride.line", line, MAX_TEXT_BYTES, false)?;
+            (Behaviour::SubwayRide, distance_m, Tally::Add)
+        }
+        Some(ActivityRef::BikeRide { distance_m }) => (Behaviour::BikeRide, distance_m, Tally::Add),
+        Some(ActivityRef::CarpoolRide { distance_m }) => {
+            (Behaviour::CarpoolRide, distance_m, Tally::Add)
+        }
+        Some(ActivityRef::EBikeRide { distance_m }) => {
+            (Behaviour::EBikeRide, distance_m, Tally::Add)
+        }
+    };
+    let quantity = non_negative(behaviour, quantity)?;
+    Ok(Action::Credit {
+        behaviour,
+        quantity,
+        tally,
+    })
+}
+
 impl Event {
+    /// An event to decode into ([`Event::decode_into`]): its fields mean nothing until then.
+    /// It allocates nothing.
+    pub fn placeholder() -> Self {
+        Self {
+            event_id: String::new(),
+            user_id: String::new(),
+            occurred_at_ms: 0,
+            received_at_ms: 0,
+            action: Action::Credit {
+                behaviour: Behaviour::Walking,
+                quantity: 0,
+                tally: Tally::Add,
+            },
+        }
+    }
+
     /// Decodes a record value of the given kind and validates it against the contract.
     pub fn decode(kind: InputKind, value: &[u8], received_at_ms: i64) -> Result<Self, Rejection> {
+        let mut event = Self::placeholder();
+        event.decode_into(kind, value, received_at_ms)?;
+        Ok(event)
+    }
+
+    /// [`Event::decode`] into this event, reusing its strings' buffers: a consumer that
+    /// decodes its records one after another into one event allocates nothing per record
+    /// for payments and mobility events (see the `wire` module). The result is the same as
+    /// `decode`'s. On an error this event's contents are unspecified.
+    pub fn decode_into(
+        &mut self,
+        kind: InputKind,
+        value: &[u8],
+        received_at_ms: i64,
+    ) -> Result<(), Rejection> {
         use prost::Message;
         match kind {
-            InputKind::Payment => {
-                Self::from_payment(pb::PaymentEvent::decode(value)?, received_at_ms)
-            }
-            InputKind::Mobility => {
-                Self::from_mobility(pb::MobilityEvent::decode(value)?, received_at_ms)
-            }
+            InputKind::Payment => match wire::payment(value) {
+                Some(p) => self.set_payment(&p, received_at_ms),
+                None => self.set_payment(
+                    &PaymentRef::from(&pb::PaymentEvent::decode(value)?),
+                    received_at_ms,
+                ),
+            },
+            InputKind::Mobility => match wire::mobility(value) {
+                Some(m) => self.set_mobility(&m, received_at_ms),
+                None => self.set_mobility(
+                    &MobilityRef::from(&pb::MobilityEvent::decode(value)?),
+                    received_at_ms,
+                ),
+            },
+            // A few commands per user: prost's decode is cheap enough there.
             InputKind::Command => {
-                Self::from_command(pb::UserCommand::decode(value)?, received_at_ms)
+                *self = Self::from_command(pb::UserCommand::decode(value)?, received_at_ms)?;
+                Ok(())
             }
         }
     }
 
-    fn new(h: Header, received_at_ms: i64, action: Action) -> Self {
-        Self {
-            event_id: h.event_id,
-            user_id: h.user_id,
-            occurred_at_ms: h.occurred_at_ms,
-            received_at_ms,
-            action,
-        }
+    /// Copies the validated header and action in, keeping the strings' buffers.
+    fn set(&mut self, h: &EnvelopeRef<'_>, received_at_ms: i64, action: Action) {
+        self.event_id.clear();
+        self.event_id.push_str(h.event_id);
+        self.user_id.clear();
+        self.user_id.push_str(h.user_id);
+        self.occurred_at_ms = h.occurred_at_ms;
+        self.received_at_ms = received_at_ms;
+        self.action = action;
+    }
+
+    fn set_payment(&mut self, p: &PaymentRef<'_>, received_at_ms: i64) -> Result<(), Rejection> {
+        let h = envelope(p.envelope)?;
+        let action = payment_credit(p)?;
+        self.set(&h, received_at_ms, action);
+        Ok(())
+    }
+
+    fn set_mobility(&mut self, m: &MobilityRef<'_>, received_at_ms: i64) -> Result<(), Rejection> {
+        let h = envelope(m.envelope)?;
+        let action = mobility_credit(m)?;
+        self.set(&h, received_at_ms, action);
+        Ok(())
     }
 
     pub fn from_payment(p: pb::PaymentEvent, received_at_ms: i64) -> Result<Self, Rejection> {
-        use pb::PaymentKind as K;
-        let h = envelope(p.envelope)?;
-        let behaviour = match K::try_from(p.kind) {
-            Ok(K::OfflinePayment) => Behaviour::OfflinePayment,
-            Ok(K::UtilityBill) => Behaviour::UtilityBill,
-            Ok(K::MovieTicket) => Behaviour::MovieTicket,
-            Ok(K::TrainTicket) => Behaviour::TrainTicket,
-            Ok(K::HospitalAppointment) => Behaviour::HospitalAppointment,
-            Ok(K::EInvoice) => Behaviour::EInvoice,
-            Ok(K::TrafficFine) => Behaviour::TrafficFine,
-            Ok(K::EtcToll) => Behaviour::EtcToll,
-            Ok(K::EReceipt) => Behaviour::EReceipt,
-            Ok(K::ReusableCup) => Behaviour::ReusableCup,
-            Ok(K::EStatement) => Behaviour::EStatement,
-            Ok(K::Unspecified) | Err(_) => {
-                return Err(Rejection::UnknownBehaviour(format!(
-                    "payment kind {}",
-                    p.kind
-                )));
-            }
-        };
-        check_text("merchant_id", &p.merchant_id, MAX_TEXT_BYTES, false)?;
-        let money = p.amount.ok_or(Malformed::MissingAmount)?;
-        let c = money.currency.as_bytes();
-        if c.len() != 3 || !c.iter().all(u8::is_ascii_uppercase) {
-            return Err(Malformed::Currency(money.currency).into());
-        }
-        let quantity = non_negative(behaviour, money.amount_minor)?;
-        Ok(Self::new(
-            h,
-            received_at_ms,
-            Action::Credit {
-                behaviour,
-                quantity,
-                tally: Tally::Add,
-            },
-        ))
+        let mut event = Self::placeholder();
+        event.set_payment(&PaymentRef::from(&p), received_at_ms)?;
+        Ok(event)
     }
 
     pub fn from_mobility(m: pb::MobilityEvent, received_at_ms: i64) -> Result<Self, Rejection> {
-        use pb::mobility_event::Activity;
-        let h = envelope(m.envelope)?;
-        let (behaviour, quantity, tally) = match m.activity {
-            None => return Err(Malformed::MissingVariant("activity").into()),
-            Some(Activity::Walking(w)) => {
-                let tally = match pb::walking::Period::try_from(w.period) {
-                    Ok(pb::walking::Period::Day) => Tally::DayTotal,
-                    Ok(pb::walking::Period::Interval) => Tally::Add,
-                    _ => return Err(Malformed::WalkingPeriod(w.period).into()),
-                };
-                (Behaviour::Walking, w.steps, tally)
-            }
-            Some(Activity::BusRide(r)) => {
-                check_text("bus_ride.line", &r.line, MAX_TEXT_BYTES, false)?;
-                (Behaviour::BusRide, r.distance_m, Tally::Add)
-            }
-            Some(Activity::SubwayRide(r)) => {
-                check_text("subway_ride.line", &r.line, MAX_TEXT_BYTES, false)?;
-                (Behaviour::SubwayRide, r.distance_m, Tally::Add)
-            }
-            Some(Activity::BikeRide(r)) => (Behaviour::BikeRide, r.distance_m, Tally::Add),
-            Some(Activity::CarpoolRide(r)) => (Behaviour::CarpoolRide, r.distance_m, Tally::Add),
-            Some(Activity::EBikeRide(r)) => (Behaviour::EBikeRide, r.distance_m, Tally::Add),
-        };
-        let quantity = non_negative(behaviour, quantity)?;
-        Ok(Self::new(
-            h,
-            received_at_ms,
-            Action::Credit {
-                behaviour,
-                quantity,
-                tally,
-            },
-        ))
+        let mut event = Self::placeholder();
+        event.set_mobility(&MobilityRef::from(&m), received_at_ms)?;
+        Ok(event)
     }
 
     pub fn from_command(c: pb::UserCommand, received_at_ms: i64) -> Result<Self, Rejection> {
         use pb::user_command::Command;
-        let h = envelope(c.envelope)?;
+        let h = envelope(c.envelope.as_ref().map(EnvelopeRef::from))?;
         let action = match c.command {
             None => return Err(Malformed::MissingVariant("command").into()),
             Some(Command::ChooseSpecies(s)) => {
@@ -235,7 +289,9 @@ impl Event {
                 Err(_) => return Err(Malformed::Timezone(t.iana_name).into()),
             },
         };
-        Ok(Self::new(h, received_at_ms, action))
+        let mut event = Self::placeholder();
+        event.set(&h, received_at_ms, action);
+        Ok(event)
     }
 }
 
@@ -461,5 +517,267 @@ mod tests {
             Event::from_command(bad, 0).unwrap_err(),
             Malformed::Timezone("Nowhere".into()).into()
         );
+    }
+
+    /// The borrowing reader against prost, the reference it must equal.
+    mod wire_matches_prost {
+        use super::*;
+        use pb::mobility_event::Activity;
+        use proptest::prelude::*;
+        use prost::Message;
+
+        /// What `decode_into` must return: prost's decode, then the shared validation.
+        fn reference(kind: InputKind, bytes: &[u8]) -> Result<Event, Rejection> {
+            match kind {
+                InputKind::Payment => Event::from_payment(pb::PaymentEvent::decode(bytes)?, 9),
+                _ => Event::from_mobility(pb::MobilityEvent::decode(bytes)?, 9),
+            }
+        }
+
+        /// Checks one record both ways; returns whether the borrowing reader took it.
+        fn check(kind: InputKind, bytes: &[u8]) -> Result<bool, TestCaseError> {
+            let fast = match kind {
+                InputKind::Payment => wire::payment(bytes).map(|v| {
+                    let m = pb::PaymentEvent::decode(bytes);
+                    (
+                        format!("{v:?}"),
+                        m.map(|m| format!("{:?}", PaymentRef::from(&m))),
+                    )
+                }),
+                _ => wire::mobility(bytes).map(|v| {
+                    let m = pb::MobilityEvent::decode(bytes);
+                    (
+                        format!("{v:?}"),
+                        m.map(|m| format!("{:?}", MobilityRef::from(&m))),
+                    )
+                }),
+            };
+            if let Some((view, prost_view)) = &fast {
+                // Whatever the reader accepts, prost decodes to the same fields.
+                prop_assert_eq!(prost_view.as_ref().ok(), Some(view));
+            }
+            // Decoding into a used event (other strings, another action) gives the same
+            // result as prost's decode into a fresh one.
+            let mut reused = Event::decode(
+                InputKind::Mobility,
+                &pb::MobilityEvent {
+                    envelope: env(),
+                    activity: Some(Activity::BikeRide(pb::BikeRide { distance_m: 7 })),
+                }
+                .encode_to_vec(),
+                1,
+            )
+            .expect("a valid event");
+            let got = reused.decode_into(kind, bytes, 9).map(|()| reused);
+            prop_assert_eq!(got, reference(kind, bytes));
+            Ok(fast.is_some())
+        }
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(String::new()),
+                "[a-z0-9-]{1,20}",
+                // Non-ASCII, and over the 128-byte limits.
+                "\\PC{1,40}",
+                "[A-Z]{3}",
+                "x{120,140}",
+            ]
+        }
+
+        fn envelope() -> impl Strategy<Value = Option<pb::Envelope>> {
+            proptest::option::weighted(
+                0.9,
+                (
+                    text(),
+                    text(),
+                    any::<i64>(),
+                    text(),
+                    prop_oneof![Just(1u32), any::<u32>()],
+                )
+                    .prop_map(
+                        |(event_id, user_id, occurred_at_ms, source, schema_version)| {
+                            pb::Envelope {
+                                event_id,
+                                user_id,
+                                occurred_at_ms,
+                                source,
+                                schema_version,
+                            }
+                        },
+                    ),
+            )
+        }
+
+        fn payment() -> impl Strategy<Value = pb::PaymentEvent> {
+            (
+                envelope(),
+                prop_oneof![0..12i32, any::<i32>()],
+                proptest::option::weighted(0.9, (any::<i64>(), text())),
+                text(),
+            )
+                .prop_map(|(envelope, kind, amount, merchant_id)| pb::PaymentEvent {
+                    envelope,
+                    kind,
+                    amount: amount.map(|(amount_minor, currency)| pb::Money {
+                        amount_minor,
+                        currency,
+                    }),
+                    merchant_id,
+                })
+        }
+
+        fn mobility() -> impl Strategy<Value = pb::MobilityEvent> {
+            let activity = prop_oneof![
+                (any::<i64>(), prop_oneof![0..3i32, any::<i32>()])
+                    .prop_map(|(steps, period)| Activity::Walking(pb::Walking { steps, period })),
+                (text(), any::<i64>()).prop_map(|(line, distance_m)| Activity::BusRide(
+                    pb::BusRide { line, distance_m }
+                )),
+                (text(), any::<i64>()).prop_map(|(line, distance_m)| {
+                    Activity::SubwayRide(pb::SubwayRide { line, distance_m })
+                }),
+                any::<i64>().prop_map(|distance_m| Activity::BikeRide(pb::BikeRide { distance_m })),
+                any::<i64>()
+                    .prop_map(|distance_m| Activity::CarpoolRide(pb::CarpoolRide { distance_m })),
+                any::<i64>()
+                    .prop_map(|distance_m| Activity::EBikeRide(pb::EBikeRide { distance_m })),
+            ];
+            (envelope(), proptest::option::weighted(0.9, activity))
+                .prop_map(|(envelope, activity)| pb::MobilityEvent { envelope, activity })
+        }
+
+        /// A record as an upstream system might send it, or mangled: cut short, a byte
+        /// changed, bytes inserted, or another record appended (protobuf then merges the two).
+        #[derive(Debug, Clone)]
+        enum Mangle {
+            None,
+            Cut(usize),
+            Set(usize, u8),
+            Insert(usize, Vec<u8>),
+            Append,
+        }
+
+        fn mangle() -> impl Strategy<Value = Mangle> {
+            prop_oneof![
+                4 => Just(Mangle::None),
+                1 => any::<usize>().prop_map(Mangle::Cut),
+                2 => (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mangle::Set(i, b)),
+                1 => (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..6))
+                    .prop_map(|(i, b)| Mangle::Insert(i, b)),
+                1 => Just(Mangle::Append),
+            ]
+        }
+
+        fn apply(mut bytes: Vec<u8>, other: &[u8], m: &Mangle) -> Vec<u8> {
+            let at = |i: usize, len: usize| if len == 0 { 0 } else { i % len };
+            match m {
+                Mangle::None => {}
+                Mangle::Cut(i) => bytes.truncate(at(*i, bytes.len())),
+                Mangle::Set(i, b) => {
+                    let i = at(*i, bytes.len());
+                    if let Some(x) = bytes.get_mut(i) {
+                        *x = *b;
+                    }
+                }
+                Mangle::Insert(i, b) => {
+                    let i = at(*i, bytes.len() + 1);
+                    bytes.splice(i..i, b.iter().copied());
+                }
+                Mangle::Append => bytes.extend_from_slice(other),
+            }
+            bytes
+        }
+
+        proptest! {
+            #[test]
+            fn payments(p in payment(), q in payment(), m in mangle()) {
+                let bytes = apply(p.encode_to_vec(), &q.encode_to_vec(), &m);
+                let taken = check(InputKind::Payment, &bytes)?;
+                if matches!(m, Mangle::None) {
+                    // The reader takes every record prost itself encodes.
+                    prop_assert!(taken);
+                }
+            }
+
+            #[test]
+            fn mobility_events(p in mobility(), q in mobility(), m in mangle()) {
+                let bytes = apply(p.encode_to_vec(), &q.encode_to_vec(), &m);
+                let taken = check(InputKind::Mobility, &bytes)?;
+                if matches!(m, Mangle::None) {
+                    prop_assert!(taken);
+                }
+            }
+
+            #[test]
+            fn any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+                check(InputKind::Payment, &bytes)?;
+                check(InputKind::Mobility, &bytes)?;
+            }
+        }
+
+        /// The shapes the reader leaves to prost, each decoded as prost decodes it.
+        #[test]
+        fn unusual_records_go_to_prost() {
+            let p = payment_msg();
+            let one = p.encode_to_vec();
+            // The same record twice: protobuf merges the two (same values here).
+            let twice = [one.clone(), one.clone()].concat();
+            // An unknown field (number 15, varint 1), which prost skips.
+            let unknown = [one.clone(), vec![15 << 3, 1]].concat();
+            // A varint of 11 bytes, and a length past the end.
+            let long_varint = [vec![2 << 3], vec![0x80; 10], vec![1]].concat();
+            // A 10-byte varint past 64 bits: prost refuses it.
+            let overflow = [vec![2 << 3], vec![0xff; 9], vec![2]].concat();
+            let past_end = vec![4 << 3 | 2, 5, b'a'];
+            for bytes in [&twice, &unknown, &long_varint, &overflow, &past_end] {
+                assert_eq!(wire::payment(bytes), None, "{bytes:?}");
+                assert!(check(InputKind::Payment, bytes).is_ok());
+            }
+            assert_eq!(
+                Event::decode(InputKind::Payment, &twice, 9),
+                reference(InputKind::Payment, &one)
+            );
+            assert!(Event::decode(InputKind::Payment, &unknown, 9).is_ok());
+            assert_eq!(
+                Event::decode(InputKind::Payment, &past_end, 9)
+                    .unwrap_err()
+                    .code(),
+                "undecodable"
+            );
+            // Two different activities: prost keeps the last.
+            let walk = pb::MobilityEvent {
+                envelope: env(),
+                activity: Some(Activity::Walking(pb::Walking {
+                    steps: 10,
+                    period: 2,
+                })),
+            };
+            let bike = pb::MobilityEvent {
+                envelope: None,
+                activity: Some(Activity::BikeRide(pb::BikeRide { distance_m: 3 })),
+            };
+            let both = [walk.encode_to_vec(), bike.encode_to_vec()].concat();
+            assert_eq!(wire::mobility(&both), None);
+            assert_eq!(
+                Event::decode(InputKind::Mobility, &both, 9).unwrap().action,
+                Action::Credit {
+                    behaviour: Behaviour::BikeRide,
+                    quantity: 3,
+                    tally: Tally::Add
+                }
+            );
+        }
+
+        fn payment_msg() -> pb::PaymentEvent {
+            pb::PaymentEvent {
+                envelope: env(),
+                kind: pb::PaymentKind::EInvoice as i32,
+                amount: Some(pb::Money {
+                    amount_minor: 1_250,
+                    currency: "CNY".into(),
+                }),
+                merchant_id: "m-7".into(),
+            }
+        }
     }
 }

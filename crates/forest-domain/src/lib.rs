@@ -24,6 +24,7 @@ mod intern;
 mod rejection;
 mod rules;
 mod state;
+mod wire;
 
 pub use behaviour::{Behaviour, Unit};
 pub use event::{Action, Event, InputKind, MAX_ID_BYTES, MAX_SOURCE_BYTES, MAX_TEXT_BYTES, Tally};
