@@ -16,6 +16,10 @@
 //! - a day-scoped rule (walking) credits a user's day once: a day total and interval reports
 //!   of the same steps are not both credited, and the day's quantity never exceeds the rule's
 //!   `max_quantity` (see [`QuantityScope::Day`]).
+//!
+//! Decoding ([`Event::decode`], [`Event::decode_into`]) gives the same event or rejection as
+//! prost's decode followed by the contract's checks, whichever path a record takes (the
+//! common shapes are read without copies, everything else by prost).
 
 pub mod batch;
 mod behaviour;
