@@ -124,13 +124,27 @@ fn once(seen: &mut u32, tag: u32) -> Option<()> {
     Some(())
 }
 
-fn envelope(bytes: &[u8]) -> Option<EnvelopeRef<'_>> {
+/// Reads a message's fields in turn: `field` gets each one's number, wire type and the
+/// reader positioned at its value, and returns `None` for a field it does not take. A field
+/// number seen twice is `None` too (see [`once`]).
+#[inline]
+fn fields<'a>(
+    bytes: &'a [u8],
+    mut field: impl FnMut(u32, u8, &mut Reader<'a>) -> Option<()>,
+) -> Option<()> {
     let mut r = Reader(bytes);
-    let mut e = EnvelopeRef::default();
     let mut seen = 0;
     while !r.done() {
         let (tag, wire) = r.key()?;
         once(&mut seen, tag.min(31))?;
+        field(tag, wire, &mut r)?;
+    }
+    Some(())
+}
+
+fn envelope(bytes: &[u8]) -> Option<EnvelopeRef<'_>> {
+    let mut e = EnvelopeRef::default();
+    fields(bytes, |tag, wire, r| {
         match (tag, wire) {
             (1, LEN) => e.event_id = r.str()?,
             (2, LEN) => e.user_id = r.str()?,
@@ -139,34 +153,28 @@ fn envelope(bytes: &[u8]) -> Option<EnvelopeRef<'_>> {
             (5, VARINT) => e.schema_version = r.varint()? as u32,
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some(e)
 }
 
 fn money(bytes: &[u8]) -> Option<MoneyRef<'_>> {
-    let mut r = Reader(bytes);
     let mut m = MoneyRef::default();
-    let mut seen = 0;
-    while !r.done() {
-        let (tag, wire) = r.key()?;
-        once(&mut seen, tag.min(31))?;
+    fields(bytes, |tag, wire, r| {
         match (tag, wire) {
             (1, VARINT) => m.amount_minor = r.varint()? as i64,
             (2, LEN) => m.currency = r.str()?,
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some(m)
 }
 
 /// A `PaymentEvent`'s view, or `None`: decode it with prost instead.
 pub(crate) fn payment(bytes: &[u8]) -> Option<PaymentRef<'_>> {
-    let mut r = Reader(bytes);
     let mut p = PaymentRef::default();
-    let mut seen = 0;
-    while !r.done() {
-        let (tag, wire) = r.key()?;
-        once(&mut seen, tag.min(31))?;
+    fields(bytes, |tag, wire, r| {
         match (tag, wire) {
             (1, LEN) => p.envelope = Some(envelope(r.bytes()?)?),
             (2, VARINT) => p.kind = r.varint()? as i32,
@@ -174,52 +182,43 @@ pub(crate) fn payment(bytes: &[u8]) -> Option<PaymentRef<'_>> {
             (4, LEN) => p.merchant_id = r.str()?,
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some(p)
 }
 
 /// The fields of a ride message: a line name (tag 1, for bus and subway rides only) and a
 /// distance (tag 2 with a line, tag 1 without).
 fn ride(bytes: &[u8], has_line: bool) -> Option<(&str, i64)> {
-    let mut r = Reader(bytes);
     let (mut line, mut distance_m) = ("", 0);
-    let mut seen = 0;
-    while !r.done() {
-        let (tag, wire) = r.key()?;
-        once(&mut seen, tag.min(31))?;
+    fields(bytes, |tag, wire, r| {
         match (tag, wire, has_line) {
             (1, LEN, true) => line = r.str()?,
             (2, VARINT, true) | (1, VARINT, false) => distance_m = r.varint()? as i64,
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some((line, distance_m))
 }
 
 fn walking(bytes: &[u8]) -> Option<ActivityRef<'_>> {
-    let mut r = Reader(bytes);
     let (mut steps, mut period) = (0, 0);
-    let mut seen = 0;
-    while !r.done() {
-        let (tag, wire) = r.key()?;
-        once(&mut seen, tag.min(31))?;
+    fields(bytes, |tag, wire, r| {
         match (tag, wire) {
             (1, VARINT) => steps = r.varint()? as i64,
             (2, VARINT) => period = r.varint()? as i32,
             _ => return None,
         }
-    }
+        Some(())
+    })?;
     Some(ActivityRef::Walking { steps, period })
 }
 
 /// A `MobilityEvent`'s view, or `None`: decode it with prost instead.
 pub(crate) fn mobility(bytes: &[u8]) -> Option<MobilityRef<'_>> {
-    let mut r = Reader(bytes);
     let mut m = MobilityRef::default();
-    let mut seen = 0;
-    while !r.done() {
-        let (tag, wire) = r.key()?;
-        once(&mut seen, tag.min(31))?;
+    fields(bytes, |tag, wire, r| {
         if tag >= 2 && m.activity.is_some() {
             // A second `activity`: prost keeps the last one (or merges a repeated one).
             return None;
@@ -227,7 +226,7 @@ pub(crate) fn mobility(bytes: &[u8]) -> Option<MobilityRef<'_>> {
         let field = match (tag, wire) {
             (1, LEN) => {
                 m.envelope = Some(envelope(r.bytes()?)?);
-                continue;
+                return Some(());
             }
             (2..=7, LEN) => r.bytes()?,
             _ => return None,
@@ -252,7 +251,8 @@ pub(crate) fn mobility(bytes: &[u8]) -> Option<MobilityRef<'_>> {
                 distance_m: ride(field, false)?.1,
             },
         });
-    }
+        Some(())
+    })?;
     Some(m)
 }
 
