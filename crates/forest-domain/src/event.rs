@@ -752,24 +752,31 @@ mod tests {
             bytes
         }
 
+        /// Checks record `p`, mangled by `m` (with `q` to append); the reader must take it
+        /// unmangled, as it takes every record prost itself encodes.
+        fn mangled(
+            kind: InputKind,
+            p: &impl Message,
+            q: &impl Message,
+            m: &Mangle,
+        ) -> Result<(), TestCaseError> {
+            let bytes = apply(p.encode_to_vec(), &q.encode_to_vec(), m);
+            let taken = check(kind, &bytes)?;
+            if matches!(m, Mangle::None) {
+                prop_assert!(taken);
+            }
+            Ok(())
+        }
+
         proptest! {
             #[test]
             fn payments(p in payment(), q in payment(), m in mangle()) {
-                let bytes = apply(p.encode_to_vec(), &q.encode_to_vec(), &m);
-                let taken = check(InputKind::Payment, &bytes)?;
-                if matches!(m, Mangle::None) {
-                    // The reader takes every record prost itself encodes.
-                    prop_assert!(taken);
-                }
+                mangled(InputKind::Payment, &p, &q, &m)?;
             }
 
             #[test]
             fn mobility_events(p in mobility(), q in mobility(), m in mangle()) {
-                let bytes = apply(p.encode_to_vec(), &q.encode_to_vec(), &m);
-                let taken = check(InputKind::Mobility, &bytes)?;
-                if matches!(m, Mangle::None) {
-                    prop_assert!(taken);
-                }
+                mangled(InputKind::Mobility, &p, &q, &m)?;
             }
 
             /// Valid records, as upstream sends nearly all of them: each decodes, through the
