@@ -980,7 +980,7 @@ pub fn check_projections(store: &forest_store::Store, want: &Expected) -> usize 
     let got: BTreeMap<String, UserState> = store
         .users()
         .map(|s| s.expect("state decodes"))
-        .map(|s| (s.user_id.clone(), s))
+        .map(|s| (s.user_id.to_string(), s))
         .collect();
     let mut wrong = 0;
     // Differences by input partition and by kind: the first thing to look at when this fails.

@@ -5,12 +5,14 @@
 //! own staged prefetching.
 
 use crate::{Event, RuleSet, UserState};
+use compact_str::CompactString;
 use rustc_hash::FxHashMap;
 
-/// Projections in a slab, found through a map from user id to slot.
+/// Projections in a slab, found through a map from user id to slot. The ids are inline, as
+/// the processor's cache keeps them: a lookup's key compare reads no heap block.
 #[derive(Default)]
 pub struct Slab {
-    pub index: FxHashMap<String, u32>,
+    pub index: FxHashMap<CompactString, u32>,
     pub states: Vec<UserState>,
 }
 
@@ -33,13 +35,13 @@ impl Slab {
 pub fn fold_ahead(rules: &RuleSet, slab: &mut Slab, events: &[Event]) -> usize {
     let ix: Vec<u32> = events
         .iter()
-        .map(|e| match slab.index.get(&e.user_id) {
+        .map(|e| match slab.index.get(e.user_id.as_str()) {
             Some(&i) => i,
             None => {
                 // A slab past u32::MAX users would not fit in memory anyway.
                 let i = u32::try_from(slab.states.len()).unwrap_or(u32::MAX);
-                slab.states.push(UserState::new(e.user_id.clone()));
-                slab.index.insert(e.user_id.clone(), i);
+                slab.states.push(UserState::new(&e.user_id));
+                slab.index.insert(CompactString::new(&e.user_id), i);
                 i
             }
         })

@@ -76,7 +76,8 @@ pub fn estimate_bytes(s: &UserState) -> usize {
     };
     size_of::<Slot>()
         + MAP_ENTRY
-        + s.user_id.capacity()
+        // The projection's own id is inline in the slot unless it is too long.
+        + if s.user_id.is_heap_allocated() { s.user_id.capacity() } else { 0 }
         + spilled
         + s.species.as_ref().map_or(0, String::capacity)
         + s.counters.capacity() * size_of::<forest_domain::Counter>()

@@ -77,7 +77,7 @@ proptest! {
             }
         }
         let got: BTreeMap<String, UserState> =
-            store.users().map(|s| s.unwrap()).map(|s| (s.user_id.clone(), s)).collect();
+            store.users().map(|s| s.unwrap()).map(|s| (s.user_id.to_string(), s)).collect();
         prop_assert_eq!(got.len(), want.len());
         for (u, s) in &want {
             prop_assert_eq!(got.get(u), Some(s), "user {}", u);
