@@ -3,8 +3,8 @@
 //! The workload is the same generator the demo and load generator use: Zipf users and the Ant
 //! Forest behaviour mix, with the default shares of duplicates, late and malformed records.
 
-use forest_domain::{Event, RuleSet, UserState};
 use compact_str::CompactString;
+use forest_domain::{Event, RuleSet, UserState};
 use forest_workload::{Generator, Record, WorkloadConfig};
 use rustc_hash::FxHashMap;
 
