@@ -1963,6 +1963,16 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_projection_is_at_most_six_cache_lines() {
+        // The fold reads nearly every field of a projection for each event, and the look-ahead
+        // prefetches all of it: each line more is one more miss per event for a user not in
+        // cache (BENCHMARKS.md, session 22). A new field should displace or box another.
+        let size = std::mem::size_of::<UserState>();
+        assert!(size <= 6 * 64, "UserState is {size} bytes");
+    }
+
+    #[test]
     fn the_user_id_is_stored_as_a_plain_string_whatever_its_length() {
         // Projections written while `user_id` was a `String` must still load: postcard writes
         // a string as its length and bytes, inline or not.
