@@ -62,10 +62,10 @@ fn floor(c: &mut Criterion) {
         for e in &evs {
             by_id
                 .entry(e.user_id.clone())
-                .or_insert_with(|| UserState::new(e.user_id.clone()));
+                .or_insert_with(|| UserState::new(&e.user_id));
             by_hash
                 .entry(xxh3_64(e.user_id.as_bytes()))
-                .or_insert_with(|| UserState::new(e.user_id.clone()));
+                .or_insert_with(|| UserState::new(&e.user_id));
         }
         g.bench_function(format!("lookup_only_{users}_users"), |b| {
             b.iter_batched_ref(

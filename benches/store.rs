@@ -56,7 +56,7 @@ fn bench(c: &mut Criterion) {
                             None => store
                                 .get_user(&e.user_id)
                                 .expect("read")
-                                .unwrap_or_else(|| UserState::new(e.user_id.clone())),
+                                .unwrap_or_else(|| UserState::new(&e.user_id)),
                         };
                         if rules.apply(&mut s, e).is_ok() {
                             states.push(s);

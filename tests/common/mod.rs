@@ -382,7 +382,7 @@ pub fn expected(rules: &RuleSet, records: &[Produced]) -> Expected {
         let result = decoded.and_then(|e| {
             let s = states
                 .entry(e.user_id.clone())
-                .or_insert_with(|| UserState::new(e.user_id.clone()));
+                .or_insert_with(|| UserState::new(&e.user_id));
             rules
                 .apply(s, &e)
                 .map(|o| (o.credit.map(|c| c.behaviour), o.trees))

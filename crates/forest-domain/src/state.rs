@@ -96,7 +96,10 @@ impl DayCache {
     };
 
     fn get(&self, tz: Tz, ms: i64) -> Option<(i32, i32)> {
-        (self.tz == Some(tz) && ms >= self.start_ms && ms - self.start_ms < DAY_MS)
+        // Not `ms - start_ms`: that overflows for an event time near `i64::MAX` when the
+        // cached day starts before 1970 UTC. A cached start is a calendar instant, far from
+        // the limits, so the addition cannot overflow (saturating all the same).
+        (self.tz == Some(tz) && ms >= self.start_ms && ms < self.start_ms.saturating_add(DAY_MS))
             .then_some((self.day, self.month))
     }
 }
@@ -336,11 +339,12 @@ impl IdIndex {
 /// duplicate.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserState {
-    /// Inline up to 24 bytes (user ids are far shorter), stored as a plain string. Why: as a
-    /// `String` it was a heap block of its own, read by every event's user check and by the
-    /// lookup of every map keyed by the projection's own id: one more cache miss per event for
-    /// a user not in cache (in the fold bench at 10 K users, the key compares were about a
-    /// fifth of the fold's samples; BENCHMARKS.md, session 22).
+    /// Inline up to 24 bytes (the workload's ids are 12; longer ones, up to `MAX_ID_BYTES`,
+    /// go to the heap), stored as a plain string. Why: as a `String` it was a heap block of
+    /// its own, read by every event's user check and by the lookup of every map keyed by the
+    /// projection's own id: one more cache miss per event for a user not in cache
+    /// (BENCHMARKS.md, session 22: with this and the fold bench's map keyed inline, its
+    /// look-ahead fold at 1 M users went from 1.4-1.5 to 1.8 M events/s).
     pub user_id: CompactString,
     /// Grams available towards the next tree.
     pub balance_g: u64,
@@ -376,7 +380,8 @@ pub struct UserState {
     pub day_quantities: Vec<DayQuantity>,
     #[serde(skip)]
     /// Boxed: only busy users have one, and inline its 32 bytes made every projection a
-    /// cache line longer for the fold to load.
+    /// cache line longer for the fold to load. The price is one more dependent load before a
+    /// busy user's index slot can be prefetched; a busy user's projection is usually in cache.
     index: Derived<Option<Box<IdIndex>>>,
     #[serde(skip)]
     day_cache: Derived<DayCache>,
@@ -1073,13 +1078,15 @@ impl UserState {
     }
 
     /// Starts loading the first cache line of each heap part a stored encoding reads (the
-    /// user id, counters, ids, credits, rule table and day quantities), changing nothing. For
-    /// a writer that serialises many projections in a row, or a fold that knows its next
-    /// users: with their misses started a few projections ahead, they overlap instead of
-    /// following one another.
+    /// user id if too long to be inline, counters, ids, credits, rule table and day
+    /// quantities), changing nothing. For a writer that serialises many projections in a row,
+    /// or a fold that knows its next users: with their misses started a few projections
+    /// ahead, they overlap instead of following one another.
     #[inline]
     pub fn prefetch_stored_parts(&self) {
-        prefetch_raw(self.user_id.as_ptr());
+        if self.user_id.is_heap_allocated() {
+            prefetch_raw(self.user_id.as_ptr());
+        }
         prefetch_raw(self.counters.as_ptr());
         prefetch_raw(self.recent_ids.as_slices().0.as_ptr());
         prefetch_raw(self.recent_credits.as_slices().0.as_ptr());
@@ -1886,6 +1893,26 @@ mod tests {
         );
     }
 
+    #[test]
+    fn time_beyond_the_calendar_is_malformed_after_a_cached_day_before_1970_utc() {
+        // 1 ms after the epoch is 1970-01-01 08:00 in Shanghai: the user's cached day starts
+        // before the epoch, and an event at i64::MAX must still be rejected, not wrap around
+        // into that day (or overflow).
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        let mut first = credit("a", 1, Behaviour::BusRide, 1);
+        first.received_at_ms = 1;
+        assert!(r.apply(&mut s, &first).is_ok());
+        let mut e = credit("x", i64::MAX, Behaviour::BusRide, 1);
+        e.received_at_ms = i64::MAX;
+        let before = s.clone();
+        assert_eq!(
+            r.apply(&mut s, &e).unwrap_err(),
+            Malformed::TimeOutOfRange(i64::MAX).into()
+        );
+        assert_eq!(s, before);
+    }
+
     proptest::proptest! {
         /// The compact id encoding gives back exactly what it was given, whatever the times
         /// (out of order, extremes) and hashes.
@@ -1983,7 +2010,9 @@ mod tests {
             let s = UserState::new(id);
             assert_eq!(s.user_id.is_heap_allocated(), id.len() > 24, "{id}");
             let bytes = postcard::to_allocvec(&s).unwrap();
-            let plain = postcard::to_allocvec(&id.to_string()).unwrap();
+            // As a `String` was written: its length (one varint byte here), then its bytes.
+            let mut plain = vec![u8::try_from(id.len()).unwrap()];
+            plain.extend_from_slice(id.as_bytes());
             assert!(bytes.starts_with(&plain), "{id}: {bytes:?}");
             let back: UserState = postcard::from_bytes(&bytes).unwrap();
             assert_eq!(back.user_id, id);

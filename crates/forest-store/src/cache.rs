@@ -57,11 +57,11 @@ fn queued_slot<'a>(slots: &'a SlotMap<Slot>, user_id: &Key, since: u64) -> Optio
 const WRITE_AHEAD: usize = 16;
 
 /// Estimated memory of a cached projection: the slot (with its key), the map's bucket, the
-/// ring's and dirty queue's copies of the key, and the heap
-/// behind the state's collections (by capacity). An estimate from the public shape of
-/// [`UserState`], not an allocator count: private derived indexes (the dedupe id index) are
-/// counted as one more entry's worth per remembered id. Computed at commit and load, never
-/// per event.
+/// ring's and dirty queue's copies of the key, the projection's own id if too long to be
+/// inline, and the heap behind the state's collections (by capacity). An estimate from the
+/// public shape of [`UserState`], not an allocator count: private derived indexes (the
+/// dedupe id index) are counted as one more entry's worth per remembered id. Computed at
+/// commit and load, never per event.
 pub fn estimate_bytes(s: &UserState) -> usize {
     use std::mem::size_of;
     // The map's 16-byte bucket (hash and box pointer) at its load factor (at most 3/4, and
@@ -318,10 +318,10 @@ impl ProjectionCache {
     /// Starts loading the heap parts of the user's cached projection (see
     /// [`UserState::prefetch_stored_parts`]), if cached; changes nothing. For a caller that
     /// called [`ProjectionCache::prefetch`] for the user a few records earlier: the entry is
-    /// loaded by now, and the fold's next misses (the state's own user id, which it checks
-    /// the event against, its ids, counters and credits) are started before the fold waits on
-    /// them one by one. At 100 K users the user-id compare alone was 4 % of a worker's
-    /// samples.
+    /// loaded by now, and the fold's next misses (its ids, counters and credits) are started
+    /// before the fold waits on them one by one. (Before session 22 the state's user id was
+    /// a heap part too: at 100 K users its compare alone was 4 % of a worker's samples. It
+    /// is inline in the slot now, unless too long.)
     pub fn prefetch_parts(&self, user_hash: u64) {
         // By hash alone, as `prefetch`: a hint needs no key compare (another user with the
         // same hash only has the wrong parts loaded).

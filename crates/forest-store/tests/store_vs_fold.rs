@@ -14,7 +14,7 @@ fn plain_fold(rules: &RuleSet, events: &[Event]) -> (BTreeMap<String, UserState>
     for e in events {
         let s = states
             .entry(e.user_id.clone())
-            .or_insert_with(|| UserState::new(e.user_id.clone()));
+            .or_insert_with(|| UserState::new(&e.user_id));
         if let Ok(o) = rules.apply(s, e) {
             trees.extend(o.trees.into_iter().map(|t| t.tree_id));
         }

@@ -396,7 +396,7 @@ mod tests {
                         },
                     ));
                 }
-                rules.apply(&mut UserState::new(e.user_id.clone()), &e)
+                rules.apply(&mut UserState::new(&e.user_id), &e)
             });
             assert!(verdict.is_err(), "{h:?} was accepted: {r:?}");
         }

@@ -430,7 +430,7 @@ mod tests {
         let rules = forest_domain::RuleSet::default();
         for r in recs.iter().filter(|r| r.kind == Kind::Malformed) {
             if let Ok(e) = r.to_event() {
-                let mut s = forest_domain::UserState::new(e.user_id.clone());
+                let mut s = forest_domain::UserState::new(&e.user_id);
                 assert!(rules.apply(&mut s, &e).is_err(), "{r:?} was accepted");
             }
         }
@@ -457,7 +457,7 @@ mod tests {
             let Ok(e) = r.to_event() else { continue };
             let s = users
                 .entry(e.user_id.clone())
-                .or_insert_with(|| UserState::new(e.user_id.clone()));
+                .or_insert_with(|| UserState::new(&e.user_id));
             if let (Ok(o), Action::Credit { behaviour, .. }) = (rules.apply(s, &e), &e.action) {
                 grams[behaviour.index()] += o.credit.map_or(0, |c| c.credited_g);
             }

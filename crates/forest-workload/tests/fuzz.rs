@@ -75,7 +75,7 @@ fn fold_one(kind: InputKind, bytes: &[u8], received_at_ms: i64) -> bool {
     let Ok(e) = Event::decode(kind, bytes, received_at_ms) else {
         return false;
     };
-    let mut s = UserState::new(e.user_id.clone());
+    let mut s = UserState::new(&e.user_id);
     for (k, v, ts) in SEEDS.iter().take(20) {
         if let Ok(mut seed) = Event::decode(*k, v, *ts) {
             seed.user_id.clone_from(&e.user_id);
