@@ -120,6 +120,10 @@ pub struct BenchArgs {
     /// --store-wal`), to price it; off by default, as in the processor.
     #[arg(long)]
     store_wal: bool,
+    /// Cap RocksDB's flushes and compactions in every processor phase at this many MiB per
+    /// second (`forest processor --store-background-write-mib`); default: no cap.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    store_background_write_mib: Option<u64>,
 }
 
 impl BenchArgs {
@@ -1698,6 +1702,7 @@ fn processor_config(
     cfg.kafka = args.kafka_config.clone();
     // The baseline too: the two differ in where offsets and outputs go, not in RocksDB's log.
     cfg.store.wal = args.store_wal;
+    cfg.store.background_write_bytes_per_sec = args.store_background_write_mib.map(|m| m << 20);
     cfg.at_least_once_baseline = at_least_once;
     // The baseline spaces its projection writes too (flushing everything, then committing
     // Kafka offsets, once per interval), or it would be no baseline at that interval.

@@ -80,6 +80,14 @@ pub struct ProcessorArgs {
     /// this much (at full speed memtables fill and flush sooner).
     #[arg(long, env = "FOREST_STORE_MAX_UNFLUSHED_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     store_max_unflushed_secs: u64,
+    /// Cap on what RocksDB's flushes and compactions write, MiB per second (flushes served
+    /// first); default: no cap. It spreads their CPU over time instead of bursts that the
+    /// processor's own threads wait behind, for a processor running below its maximum rate on
+    /// cores it shares with them (BENCHMARKS.md, session 23). Set it well above the store's
+    /// sustained rate at the highest expected input (forest_store_flush_bytes_total plus
+    /// forest_store_compaction_bytes_total per second): below that, writes stall.
+    #[arg(long, env = "FOREST_STORE_BACKGROUND_WRITE_MIB", value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    store_background_write_mib: Option<u64>,
     /// Bound on records waiting in the co-partition merge: from 3/4 of it, fetching pauses for
     /// the lanes that hold records; past it plus 500 per assigned lane, the merge releases
     /// records without waiting for every lane (out of the canonical order, counted).
@@ -231,6 +239,7 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.store.write_buffer_bytes = args.write_buffer_mb << 20;
     cfg.store.wal = args.store_wal;
     cfg.store.max_unflushed = std::time::Duration::from_secs(args.store_max_unflushed_secs);
+    cfg.store.background_write_bytes_per_sec = args.store_background_write_mib.map(|m| m << 20);
     cfg.max_buffered = args.merge_buffer_records;
     cfg.dead_letter_max_bytes = args.dead_letter_max_bytes;
     cfg.store_write_delay_ms.store(

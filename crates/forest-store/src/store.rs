@@ -148,6 +148,18 @@ pub struct StoreConfig {
     /// family in the background. At full speed memtables fill and flush sooner by
     /// themselves; this bounds what a crash makes the writer redo when input is slow.
     pub max_unflushed: Duration,
+    /// A cap on the bytes per second RocksDB's flushes and compactions write (its rate
+    /// limiter; flushes are served first). `None` (the default): no cap. Why: flushes and
+    /// compactions come in bursts of CPU (sorting, checksums, LZ4), and a compaction that
+    /// rewrites the projection store took 1-2 s of a core at 1 M users. A processor sharing
+    /// its core with them falls behind its input meanwhile, and that is the latency tail.
+    /// Capped, the same work is spread over a longer time. With the processor on one core at
+    /// 215 K events/s, 32 MiB/s gave a lower p99 in 4 of 5 alternated pairs (BENCHMARKS.md,
+    /// session 23). Too low a cap and flushes fall behind the writes: the memtables fill
+    /// and the writes wait at their budget. Set it well above the store's sustained rate
+    /// (`forest_store_flush_bytes_total` plus `forest_store_compaction_bytes_total` per
+    /// second at the highest input rate expected).
+    pub background_write_bytes_per_sec: Option<u64>,
 }
 
 impl StoreConfig {
@@ -160,6 +172,13 @@ impl StoreConfig {
             return Err(
                 "without the write-ahead log the longest unflushed time must be above zero".into(),
             );
+        }
+        if let Some(rate) = self.background_write_bytes_per_sec {
+            if rate < 1 << 20 {
+                return Err(format!(
+                    "a cap of {rate} bytes/s on flushes and compactions is below 1 MiB/s: flushes could not keep up with any steady input"
+                ));
+            }
         }
         if self.write_buffer_bytes < 1 << 20 {
             return Err(format!(
@@ -186,6 +205,7 @@ impl Default for StoreConfig {
             sync_writes: false,
             wal: true,
             max_unflushed: Duration::from_secs(10),
+            background_write_bytes_per_sec: None,
         }
     }
 }
@@ -442,6 +462,10 @@ impl Store {
         db_opts.enable_statistics();
         db_opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptTimers);
         db_opts.set_max_background_jobs(2);
+        if let Some(rate) = cfg.background_write_bytes_per_sec {
+            // Refilled every 50 ms: a compaction waits at most that long at a time.
+            db_opts.set_ratelimiter(i64::try_from(rate).unwrap_or(i64::MAX), 50_000, 10);
+        }
         // Every column family flushed at once: without the WAL a crash reopens the store at
         // its last flush, which must hold the offsets, projections and outbox of one moment.
         db_opts.set_atomic_flush(true);
@@ -1266,6 +1290,42 @@ mod tests {
             ..StoreConfig::default()
         };
         assert!(with_wal.validate().is_ok());
+    }
+
+    #[test]
+    fn a_cap_on_background_writes_meters_the_flushes_and_none_leaves_them_unmetered() {
+        use rocksdb::statistics::Ticker;
+        // Bytes the rate limiter granted to the flush of one committed batch.
+        let metered = |cap: Option<u64>| {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = StoreConfig {
+                background_write_bytes_per_sec: cap,
+                ..StoreConfig::default()
+            };
+            let store = Store::open(dir.path(), &cfg).unwrap();
+            store
+                .commit(
+                    [(&UserState::new("alice"), NO_POSITION)],
+                    [("pay", 0, 1)],
+                    &[],
+                )
+                .unwrap();
+            let mut wait = rocksdb::FlushOptions::default();
+            wait.set_wait(true);
+            let cfs: Vec<_> = CFS.iter().map(|cf| store.cf(cf)).collect();
+            store.db.flush_cfs_opt(&cfs, &wait).unwrap();
+            store.opts.get_ticker_count(Ticker::RateLimiterBytesWrite)
+        };
+        assert!(
+            metered(Some(64 << 20)) > 0,
+            "the capped flush went through the limiter"
+        );
+        assert_eq!(metered(None), 0, "no limiter without a cap");
+        let too_low = StoreConfig {
+            background_write_bytes_per_sec: Some(512 << 10),
+            ..StoreConfig::default()
+        };
+        assert!(too_low.validate().unwrap_err().contains("below 1 MiB/s"));
     }
 
     #[test]
