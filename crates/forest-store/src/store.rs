@@ -149,21 +149,25 @@ pub struct StoreConfig {
     /// themselves; this bounds what a crash makes the writer redo when input is slow.
     pub max_unflushed: Duration,
     /// A cap on the bytes per second RocksDB's flushes and compactions write (its rate
-    /// limiter; flushes are served first). `None` (the default): no cap. Why: flushes and
-    /// compactions come in bursts of CPU (sorting, checksums, LZ4), and a compaction that
-    /// rewrites the projection store took 1-2 s of a core at 1 M users. A processor sharing
-    /// its core with them falls behind its input meanwhile, and that is the latency tail.
-    /// Capped, the same work is spread over a longer time. With the processor on one core at
-    /// 215 K events/s, 32 MiB/s gave a lower p99 in 4 of 5 alternated pairs (BENCHMARKS.md,
-    /// session 23). Too low a cap and flushes fall behind the writes: the memtables fill
-    /// and the writes wait at their budget. Set it well above the store's sustained rate
+    /// limiter, one for the whole store; flushes are served first). `None` (the default): no
+    /// cap. Why: flushes and compactions come in bursts of CPU (sorting, checksums, LZ4). A
+    /// compaction that rewrites the projection store ran 0.8-1.9 s at 1 M users, the core it
+    /// shared with the processor 97-100 % busy meanwhile, and the records arriving then
+    /// waited: that is the latency tail. Capped, the same work is spread over a longer time.
+    /// With the processor on one core at 215 K events/s, 32 MiB/s gave a lower p99 in 5 of 8
+    /// alternated pairs, the same in 2 and a higher one in 1 (BENCHMARKS.md, session 23).
+    /// Too low a cap and flushes fall behind the writes: the memtables fill and the writes
+    /// wait at their budget. At full speed the store wrote about 52 MiB/s, and 32 MiB/s cost
+    /// the processor 30-36 % of its throughput. Set it well above the store's sustained rate
     /// (`forest_store_flush_bytes_total` plus `forest_store_compaction_bytes_total` per
-    /// second at the highest input rate expected).
+    /// second at the highest input rate expected). With a cap, RocksDB also syncs table files
+    /// every MiB written (its `bytes_per_sync`).
     pub background_write_bytes_per_sec: Option<u64>,
 }
 
 impl StoreConfig {
-    /// Checks the memory and durability settings fit together; the error says which and why.
+    /// Checks the memory, durability and background-write settings fit together; the error
+    /// says which and why.
     pub fn validate(&self) -> Result<(), String> {
         if self.sync_writes && !self.wal {
             return Err("syncing writes needs the write-ahead log: turn the WAL on".into());
@@ -176,7 +180,7 @@ impl StoreConfig {
         if let Some(rate) = self.background_write_bytes_per_sec {
             if rate < 1 << 20 {
                 return Err(format!(
-                    "a cap of {rate} bytes/s on flushes and compactions is below 1 MiB/s: flushes could not keep up with any steady input"
+                    "background write cap of {rate} bytes/s (--store-background-write-mib) is below 1 MiB/s: flushes would fall behind the writes, which would then stall"
                 ));
             }
         }
@@ -463,7 +467,7 @@ impl Store {
         db_opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptTimers);
         db_opts.set_max_background_jobs(2);
         if let Some(rate) = cfg.background_write_bytes_per_sec {
-            // Refilled every 50 ms: a compaction waits at most that long at a time.
+            // Tokens refilled every 50 ms (RocksDB's default is 100): finer-grained waits.
             db_opts.set_ratelimiter(i64::try_from(rate).unwrap_or(i64::MAX), 50_000, 10);
         }
         // Every column family flushed at once: without the WAL a crash reopens the store at
@@ -1144,6 +1148,14 @@ mod tests {
         }
     }
 
+    /// Flushes every column family and waits for it.
+    fn flush_all_and_wait(store: &Store) {
+        let mut wait = rocksdb::FlushOptions::default();
+        wait.set_wait(true);
+        let cfs: Vec<_> = CFS.iter().map(|cf| store.cf(cf)).collect();
+        store.db.flush_cfs_opt(&cfs, &wait).unwrap();
+    }
+
     #[test]
     fn without_the_wal_a_crash_reopens_at_the_last_flush_whole_and_a_close_keeps_everything() {
         let dir = tempfile::tempdir().unwrap();
@@ -1170,10 +1182,7 @@ mod tests {
         assert!(store.flush_if_due().unwrap(), "due after max_unflushed");
         assert!(!store.flush_if_due().unwrap(), "just started one");
         // Wait for it (a waiting flush of every column family waits for the pending one).
-        let mut wait = rocksdb::FlushOptions::default();
-        wait.set_wait(true);
-        let cfs: Vec<_> = CFS.iter().map(|cf| store.cf(cf)).collect();
-        store.db.flush_cfs_opt(&cfs, &wait).unwrap();
+        flush_all_and_wait(&store);
         // Batch B changes all three, and A's output is delivered; then the process "dies".
         store
             .commit([(&state(2), [2, -2, -2])], [("pay", 0, 2)], &[entry(2)])
@@ -1293,7 +1302,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cap_on_background_writes_meters_the_flushes_and_none_leaves_them_unmetered() {
+    fn a_cap_on_background_writes_puts_the_flushes_through_the_limiter_and_none_does_not() {
         use rocksdb::statistics::Ticker;
         // Bytes the rate limiter granted to the flush of one committed batch.
         let metered = |cap: Option<u64>| {
@@ -1310,10 +1319,8 @@ mod tests {
                     &[],
                 )
                 .unwrap();
-            let mut wait = rocksdb::FlushOptions::default();
-            wait.set_wait(true);
-            let cfs: Vec<_> = CFS.iter().map(|cf| store.cf(cf)).collect();
-            store.db.flush_cfs_opt(&cfs, &wait).unwrap();
+            flush_all_and_wait(&store);
+            // The test checks the limiter is in the path, not the rate it keeps.
             store.opts.get_ticker_count(Ticker::RateLimiterBytesWrite)
         };
         assert!(
