@@ -799,9 +799,11 @@ pub fn uncommitted_bound(cfg: &forest_processor::ProcessorConfig) -> u64 {
 /// growth within 64 MB, and the counters and every output must equal the pure fold's.
 ///
 /// The RSS bound: the processor's buffers hold at most the bound in records (~200 B each with
-/// their allocations, ~13 MB) and librdkafka's prefetch is capped by its queue settings, while
-/// the whole input buffered in the process would take ~60 MB more. Measured growth was
-/// 5-41 MB in this session's runs. (The counter bound is the precise check.)
+/// their allocations, ~13 MB) and librdkafka's prefetch is capped here at 8 MiB
+/// (`queued.max.messages.kbytes`), while the whole input buffered in the process would take
+/// ~60 MB more. (The counter bound is the precise check.) With librdkafka's default 64 MiB
+/// prefetch, growth varied from 5 to 64 MB between runs and once failed CI; with the cap it
+/// was 11-15 MB in 5 runs (session 24).
 pub fn slow_phase_campaign(
     b: &TestBroker,
     store: &std::path::Path,
@@ -813,11 +815,20 @@ pub fn slow_phase_campaign(
 ) {
     const CATCH_UP: Duration = Duration::from_secs(300);
     const RSS_GROWTH_BOUND: u64 = 64 << 20;
+    const PREFETCH_KBYTES: u64 = 8 << 10;
     let started = Instant::now();
     let records = produce(b, workload(seed, 300_000, 30_000));
     let want = expected(&Default::default(), &records);
     let ends = end_offsets(b, &records);
     let bound = uncommitted_bound(&cfg);
+    let mut cfg = cfg;
+    // librdkafka's own prefetch, capped well under the backlog (its default, 64 MiB, would
+    // hold the whole rest of the input, so RSS would say nothing about the processor's own
+    // buffering, and varied by tens of MB with where its queue stood when the phase began).
+    cfg.kafka.push((
+        "queued.max.messages.kbytes".into(),
+        PREFETCH_KBYTES.to_string(),
+    ));
     let get = ProcessorStats::get;
     let p = start(cfg);
     wait_until("the processor is under way", CATCH_UP, || {
