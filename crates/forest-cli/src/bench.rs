@@ -124,6 +124,10 @@ pub struct BenchArgs {
     /// second (`forest processor --store-background-write-mib`); default: no cap.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     store_background_write_mib: Option<u64>,
+    /// Flushed files in RocksDB's level 0 before a compaction, in every processor phase
+    /// (`forest processor --store-l0-compaction-files`).
+    #[arg(long, default_value_t = forest_store::DEFAULT_L0_COMPACTION_FILES, value_parser = clap::value_parser!(u32).range(2..=64))]
+    store_l0_compaction_files: u32,
 }
 
 impl BenchArgs {
@@ -1703,6 +1707,7 @@ fn processor_config(
     // The baseline too: the two differ in where offsets and outputs go, not in RocksDB's log.
     cfg.store.wal = args.store_wal;
     cfg.store.background_write_bytes_per_sec = args.store_background_write_mib.map(|m| m << 20);
+    cfg.store.l0_compaction_files = args.store_l0_compaction_files;
     cfg.at_least_once_baseline = at_least_once;
     // The baseline spaces its projection writes too (flushing everything, then committing
     // Kafka offsets, once per interval), or it would be no baseline at that interval.

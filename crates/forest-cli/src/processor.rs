@@ -88,6 +88,14 @@ pub struct ProcessorArgs {
     /// forest_store_compaction_bytes_total per second): below that, writes stall.
     #[arg(long, env = "FOREST_STORE_BACKGROUND_WRITE_MIB", value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     store_background_write_mib: Option<u64>,
+    /// Flushed files RocksDB lets wait in level 0 before compacting them into the level below
+    /// (2-64). Each such compaction rewrites the whole projection store (user keys overlap
+    /// every file), so a higher count rewrites it less often: 16 instead of 4 cut what
+    /// compactions wrote by about half to two thirds, with throughput unchanged
+    /// (BENCHMARKS.md, session 24). Each compaction is longer, and reads of keys in no
+    /// memtable probe up to this many more files.
+    #[arg(long, env = "FOREST_STORE_L0_COMPACTION_FILES", default_value_t = forest_store::DEFAULT_L0_COMPACTION_FILES, value_parser = clap::value_parser!(u32).range(2..=64))]
+    store_l0_compaction_files: u32,
     /// Bound on records waiting in the co-partition merge: from 3/4 of it, fetching pauses for
     /// the lanes that hold records; past it plus 500 per assigned lane, the merge releases
     /// records without waiting for every lane (out of the canonical order, counted).
@@ -240,6 +248,7 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.store.wal = args.store_wal;
     cfg.store.max_unflushed = std::time::Duration::from_secs(args.store_max_unflushed_secs);
     cfg.store.background_write_bytes_per_sec = args.store_background_write_mib.map(|m| m << 20);
+    cfg.store.l0_compaction_files = args.store_l0_compaction_files;
     cfg.max_buffered = args.merge_buffer_records;
     cfg.dead_letter_max_bytes = args.dead_letter_max_bytes;
     cfg.store_write_delay_ms.store(

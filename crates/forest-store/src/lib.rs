@@ -30,8 +30,8 @@ mod store;
 
 pub use cache::{Flush, ProjectionCache, estimate_bytes};
 pub use store::{
-    NO_POSITION, OutboxEntry, Position, PreparedBatch, Store, StoreConfig, StoreError, StoreStats,
-    decode_state, encode_state, metrics,
+    DEFAULT_L0_COMPACTION_FILES, NO_POSITION, OutboxEntry, Position, PreparedBatch, Store,
+    StoreConfig, StoreError, StoreStats, decode_state, encode_state, metrics,
 };
 
 /// Where a service stops abruptly, without committing, so tests can prove recovery. Never set

@@ -163,6 +163,22 @@ pub struct StoreConfig {
     /// second at the highest input rate expected). With a cap, RocksDB also syncs table files
     /// every MiB written (its `bytes_per_sync`).
     pub background_write_bytes_per_sec: Option<u64>,
+    /// How many flushed files wait in level 0 before RocksDB compacts them into the level
+    /// below (its `level0_file_num_compaction_trigger`; RocksDB's default is 4). Writes slow
+    /// down at 20 files or three times this many, whichever is more, and stop at 36 or four
+    /// times. Why it matters: user keys are
+    /// spread evenly over the key range, so each flushed file overlaps the whole of the
+    /// level below, and every L0 compaction rewrites the entire projection store, however
+    /// few files it takes in. Fewer, larger compactions do the same job with less
+    /// rewriting. With the processor on one core for 150 s, 16 instead of 4 cut the
+    /// compactions' output from 2,111 to 851 MiB at 215 K events/s and from 1,538 to
+    /// 535 MiB at 150 K; at full speed (2 workers) from about 200 to 105 MiB per (b) run,
+    /// with (b) unchanged within the runs' spread (BENCHMARKS.md, session 24). Not the
+    /// default: each compaction is longer, and at 150 K events/s the latency tail was no
+    /// better (one run each). The price: a read of a key that is in no memtable probes up to
+    /// this many more files (their bloom filters first, which stay pinned in the cache),
+    /// and more L0 data waits uncompressed on disk.
+    pub l0_compaction_files: u32,
 }
 
 impl StoreConfig {
@@ -184,6 +200,12 @@ impl StoreConfig {
                 ));
             }
         }
+        if !(2..=64).contains(&self.l0_compaction_files) {
+            return Err(format!(
+                "an L0 compaction trigger of {} files (--store-l0-compaction-files) is outside 2-64: at 1 every flush would rewrite the whole store, and past 64 reads would probe too many files",
+                self.l0_compaction_files
+            ));
+        }
         if self.write_buffer_bytes < 1 << 20 {
             return Err(format!(
                 "write buffer budget of {} bytes is below 1 MiB",
@@ -201,6 +223,9 @@ impl StoreConfig {
     }
 }
 
+/// [`StoreConfig::l0_compaction_files`]'s default.
+pub const DEFAULT_L0_COMPACTION_FILES: u32 = 4;
+
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
@@ -210,6 +235,7 @@ impl Default for StoreConfig {
             wal: true,
             max_unflushed: Duration::from_secs(10),
             background_write_bytes_per_sec: None,
+            l0_compaction_files: DEFAULT_L0_COMPACTION_FILES,
         }
     }
 }
@@ -455,6 +481,12 @@ impl Store {
             DBCompressionType::Lz4,
         ]);
         cf_opts.set_level_compaction_dynamic_level_bytes(true);
+        // Validated to 2-64 above, so the products fit. RocksDB's own slowdown and stop
+        // points (20 and 36 files) unless the trigger needs more room than that.
+        let l0 = cfg.l0_compaction_files as i32;
+        cf_opts.set_level_zero_file_num_compaction_trigger(l0);
+        cf_opts.set_level_zero_slowdown_writes_trigger((3 * l0).max(20));
+        cf_opts.set_level_zero_stop_writes_trigger((4 * l0).max(36));
         cf_opts.set_write_buffer_size(cfg.write_buffer_bytes / 4);
         cf_opts.set_max_write_buffer_number(3);
 
@@ -1333,6 +1365,53 @@ mod tests {
             ..StoreConfig::default()
         };
         assert!(too_low.validate().unwrap_err().contains("below 1 MiB/s"));
+    }
+
+    #[test]
+    fn the_l0_trigger_sets_how_many_flushed_files_wait_for_a_compaction() {
+        // Level-0 files of the projections after `flushes` flushes of one batch each, once
+        // RocksDB has no compaction left to do.
+        let l0_files = |trigger: u32, flushes: i64| {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = StoreConfig {
+                l0_compaction_files: trigger,
+                ..StoreConfig::default()
+            };
+            let store = Store::open(dir.path(), &cfg).unwrap();
+            for i in 0..flushes {
+                let mut s = UserState::new("alice");
+                s.balance_g = i as u64;
+                store
+                    .commit([(&s, NO_POSITION)], [("pay", 0, i + 1)], &[])
+                    .unwrap();
+                flush_all_and_wait(&store);
+            }
+            let cf = store.cf(CF_PROJECTIONS);
+            let prop = |name| store.db.property_int_value_cf(cf, name).unwrap().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while prop("rocksdb.compaction-pending") > 0
+                || store
+                    .db
+                    .property_int_value("rocksdb.num-running-compactions")
+                    .unwrap()
+                    .unwrap()
+                    > 0
+            {
+                assert!(Instant::now() < deadline, "compactions did not finish");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            prop("rocksdb.num-files-at-level0")
+        };
+        assert!(
+            l0_files(4, 5) < 4,
+            "with RocksDB's default of 4, the fourth file starts a compaction"
+        );
+        assert_eq!(l0_files(8, 5), 5, "with 8, five files wait in level 0");
+        let too_few = StoreConfig {
+            l0_compaction_files: 1,
+            ..StoreConfig::default()
+        };
+        assert!(too_few.validate().unwrap_err().contains("outside 2-64"));
     }
 
     #[test]
