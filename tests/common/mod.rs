@@ -796,14 +796,15 @@ pub fn uncommitted_bound(cfg: &forest_processor::ProcessorConfig) -> u64 {
 /// (`seed`), start the processor with `cfg`, and once 20,000 records are committed make the
 /// system slow (`slow`) for 12 s while sampling it ([`SlowPhase`]), then `normal` again. After
 /// catching up, the slow phase must have held consumption within [`uncommitted_bound`] and RSS
-/// growth within 64 MB, and the counters and every output must equal the pure fold's.
+/// growth within 32 MiB, and the counters and every output must equal the pure fold's.
 ///
 /// The RSS bound: the processor's buffers hold at most the bound in records (~200 B each with
 /// their allocations, ~13 MB) and librdkafka's prefetch is capped here at 8 MiB
 /// (`queued.max.messages.kbytes`), while the whole input buffered in the process would take
 /// ~60 MB more. (The counter bound is the precise check.) With librdkafka's default 64 MiB
-/// prefetch, growth varied from 5 to 64 MB between runs and once failed CI; with the cap it
-/// was 11-15 MB in 5 runs (session 24).
+/// prefetch, growth varied from 5 to 64 MiB between runs and once failed CI against a 64 MiB
+/// bound; with the cap it was 11-15 MiB in 6 runs (session 24, both brokers), so the bound is
+/// now 32 MiB: about half of what buffering the rest of the input would add.
 pub fn slow_phase_campaign(
     b: &TestBroker,
     store: &std::path::Path,
@@ -814,7 +815,7 @@ pub fn slow_phase_campaign(
     normal: impl FnOnce(),
 ) {
     const CATCH_UP: Duration = Duration::from_secs(300);
-    const RSS_GROWTH_BOUND: u64 = 64 << 20;
+    const RSS_GROWTH_BOUND: u64 = 32 << 20;
     const PREFETCH_KBYTES: u64 = 8 << 10;
     let started = Instant::now();
     let records = produce(b, workload(seed, 300_000, 30_000));
@@ -825,6 +826,8 @@ pub fn slow_phase_campaign(
     // librdkafka's own prefetch, capped well under the backlog (its default, 64 MiB, would
     // hold the whole rest of the input, so RSS would say nothing about the processor's own
     // buffering, and varied by tens of MB with where its queue stood when the phase began).
+    // librdkafka lowers `fetch.max.bytes` to it, so the queue overshoots by one fetch at most.
+    // (The processor's producers get the setting too; they ignore it, with a log line.)
     cfg.kafka.push((
         "queued.max.messages.kbytes".into(),
         PREFETCH_KBYTES.to_string(),

@@ -163,21 +163,25 @@ pub struct StoreConfig {
     /// second at the highest input rate expected). With a cap, RocksDB also syncs table files
     /// every MiB written (its `bytes_per_sync`).
     pub background_write_bytes_per_sec: Option<u64>,
-    /// How many flushed files wait in level 0 before RocksDB compacts them into the level
-    /// below (its `level0_file_num_compaction_trigger`; RocksDB's default is 4). Writes slow
-    /// down at 20 files or three times this many, whichever is more, and stop at 36 or four
-    /// times. Why it matters: user keys are
-    /// spread evenly over the key range, so each flushed file overlaps the whole of the
-    /// level below, and every L0 compaction rewrites the entire projection store, however
-    /// few files it takes in. Fewer, larger compactions do the same job with less
-    /// rewriting. With the processor on one core for 150 s, 16 instead of 4 cut the
-    /// compactions' output from 2,111 to 851 MiB at 215 K events/s and from 1,538 to
-    /// 535 MiB at 150 K; at full speed (2 workers) from about 200 to 105 MiB per (b) run,
-    /// with (b) unchanged within the runs' spread (BENCHMARKS.md, session 24). Not the
-    /// default: each compaction is longer, and at 150 K events/s the latency tail was no
-    /// better (one run each). The price: a read of a key that is in no memtable probes up to
-    /// this many more files (their bloom filters first, which stay pinned in the cache),
-    /// and more L0 data waits uncompressed on disk.
+    /// At most how many flushed files wait in level 0 before RocksDB compacts them into the level
+    /// below (its `level0_file_num_compaction_trigger`; RocksDB's default is 4). RocksDB also
+    /// compacts level 0 by size, once its files outgrow the level below (or 256 MiB, its
+    /// `max_bytes_for_level_base`): level-0 files are uncompressed here and memtables are a quarter
+    /// of `write_buffer_bytes`, so by RocksDB's rules (not measured here) about 8 full memtables
+    /// start a compaction whatever this says, and high values mostly matter when flushes are small
+    /// (timed, or at moderate rates). Writes slow down at 20 files or three times this many,
+    /// whichever is more, and stop at 36 or four times. Why it matters: user keys are spread evenly
+    /// over the key range, so each flushed file overlaps the whole of the level below, and every L0
+    /// compaction rewrites the entire projection store, however few files it takes in. Fewer,
+    /// larger compactions do the same job with less rewriting. With the processor on one core for
+    /// 150 s, 16 instead of 4 cut the compactions' output from 2,111 to 851 MiB at 215 K events/s
+    /// and from 1,538 to 535 MiB at 150 K; at full speed (2 workers) from about 200 to 105 MiB per
+    /// (b) run, with (b) unchanged within the runs' spread (BENCHMARKS.md, session 24). Not the
+    /// default: each compaction is longer, and at 150 K events/s the latency tail was mixed
+    /// (one run each). The price: a read of a key that is in no memtable probes up to this many
+    /// more files (their bloom filters first), every level-0 file's filter and index blocks stay
+    /// pinned in the block cache (memory it cannot evict, in every column family), and more data
+    /// waits uncompressed on disk.
     pub l0_compaction_files: u32,
 }
 
@@ -1412,6 +1416,13 @@ mod tests {
             ..StoreConfig::default()
         };
         assert!(too_few.validate().unwrap_err().contains("outside 2-64"));
+        for (files, ok) in [(2, true), (64, true), (65, false)] {
+            let cfg = StoreConfig {
+                l0_compaction_files: files,
+                ..StoreConfig::default()
+            };
+            assert_eq!(cfg.validate().is_ok(), ok, "{files} files");
+        }
     }
 
     #[test]
