@@ -808,7 +808,7 @@ pub fn uncommitted_bound(cfg: &forest_processor::ProcessorConfig) -> u64 {
 pub fn slow_phase_campaign(
     b: &TestBroker,
     store: &std::path::Path,
-    cfg: ProcessorConfig,
+    mut cfg: ProcessorConfig,
     seed: u64,
     what: &str,
     slow: impl FnOnce(),
@@ -822,7 +822,6 @@ pub fn slow_phase_campaign(
     let want = expected(&Default::default(), &records);
     let ends = end_offsets(b, &records);
     let bound = uncommitted_bound(&cfg);
-    let mut cfg = cfg;
     // librdkafka's own prefetch, capped well under the backlog (its default, 64 MiB, would
     // hold the whole rest of the input, so RSS would say nothing about the processor's own
     // buffering, and varied by tens of MB with where its queue stood when the phase began).

@@ -89,11 +89,11 @@ pub struct ProcessorArgs {
     #[arg(long, env = "FOREST_STORE_BACKGROUND_WRITE_MIB", value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     store_background_write_mib: Option<u64>,
     /// At most how many flushed files RocksDB lets wait in level 0 before compacting them into
-    /// the level below (2-64; it also compacts level 0 by size). Each such compaction rewrites the whole projection store (user keys overlap
-    /// every file), so a higher count rewrites it less often: 16 instead of 4 cut what
-    /// compactions wrote by about half to two thirds, with throughput within the runs'
-    /// spread (BENCHMARKS.md, session 24). Each compaction is longer, and reads of keys in no
-    /// memtable probe up to this many more files.
+    /// the level below (2-64; it also compacts level 0 by size). Each such compaction rewrites
+    /// the whole projection store (user keys overlap every file), so a higher count rewrites it
+    /// less often: 16 instead of 4 cut what compactions wrote by about half to two thirds, with
+    /// throughput within the runs' spread (BENCHMARKS.md, session 24). Each compaction is
+    /// longer, and reads of keys in no memtable probe up to this many more files.
     #[arg(long, env = "FOREST_STORE_L0_COMPACTION_FILES", default_value_t = forest_store::DEFAULT_L0_COMPACTION_FILES, value_parser = clap::value_parser!(u32).range(2..=64))]
     store_l0_compaction_files: u32,
     /// Bound on records waiting in the co-partition merge: from 3/4 of it, fetching pauses for
