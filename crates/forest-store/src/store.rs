@@ -186,8 +186,8 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
-    /// Checks the memory, durability and background-write settings fit together; the error
-    /// says which and why.
+    /// Checks the memory, durability, background-write and compaction settings fit together;
+    /// the error says which and why.
     pub fn validate(&self) -> Result<(), String> {
         if self.sync_writes && !self.wal {
             return Err("syncing writes needs the write-ahead log: turn the WAL on".into());
