@@ -128,6 +128,10 @@ pub struct BenchArgs {
     /// (`forest processor --store-l0-compaction-files`).
     #[arg(long, default_value_t = forest_store::DEFAULT_L0_COMPACTION_FILES, value_parser = clap::value_parser!(u32).range(2..=64))]
     store_l0_compaction_files: u32,
+    /// RocksDB's compactions at the lowest CPU priority, for the whole run (`forest processor
+    /// --store-low-priority-compactions`; process-wide once set).
+    #[arg(long)]
+    store_low_priority_compactions: bool,
 }
 
 impl BenchArgs {
@@ -1708,6 +1712,7 @@ fn processor_config(
     cfg.store.wal = args.store_wal;
     cfg.store.background_write_bytes_per_sec = args.store_background_write_mib.map(|m| m << 20);
     cfg.store.l0_compaction_files = args.store_l0_compaction_files;
+    cfg.store.low_priority_compactions = args.store_low_priority_compactions;
     cfg.at_least_once_baseline = at_least_once;
     // The baseline spaces its projection writes too (flushing everything, then committing
     // Kafka offsets, once per interval), or it would be no baseline at that interval.

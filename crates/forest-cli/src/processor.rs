@@ -96,6 +96,13 @@ pub struct ProcessorArgs {
     /// longer, and reads of keys in no memtable probe up to this many more files.
     #[arg(long, env = "FOREST_STORE_L0_COMPACTION_FILES", default_value_t = forest_store::DEFAULT_L0_COMPACTION_FILES, value_parser = clap::value_parser!(u32).range(2..=64))]
     store_l0_compaction_files: u32,
+    /// Run RocksDB's compactions at the lowest CPU priority (nice 19; flushes keep the normal
+    /// one). A compaction of the projection store is seconds of CPU in one burst; at the
+    /// lowest priority it takes what the processor's threads leave idle, so records wait less
+    /// behind it on a shared core. They must still keep up on average (BENCHMARKS.md,
+    /// session 25).
+    #[arg(long, env = "FOREST_STORE_LOW_PRIORITY_COMPACTIONS")]
+    store_low_priority_compactions: bool,
     /// Bound on records waiting in the co-partition merge: from 3/4 of it, fetching pauses for
     /// the lanes that hold records; past it plus 500 per assigned lane, the merge releases
     /// records without waiting for every lane (out of the canonical order, counted).
@@ -249,6 +256,7 @@ pub fn run(args: ProcessorArgs, rules: RuleSet) -> anyhow::Result<()> {
     cfg.store.max_unflushed = std::time::Duration::from_secs(args.store_max_unflushed_secs);
     cfg.store.background_write_bytes_per_sec = args.store_background_write_mib.map(|m| m << 20);
     cfg.store.l0_compaction_files = args.store_l0_compaction_files;
+    cfg.store.low_priority_compactions = args.store_low_priority_compactions;
     cfg.max_buffered = args.merge_buffer_records;
     cfg.dead_letter_max_bytes = args.dead_letter_max_bytes;
     cfg.store_write_delay_ms.store(

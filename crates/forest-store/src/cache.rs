@@ -98,6 +98,17 @@ pub fn estimate_bytes(s: &UserState) -> usize {
 /// pointer per compare.
 type Key = CompactString;
 
+/// How far below its bounds a trim takes the cache: 1/1024 of each (at least one user or
+/// byte). Why so little: eviction runs on the worker that folds, and it is the same work
+/// whenever it is done (a few microseconds per evicted user, mostly freeing its state), so
+/// the only choice is how it is spread. Until session 25 a trim went down to 3/4 of the
+/// bound, so that it ran once per many batches: a quarter of the cache at once. At the
+/// processor's default bounds (1 M users, 1 GiB) and 1 M Zipf users, the worker then stopped
+/// folding for about 0.5 CPU-s every 4-5 M events, the slowest seconds of the latency runs at
+/// 100-150 K events/s on one core (BENCHMARKS.md, session 25). Now a trim evicts about
+/// 1/1024 of the cache, a few hundred times less at once.
+pub const TRIM_SLACK: usize = 1024;
+
 /// Hot users' projections in memory. Reads fall through to RocksDB on a miss; writes stay in
 /// memory until [`ProjectionCache::commit`], which writes every dirty user ONCE together with
 /// the batch's offsets and outbox entries. Between commits the cache may hold state newer than
@@ -114,9 +125,10 @@ type Key = CompactString;
 /// write is durable, its users stay cached however full the cache is.
 ///
 /// Memory: after a commit at most `capacity` users, and at most `max_bytes` estimated bytes
-/// ([`estimate_bytes`]), stay cached; beyond either, clean users are evicted down to 3/4 of
-/// the bound (so trimming runs once per many batches, not every batch). A batch can
-/// temporarily hold more (every user it touched is kept until it is written).
+/// ([`estimate_bytes`]), stay cached; beyond either, clean users are evicted to just below
+/// the bound ([`TRIM_SLACK`]), so each trim evicts about what the batches since the last one
+/// brought in. A batch can temporarily hold more (every user it touched is kept until it is
+/// written).
 ///
 /// Eviction is CLOCK (second chance), an approximation of least-recently-used that costs
 /// one boolean store per hit on the fold path: users sit in a ring in load order; the hand
@@ -504,7 +516,8 @@ impl ProjectionCache {
     pub fn durable(&mut self, ticket: u64) {
         self.durable = self.durable.max(ticket);
         if self.slots.len() > self.capacity || self.bytes > self.max_bytes {
-            self.evict(self.capacity * 3 / 4, self.max_bytes / 4 * 3);
+            let below = |bound: usize| bound - (bound / TRIM_SLACK).max(1);
+            self.evict(below(self.capacity), below(self.max_bytes));
         }
     }
 
@@ -779,12 +792,12 @@ mod tests {
         touch(&mut cache, &store, "u8");
         touch(&mut cache, &store, "u9");
         cache.commit(&store, [], &[]).unwrap();
-        // Over capacity: down to 6, the oldest not used again go first.
-        assert_eq!(cache.len(), 6);
-        for u in ["u0", "u1", "u2", "u7", "u8", "u9"] {
+        // Over capacity: down to 7 (one below the bound), the oldest not used again go first.
+        assert_eq!(cache.len(), 7);
+        for u in ["u0", "u1", "u2", "u6", "u7", "u8", "u9"] {
             assert!(cache.peek(u).is_some(), "{u} was evicted");
         }
-        for u in ["u3", "u4", "u5", "u6"] {
+        for u in ["u3", "u4", "u5"] {
             assert!(cache.peek(u).is_none(), "{u} was kept");
         }
         // A scan over many cold users does not push out a user in use throughout.
@@ -810,12 +823,17 @@ mod tests {
         }
         assert_eq!(cache.len(), 50, "a batch keeps every user it touched");
         cache.commit(&store, [], &[]).unwrap();
-        assert!(cache.bytes() <= 10 * one / 4 * 3, "{} bytes", cache.bytes());
-        assert!(cache.len() <= 7 && cache.len() >= 5, "{}", cache.len());
-        let expected: usize = (0..50)
+        // Trimmed to just below the bound: one more cached user would not fit under it.
+        let below = 10 * one - (10 * one / TRIM_SLACK).max(1);
+        let kept: Vec<usize> = (0..50)
             .map(|i| format!("u{i:02}"))
             .filter_map(|u| cache.peek(&u).map(estimate_bytes))
-            .sum();
+            .collect();
+        let biggest = kept.iter().copied().max().unwrap();
+        assert!(cache.bytes() <= below, "{} bytes", cache.bytes());
+        assert!(cache.bytes() + biggest > below, "{} bytes", cache.bytes());
+        assert!(cache.len() < 10 && cache.len() >= 5, "{}", cache.len());
+        let expected: usize = kept.iter().sum();
         assert_eq!(
             cache.bytes(),
             expected,

@@ -14,8 +14,8 @@
 
 use forest_domain::UserState;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options,
-    WriteBatch, WriteBufferManager, WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Env, IteratorMode,
+    Options, WriteBatch, WriteBufferManager, WriteOptions,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -183,6 +183,16 @@ pub struct StoreConfig {
     /// pinned in the block cache (memory it cannot evict, in every column family), and more data
     /// waits uncompressed on disk.
     pub l0_compaction_files: u32,
+    /// Run RocksDB's compactions at the lowest CPU priority (nice 19; its `LOW` thread pool,
+    /// which runs compactions only: flushes have a pool of their own and keep the normal
+    /// priority, since writes wait for them). Why: a compaction of the projection store is
+    /// seconds of CPU in one burst, and on a core it shares with the processor's threads, the
+    /// records arriving meanwhile wait behind it. At the lowest priority it takes the CPU the
+    /// processor leaves idle instead, so it runs longer but delays records less; it must still
+    /// keep up on average, or level 0 fills and RocksDB slows the writes down. Process-wide:
+    /// the thread pool belongs to RocksDB's default environment, which every store in the
+    /// process shares, and once lowered it stays lowered until the process exits.
+    pub low_priority_compactions: bool,
 }
 
 impl StoreConfig {
@@ -240,6 +250,7 @@ impl Default for StoreConfig {
             max_unflushed: Duration::from_secs(10),
             background_write_bytes_per_sec: None,
             l0_compaction_files: DEFAULT_L0_COMPACTION_FILES,
+            low_priority_compactions: false,
         }
     }
 }
@@ -502,6 +513,13 @@ impl Store {
         db_opts.enable_statistics();
         db_opts.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptTimers);
         db_opts.set_max_background_jobs(2);
+        if cfg.low_priority_compactions {
+            // The default environment (a process-wide singleton, see StoreConfig); a thread
+            // lowers itself before the next job it runs.
+            let mut env = Env::new().map_err(open_err)?;
+            env.lower_thread_pool_cpu_priority();
+            db_opts.set_env(&env);
+        }
         if let Some(rate) = cfg.background_write_bytes_per_sec {
             // Tokens refilled every 50 ms (RocksDB's default is 100): finer-grained waits.
             db_opts.set_ratelimiter(i64::try_from(rate).unwrap_or(i64::MAX), 50_000, 10);
@@ -1423,6 +1441,60 @@ mod tests {
             };
             assert_eq!(cfg.validate().is_ok(), ok, "{files} files");
         }
+    }
+
+    /// The nice values of this process's RocksDB compaction threads (its `LOW` pool, named
+    /// `rocksdb:low`), read from /proc.
+    #[cfg(target_os = "linux")]
+    fn compaction_thread_nices() -> Vec<i64> {
+        let mut nices = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let dir = task.unwrap().path();
+            let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+                continue; // the thread ended meanwhile
+            };
+            if comm.trim() != "rocksdb:low" {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+                continue;
+            };
+            // Fields after the parenthesised name start at the state (field 3); nice is 19.
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            nices.push(after.split(' ').nth(16).unwrap().parse().unwrap());
+        }
+        nices
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn low_priority_compactions_run_at_nice_19() {
+        // The thread pool is process-wide: no other test in this binary lowers it, so before
+        // this test's compaction no compaction thread runs at 19.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            low_priority_compactions: true,
+            ..StoreConfig::default()
+        };
+        let store = Store::open(dir.path(), &cfg).unwrap();
+        for i in 0..2 {
+            let mut s = UserState::new("alice");
+            s.balance_g = i;
+            store
+                .commit([(&s, NO_POSITION)], [("pay", 0, i as i64 + 1)], &[])
+                .unwrap();
+            flush_all_and_wait(&store);
+        }
+        // A manual compaction runs on the same pool as RocksDB's own.
+        store
+            .db
+            .compact_range_cf(store.cf(CF_PROJECTIONS), None::<&[u8]>, None::<&[u8]>);
+        let nices = compaction_thread_nices();
+        assert!(
+            nices.contains(&19),
+            "a compaction thread ran at nice 19: {nices:?}"
+        );
+        assert_eq!(store.get_user("alice").unwrap().unwrap().balance_g, 1);
     }
 
     #[test]
