@@ -96,11 +96,11 @@ pub struct ProcessorArgs {
     /// longer, and reads of keys in no memtable probe up to this many more files.
     #[arg(long, env = "FOREST_STORE_L0_COMPACTION_FILES", default_value_t = forest_store::DEFAULT_L0_COMPACTION_FILES, value_parser = clap::value_parser!(u32).range(2..=64))]
     store_l0_compaction_files: u32,
-    /// Run RocksDB's compactions at the lowest CPU priority (nice 19; flushes keep the normal
-    /// one). A compaction of the projection store is seconds of CPU in one burst; at the
-    /// lowest priority it takes what the processor's threads leave idle, so records wait less
-    /// behind it on a shared core. They must still keep up on average (BENCHMARKS.md,
-    /// session 25).
+    /// Run RocksDB's compactions at the lowest CPU priority (nice 19, Linux only; flushes keep
+    /// the normal one). A compaction of the projection store is seconds of CPU in one burst;
+    /// at the lowest priority it takes what the processor's threads leave idle, so records
+    /// wait less behind it on a shared core. Compactions must still keep up on average, or
+    /// writes slow down (BENCHMARKS.md, session 25).
     #[arg(long, env = "FOREST_STORE_LOW_PRIORITY_COMPACTIONS")]
     store_low_priority_compactions: bool,
     /// Bound on records waiting in the co-partition merge: from 3/4 of it, fetching pauses for
