@@ -100,11 +100,11 @@ type Key = CompactString;
 
 /// How far below its bounds a trim takes the cache: 1/1024 of each (at least one user or
 /// byte), so a trim evicts that plus what the batches since the last one brought in. Why so
-/// little: eviction runs on the worker that folds, a few microseconds per evicted user
-/// (mostly freeing its state), and a large trim stops the fold for all of it. Until session
-/// 25 a trim went down to 3/4 of the bound, so that it ran once per many batches: a quarter
+/// little: eviction runs on the worker that folds (walking the ring and freeing the evicted
+/// users' states), and a large trim stops the fold for all of it. Until session 25 a trim
+/// went down to 3/4 of the bound, so that it ran once per many batches: a quarter
 /// of the cache at once. At the processor's default bounds (1 M users, 1 GiB) and 1 M Zipf
-/// users, the worker then stopped folding for about 0.5 CPU-s every 4-5 M events, the
+/// users, the worker then spent about 0.4 CPU-s trimming every 4-5 M events, the
 /// slowest seconds of the latency runs at 100-150 K events/s on one core (BENCHMARKS.md,
 /// session 25). A small trim also keeps the cache near its bound instead of swinging
 /// between 3/4 and full: fewer reloads from the store, and on average more memory in use
