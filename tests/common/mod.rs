@@ -796,15 +796,17 @@ pub fn uncommitted_bound(cfg: &forest_processor::ProcessorConfig) -> u64 {
 /// (`seed`), start the processor with `cfg`, and once 20,000 records are committed make the
 /// system slow (`slow`) for 12 s while sampling it ([`SlowPhase`]), then `normal` again. After
 /// catching up, the slow phase must have held consumption within [`uncommitted_bound`] and RSS
-/// growth within 32 MiB, and the counters and every output must equal the pure fold's.
+/// growth within 48 MiB, and the counters and every output must equal the pure fold's.
 ///
 /// The RSS bound: the processor's buffers hold at most the bound in records (~200 B each with
 /// their allocations, ~13 MB) and librdkafka's prefetch is capped here at 8 MiB
 /// (`queued.max.messages.kbytes`), while the whole input buffered in the process would take
 /// ~60 MB more. (The counter bound is the precise check.) With librdkafka's default 64 MiB
 /// prefetch, growth varied from 5 to 64 MiB between runs and once failed CI against a 64 MiB
-/// bound; with the cap it was 11-15 MiB in 6 runs (session 24, both brokers), so the bound is
-/// now 32 MiB: about half of what buffering the rest of the input would add.
+/// bound; with the cap it was 11-15 MiB in 6 runs (session 24, both brokers), and session 24
+/// set the bound to 32 MiB. Session 25's CI then saw 39 MB once (the mock cluster's slow-store
+/// run, whose broker, block cache and projection cache all live in this process), so the bound
+/// is 48 MiB: still below what buffering the rest of the input would add.
 pub fn slow_phase_campaign(
     b: &TestBroker,
     store: &std::path::Path,
@@ -815,7 +817,7 @@ pub fn slow_phase_campaign(
     normal: impl FnOnce(),
 ) {
     const CATCH_UP: Duration = Duration::from_secs(300);
-    const RSS_GROWTH_BOUND: u64 = 32 << 20;
+    const RSS_GROWTH_BOUND: u64 = 48 << 20;
     const PREFETCH_KBYTES: u64 = 8 << 10;
     let started = Instant::now();
     let records = produce(b, workload(seed, 300_000, 30_000));
