@@ -49,9 +49,10 @@ CONTROLLER_PORT="${FOREST_KAFKA_CONTROLLER_PORT:-19093}"
 START_TIMEOUT="${FOREST_KAFKA_START_TIMEOUT:-90}"
 HEAP_OPTS="${FOREST_KAFKA_HEAP_OPTS:--Xms512m -Xmx1g}"
 # ZGC, not G1 (Kafka's own default): G1's young-generation pauses stop the broker for about
-# 20 ms every 4-5 s under the latency benchmark's load, and the seconds with a pause were the
-# slow ones (p99 at 100 K events/s: 32-38 ms with G1, 26.9 with ZGC). ZGC's pauses are under
-# 1 ms; full-speed throughput and the broker's CPU were the same (BENCHMARKS.md, session 26).
+# 20 ms every 4-5 s under the latency benchmark's load, and a second with a pause was far more
+# often a slow one (p99 at 100 K events/s: 32.0-38.1 ms with G1, 26.9 with ZGC, 2 runs each;
+# at 90 K both 26.9). ZGC's pauses are under 1 ms; full-speed throughput and the broker's CPU
+# were the same within the runs' spread (BENCHMARKS.md, session 26).
 GC_OPTS="${FOREST_KAFKA_GC_OPTS:--XX:+UseZGC}"
 JVM_OPTS="${FOREST_KAFKA_JVM_OPTS:-}"
 HOST=127.0.0.1
