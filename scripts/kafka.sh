@@ -25,8 +25,11 @@
 #   FOREST_KAFKA_CONTROLLER_PORT  CONTROLLER port  (default 19093)
 #   FOREST_KAFKA_START_TIMEOUT    seconds to wait for readiness (default 90)
 #   FOREST_KAFKA_HEAP_OPTS        default "-Xms512m -Xmx1g"
-#   FOREST_KAFKA_GC_OPTS          default "-XX:+UseZGC"; Kafka's own choice is
-#                                 "-XX:+UseG1GC -XX:MaxGCPauseMillis=20"
+#   FOREST_KAFKA_GC_OPTS          the collector, default "-XX:+UseZGC"; this script's
+#                                 G1 before session 26: "-XX:+UseG1GC -XX:MaxGCPauseMillis=20"
+#                                 (Kafka's own scripts add -XX:InitiatingHeapOccupancyPercent=35
+#                                 -XX:+ExplicitGCInvokesConcurrent). Choose it here, not in
+#                                 FOREST_KAFKA_JVM_OPTS: two collectors stop the JVM at start.
 #   FOREST_KAFKA_JVM_OPTS         extra JVM options
 #   FOREST_KAFKA_KEEP_DATA        1: `stop` keeps the data dir
 #   JAVA_HOME                     java to use (else `java` on PATH)
@@ -47,12 +50,16 @@ STAMP_NAME=".forest-pom.sha256"
 PORT="${FOREST_KAFKA_PORT:-19092}"
 CONTROLLER_PORT="${FOREST_KAFKA_CONTROLLER_PORT:-19093}"
 START_TIMEOUT="${FOREST_KAFKA_START_TIMEOUT:-90}"
+# With ZGC (below) the free heap fell as low as 2 MiB in one benchmark at 1 GiB, with no
+# allocation stall in any run; 2 GiB was no better in an adjacent pair (BENCHMARKS.md,
+# session 26). Raise it here if the broker's GC log shows "Allocation Stall".
 HEAP_OPTS="${FOREST_KAFKA_HEAP_OPTS:--Xms512m -Xmx1g}"
 # ZGC, not G1 (Kafka's own default): G1's young-generation pauses stop the broker for about
-# 20 ms every 4-5 s under the latency benchmark's load, and a second with a pause was far more
+# 20 ms about every 4 s under the latency benchmark's load, and a second with a pause was far more
 # often a slow one (p99 at 100 K events/s: 32.0-38.1 ms with G1, 26.9 with ZGC, 2 runs each;
-# at 90 K both 26.9). ZGC's pauses are under 1 ms; full-speed throughput and the broker's CPU
-# were the same within the runs' spread (BENCHMARKS.md, session 26).
+# at 90 K both 26.9). ZGC's pauses were almost all under 0.5 ms (the longest 4.5 ms);
+# full-speed throughput and the broker's CPU were the same within the runs' spread
+# (BENCHMARKS.md, session 26).
 GC_OPTS="${FOREST_KAFKA_GC_OPTS:--XX:+UseZGC}"
 JVM_OPTS="${FOREST_KAFKA_JVM_OPTS:-}"
 HOST=127.0.0.1
