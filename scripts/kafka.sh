@@ -54,8 +54,8 @@ START_TIMEOUT="${FOREST_KAFKA_START_TIMEOUT:-90}"
 # allocation stall in any run; 2 GiB was no better in an adjacent pair (BENCHMARKS.md,
 # session 26). Raise it here if the broker's GC log shows "Allocation Stall".
 HEAP_OPTS="${FOREST_KAFKA_HEAP_OPTS:--Xms512m -Xmx1g}"
-# ZGC, not G1 (Kafka's own default): G1's young-generation pauses stop the broker for about
-# 20 ms about every 4 s under the latency benchmark's load, and a second with a pause was far more
+# ZGC, not G1 (Kafka's own default): under the latency benchmark's load G1's young pauses
+# stopped the broker for about 20 ms about every 4 s, and a second with a pause was far more
 # often a slow one (p99 at 100 K events/s: 32.0-38.1 ms with G1, 26.9 with ZGC, 2 runs each;
 # at 90 K both 26.9). ZGC's pauses were almost all under 0.5 ms (the longest 4.5 ms);
 # full-speed throughput and the broker's CPU were the same within the runs' spread
