@@ -16,10 +16,17 @@
 //!
 //! Each thread remembers the strings it interned last, so reading a projection normally takes
 //! no lock: the workers would otherwise share the table's lock on every load.
+//!
+//! The (rules version, rule id) pairs are interned the same way, on top of the strings
+//! ([`intern_rule`]): a credit note names its rule by a pointer to the pair, so the fold sets
+//! it with one store, and a projection needs no rule table of its own in memory (BENCHMARKS.md,
+//! session 27: keeping such a table cost the fold 18-24 % at 100 users).
 
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock, PoisonError};
+
+use crate::NoteRule;
 
 /// Most distinct strings the process interns: far above any deployment's rules history (200
 /// rules versions of 20 rules is 4,200), far below a memory problem (a few MiB).
@@ -29,9 +36,20 @@ pub(crate) const MAX_INTERNED: usize = 1 << 16;
 const RECENT: usize = 32;
 
 static TABLE: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+static RULES: OnceLock<Mutex<HashSet<&'static NoteRule>>> = OnceLock::new();
 
 thread_local! {
     static RECENTLY: RefCell<Vec<&'static str>> = const { RefCell::new(Vec::new()) };
+    static RECENT_RULES: RefCell<Vec<&'static NoteRule>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Keeps `x` among a thread's last [`RECENT`] lookups.
+fn remember<T: Copy>(recent: &RefCell<Vec<T>>, x: T) {
+    let mut r = recent.borrow_mut();
+    if r.len() >= RECENT {
+        r.remove(0);
+    }
+    r.push(x);
 }
 
 /// The process's one copy of `s`, made on first use; `None` if `s` is new and the table
@@ -55,13 +73,41 @@ pub(crate) fn intern(s: &str) -> Option<&'static str> {
             }
         }
     };
-    RECENTLY.with(|r| {
-        let mut r = r.borrow_mut();
-        if r.len() >= RECENT {
-            r.remove(0);
-        }
-        r.push(interned);
+    RECENTLY.with(|r| remember(r, interned));
+    Some(interned)
+}
+
+/// The process's one copy of the pair (`rules_version`, `rule_id`), its strings interned too;
+/// `None` if either string or the pair is new and its table is full (see [`MAX_INTERNED`]).
+pub(crate) fn intern_rule(rules_version: &str, rule_id: &str) -> Option<&'static NoteRule> {
+    let hit = RECENT_RULES.with(|r| {
+        r.borrow()
+            .iter()
+            .copied()
+            .find(|x| x.rules_version == rules_version && x.rule_id == rule_id)
     });
+    if hit.is_some() {
+        return hit;
+    }
+    let wanted = NoteRule {
+        rules_version: intern(rules_version)?,
+        rule_id: intern(rule_id)?,
+    };
+    let interned = {
+        let table = RULES.get_or_init(Mutex::default);
+        // As above: inserting a leaked pair is the only write.
+        let mut set = table.lock().unwrap_or_else(PoisonError::into_inner);
+        match set.get(&wanted) {
+            Some(&interned) => interned,
+            None if set.len() >= MAX_INTERNED => return None,
+            None => {
+                let interned: &'static NoteRule = Box::leak(Box::new(wanted));
+                set.insert(interned);
+                interned
+            }
+        }
+    };
+    RECENT_RULES.with(|r| remember(r, interned));
     Some(interned)
 }
 
@@ -84,5 +130,25 @@ mod tests {
                 .join()
                 .unwrap();
         assert!(std::ptr::eq(a, a2) && std::ptr::eq(c, c2));
+    }
+
+    #[test]
+    fn equal_rule_pairs_share_one_copy_whatever_thread() {
+        let p = intern_rule(&String::from("2026.11-1"), "walking-v2").unwrap();
+        assert_eq!((p.rules_version, p.rule_id), ("2026.11-1", "walking-v2"));
+        assert!(std::ptr::eq(p.rules_version, intern("2026.11-1").unwrap()));
+        assert!(std::ptr::eq(
+            p,
+            intern_rule("2026.11-1", "walking-v2").unwrap()
+        ));
+        // ("a", "b.c") and ("a.b", "c") are different pairs.
+        let q = intern_rule("2026.11-1.walking-v2", "").unwrap();
+        assert!(!std::ptr::eq(p, q));
+        let other = std::thread::spawn(|| {
+            std::ptr::from_ref(intern_rule("2026.11-1", "walking-v2").unwrap()) as usize
+        })
+        .join()
+        .unwrap();
+        assert_eq!(std::ptr::from_ref(p) as usize, other);
     }
 }

@@ -5,6 +5,7 @@
 //! built-in default is `rules/default.toml`; a deployment can load its own file.
 
 use crate::Behaviour;
+use crate::NoteRule;
 use crate::behaviour::Unit;
 use chrono_tz::Tz;
 use serde::Deserialize;
@@ -99,11 +100,9 @@ pub struct Rule {
     pub max_quantity: i64,
     pub quantity_scope: QuantityScope,
     pub caps: Vec<Cap>,
-    /// A 64-bit hash of (rules version, rule id): how a projection finds the stored copy of
-    /// this rule's identity without comparing strings (see `UserState::credit_rules`).
-    pub(crate) note_key: u64,
-    /// `id`, interned: projections refer to it instead of holding a copy each.
-    pub(crate) shared_id: &'static str,
+    /// (rules version, `id`), interned: what each credit note made under this rule names
+    /// (see [`crate::CreditNote::rule`]).
+    pub(crate) note_rule: &'static NoteRule,
 }
 
 /// Why a rules file's version or rule id could not be interned (see [`crate::intern`]).
@@ -112,17 +111,6 @@ fn too_many_identities() -> String {
         "this process already holds {} distinct rules versions and rule ids; restart it",
         crate::intern::MAX_INTERNED
     )
-}
-
-/// The key [`Rule::note_key`] holds for a rules version and rule id. The NUL separator keeps
-/// ("a", "b.c") and ("a.b", "c") apart (neither part may contain NUL: TOML strings may, but a
-/// collision would only mislabel a stored explanation, never change a credit).
-pub(crate) fn note_key(rules_version: &str, rule_id: &str) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(rules_version.as_bytes());
-    h.update(&[0]);
-    h.update(rule_id.as_bytes());
-    h.digest()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,8 +129,6 @@ pub struct RuleSet {
     pub max_future_skew_ms: i64,
     pub dedupe_max_ids: usize,
     pub species: Vec<Species>,
-    /// `version`, interned: projections refer to it instead of holding a copy each.
-    pub(crate) shared_version: &'static str,
     pub(crate) default_species: usize,
     /// Cheapest species: a balance below it cannot mature any tree, so the fold skips the
     /// species lookup on almost every event.
@@ -314,12 +300,11 @@ impl RuleSet {
             if slot.is_some() {
                 return invalid(format!("behaviour {} has more than one rule", r.behaviour));
             }
-            let Some(shared_id) = crate::intern::intern(&r.id) else {
+            let Some(note_rule) = crate::intern::intern_rule(&file.version, &r.id) else {
                 return invalid(too_many_identities());
             };
             *slot = Some(Rule {
-                note_key: note_key(&file.version, &r.id),
-                shared_id,
+                note_rule,
                 id: r.id,
                 behaviour: r.behaviour,
                 earn,
@@ -330,11 +315,7 @@ impl RuleSet {
             });
         }
         let min_species_cost = species.iter().map(|s| s.cost_g).min().unwrap_or(u64::MAX);
-        let Some(shared_version) = crate::intern::intern(&file.version) else {
-            return invalid(too_many_identities());
-        };
         Ok(Self {
-            shared_version,
             version: file.version,
             timezone,
             grace_window_ms: i64::from(file.grace_window_hours) * 3_600_000,
@@ -397,7 +378,10 @@ mod tests {
         for b in Behaviour::ALL {
             let rule = r.rule(b).unwrap_or_else(|| panic!("no rule for {b}"));
             assert_eq!(rule.behaviour, b);
-            assert_eq!(rule.note_key, note_key(&r.version, &rule.id));
+            assert_eq!(
+                (rule.note_rule.rules_version, rule.note_rule.rule_id),
+                (r.version.as_str(), rule.id.as_str())
+            );
         }
         assert_eq!(
             behaviours.len(),

@@ -82,9 +82,8 @@ pub fn estimate_bytes(s: &UserState) -> usize {
         + s.species.as_ref().map_or(0, String::capacity)
         + s.counters.capacity() * size_of::<forest_domain::Counter>()
         + s.recent_ids.capacity() * 2 * size_of::<(i64, u64)>()
+        // A note's rule is the process's interned pair, not the projection's.
         + s.recent_credits.capacity() * size_of::<forest_domain::CreditNote>()
-        // The rule table's strings are the process's interned copies, not the projection's.
-        + s.credit_rules.capacity() * size_of::<forest_domain::NoteRule>()
         + s.day_quantities.capacity() * size_of::<forest_domain::DayQuantity>()
 }
 
