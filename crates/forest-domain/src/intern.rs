@@ -1,12 +1,10 @@
 //! Rule identities held once for the life of the process.
 //!
 //! Why: every credit note names the rules version and rule id it was made under
-//! ([`crate::NoteRule`]). Shared as `Arc<str>`, reusing a projection's rule table entry for
-//! another rule cost up to four (usually two) atomic read-modify-writes on counters every
-//! worker shares, and each projection read from the store allocated its strings anew.
-//! Interned, an entry is two plain pointers and a read allocates nothing for it
-//! (BENCHMARKS.md, session 15, has what that measured: no change in the fold, 3 % in a
-//! benchmark that reads every projection back).
+//! ([`crate::NoteRule`]). Shared as `Arc<str>`, they cost atomic read-modify-writes on
+//! counters every worker shares, and each projection read from the store allocated its
+//! strings anew; interned, a read allocates nothing for them (BENCHMARKS.md, session 15: no
+//! change in the fold, 3 % in a benchmark that reads every projection back).
 //!
 //! The table never shrinks. Legitimately it holds the distinct rules versions and rule ids of
 //! the rules files this process loaded and of the projections it read: a few per rules
@@ -28,8 +26,9 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 
 use crate::NoteRule;
 
-/// Most distinct strings the process interns: far above any deployment's rules history (200
-/// rules versions of 20 rules is 4,200), far below a memory problem (a few MiB).
+/// Most distinct strings the process interns, and separately most distinct (rules version,
+/// rule id) pairs: far above any deployment's rules history (200 rules versions of 20 rules
+/// is 4,200 of each), far below a memory problem (a few MiB).
 pub(crate) const MAX_INTERNED: usize = 1 << 16;
 
 /// Strings each thread looked up last, checked before the shared table.

@@ -108,7 +108,8 @@ pub struct Rule {
 /// Why a rules file's version or rule id could not be interned (see [`crate::intern`]).
 fn too_many_identities() -> String {
     format!(
-        "this process already holds {} distinct rules versions and rule ids; restart it",
+        "this process already holds {} distinct rules versions, rule ids or pairs of them; \
+         restart it",
         crate::intern::MAX_INTERNED
     )
 }

@@ -488,11 +488,10 @@ pub struct CreditNote {
 
 /// The identity of the rule behind stored credits: see [`CreditNote::rule`].
 ///
-/// The strings are the process's interned copies (one per distinct string, shared with the
-/// [`RuleSet`] that made the credits and with every projection), so a projection costs one
-/// small table, not a string allocation per entry, and reusing an entry is two pointer writes
-/// (an `Arc` was four atomic operations on counters every worker shares): the fold is
-/// memory-bound, and per-user heap blocks slow every user down. Stored as plain strings.
+/// Each distinct pair exists once in the process, its strings the process's interned copies
+/// (see [`crate::intern`]), shared with the [`RuleSet`] that made the credits and with every
+/// projection: a note names it with a pointer, and a projection holds no strings of its own.
+/// Stored as plain strings, in a table per projection (see [`UserState`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct NoteRule {
     pub rules_version: &'static str,
@@ -619,10 +618,11 @@ mod ids_codec {
 /// The stored encoding of a [`UserState`], as its fields were when serde derived it (so every
 /// stored projection still reads): the credit notes name their rules by index into a table
 /// stored after them. The table is made here from the notes' interned pairs, each distinct
-/// pair once, in the order the notes first name them, and read back into those pairs: the
-/// fold itself keeps no per-user table (see [`crate::intern`] for why).
+/// pair once, in the order the notes first name them, and read back into those pairs (with no
+/// heap block for up to [`RECENT_CREDITS`] of them): the fold itself keeps no per-user table
+/// (see [`crate::intern`] for why).
 mod stored {
-    use super::{CreditNote, NoteRule, UserState, ids_codec};
+    use super::{CreditNote, NoteRule, RECENT_CREDITS, UserState, ids_codec};
     use crate::{Behaviour, Counter, DayQuantity, NoteLimit};
     use chrono_tz::Tz;
     use compact_str::CompactString;
@@ -643,41 +643,71 @@ mod stored {
         limited_by: Option<NoteLimit>,
     }
 
-    /// The index a note's rule has in the stored table, `u8::MAX` for a note with none (read
-    /// back as none). Quadratic in the notes, which the fold keeps at 5.
-    fn table_index(notes: &VecDeque<CreditNote>, rule: Option<&'static NoteRule>) -> Option<usize> {
-        let rule = rule?;
-        let mut index = 0;
-        for (i, n) in notes.iter().enumerate() {
-            let Some(r) = n.rule else { continue };
-            // Pairs are interned: one copy each, so the address is the identity.
-            let first = notes
-                .iter()
-                .take(i)
-                .all(|m| m.rule.is_none_or(|x| !std::ptr::eq(x, r)));
-            if !first {
-                continue;
-            }
-            if std::ptr::eq(r, rule) {
-                return Some(index);
-            }
-            index += 1;
-        }
-        None
+    /// The distinct rules of a projection's notes, in the order the notes first name them:
+    /// the stored table. Inline for the [`RECENT_CREDITS`] notes the fold keeps; only a
+    /// projection not written by the fold can need more.
+    #[derive(Default)]
+    struct Table {
+        inline: [Option<&'static NoteRule>; RECENT_CREDITS],
+        more: Vec<&'static NoteRule>,
     }
 
-    struct NotesOut<'a>(&'a VecDeque<CreditNote>);
+    impl Table {
+        fn of(notes: &VecDeque<CreditNote>) -> Self {
+            let mut t = Self::default();
+            for r in notes.iter().filter_map(|n| n.rule) {
+                if t.index_of(r).is_none() {
+                    t.push(r);
+                }
+            }
+            t
+        }
+
+        fn push(&mut self, r: &'static NoteRule) {
+            match self.inline.iter_mut().find(|e| e.is_none()) {
+                Some(e) => *e = Some(r),
+                None => self.more.push(r),
+            }
+        }
+
+        fn iter(&self) -> impl Iterator<Item = &'static NoteRule> + '_ {
+            self.inline
+                .iter()
+                .map_while(|e| *e)
+                .chain(self.more.iter().copied())
+        }
+
+        fn len(&self) -> usize {
+            self.inline.iter().take_while(|e| e.is_some()).count() + self.more.len()
+        }
+
+        fn get(&self, i: usize) -> Option<&'static NoteRule> {
+            match self.inline.get(i) {
+                Some(e) => *e,
+                None => self.more.get(i - RECENT_CREDITS).copied(),
+            }
+        }
+
+        /// Pairs are interned, one copy each: the address is the identity.
+        fn index_of(&self, r: &'static NoteRule) -> Option<usize> {
+            self.iter().position(|x| std::ptr::eq(x, r))
+        }
+    }
+
+    /// The notes as stored: each rule as its place in the table, or `u8::MAX` for a note
+    /// naming none (read back as none), so a table may hold at most 255 rules.
+    struct NotesOut<'a>(&'a VecDeque<CreditNote>, &'a Table);
 
     impl Serialize for NotesOut<'_> {
         fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
             let mut seq = ser.serialize_seq(Some(self.0.len()))?;
             for n in self.0 {
-                let rule = match table_index(self.0, n.rule) {
+                let rule = match n.rule.and_then(|r| self.1.index_of(r)) {
                     None => u8::MAX,
                     Some(i) => u8::try_from(i)
                         .ok()
                         .filter(|&i| i < u8::MAX)
-                        .ok_or_else(|| ser::Error::custom("credit notes name 255 rules or more"))?,
+                        .ok_or_else(|| ser::Error::custom("credit notes name 256 rules or more"))?,
                 };
                 seq.serialize_element(&StoredNote {
                     event_ms: n.event_ms,
@@ -692,31 +722,46 @@ mod stored {
         }
     }
 
-    /// The notes' distinct rules, in the order they first name them.
-    struct TableOut<'a>(&'a VecDeque<CreditNote>);
-
-    impl TableOut<'_> {
-        fn rules(&self) -> impl Iterator<Item = &'static NoteRule> + '_ {
-            let notes = self.0;
-            notes.iter().enumerate().filter_map(move |(i, n)| {
-                let r = n.rule?;
-                notes
-                    .iter()
-                    .take(i)
-                    .all(|m| m.rule.is_none_or(|x| !std::ptr::eq(x, r)))
-                    .then_some(r)
-            })
-        }
-    }
-
-    impl Serialize for TableOut<'_> {
+    impl Serialize for Table {
         fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
             // Counted first: a binary format writes the length before the entries.
-            let mut seq = ser.serialize_seq(Some(self.rules().count()))?;
-            for r in self.rules() {
+            let mut seq = ser.serialize_seq(Some(self.len()))?;
+            for r in self.iter() {
                 seq.serialize_element(r)?;
             }
             seq.end()
+        }
+    }
+
+    /// The stored table as read: each entry, at its stored position, as the process's pair.
+    impl<'de> Deserialize<'de> for Table {
+        fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Table;
+
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a sequence of rule identities")
+                }
+
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Table, A::Error> {
+                    let mut t = Table::default();
+                    while let Some(r) = seq.next_element::<NoteRule>()? {
+                        // The strings are interned already; the pair may be new.
+                        let pair = crate::intern::intern_rule(r.rules_version, r.rule_id)
+                            .ok_or_else(|| {
+                                de::Error::custom(format_args!(
+                                    "rule identity {r:?}: the process already holds {} \
+                                     distinct ones",
+                                    crate::intern::MAX_INTERNED
+                                ))
+                            })?;
+                        t.push(pair);
+                    }
+                    Ok(t)
+                }
+            }
+            de.deserialize_seq(V)
         }
     }
 
@@ -740,12 +785,13 @@ mod stored {
         #[serde(serialize_with = "ser_ids")]
         recent_ids: &'a VecDeque<(i64, u64)>,
         recent_credits: NotesOut<'a>,
-        credit_rules: TableOut<'a>,
+        credit_rules: &'a Table,
         day_quantities: &'a Vec<DayQuantity>,
     }
 
     impl Serialize for UserState {
         fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+            let table = Table::of(&self.recent_credits);
             Out {
                 user_id: &self.user_id,
                 balance_g: self.balance_g,
@@ -758,8 +804,8 @@ mod stored {
                 dedupe_floor_ms: self.dedupe_floor_ms,
                 counters: &self.counters,
                 recent_ids: &self.recent_ids,
-                recent_credits: NotesOut(&self.recent_credits),
-                credit_rules: TableOut(&self.recent_credits),
+                recent_credits: NotesOut(&self.recent_credits, &table),
+                credit_rules: &table,
                 day_quantities: &self.day_quantities,
             }
             .serialize(ser)
@@ -769,8 +815,8 @@ mod stored {
     /// The notes as read, their rules still indices (into a table that comes after them).
     struct NotesIn {
         notes: VecDeque<CreditNote>,
-        /// The stored index of each note's rule, the first [`super::RECENT_CREDITS`] inline.
-        first: [u8; super::RECENT_CREDITS],
+        /// The stored index of each note's rule, the first [`RECENT_CREDITS`] inline.
+        first: [u8; RECENT_CREDITS],
         rest: Vec<u8>,
     }
 
@@ -787,12 +833,12 @@ mod stored {
                 fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<NotesIn, A::Error> {
                     let mut out = NotesIn {
                         notes: VecDeque::new(),
-                        first: [u8::MAX; super::RECENT_CREDITS],
+                        first: [u8::MAX; RECENT_CREDITS],
                         rest: Vec::new(),
                     };
                     while let Some(n) = seq.next_element::<StoredNote>()? {
                         if out.notes.capacity() == 0 {
-                            out.notes.reserve_exact(super::RECENT_CREDITS);
+                            out.notes.reserve_exact(RECENT_CREDITS);
                         }
                         match out.first.get_mut(out.notes.len()) {
                             Some(slot) => *slot = n.rule,
@@ -830,32 +876,20 @@ mod stored {
         #[serde(with = "ids_codec")]
         recent_ids: VecDeque<(i64, u64)>,
         recent_credits: NotesIn,
-        credit_rules: Vec<NoteRule>,
+        credit_rules: Table,
         day_quantities: Vec<DayQuantity>,
     }
 
     impl<'de> Deserialize<'de> for UserState {
         fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
             let s = In::deserialize(de)?;
-            let mut table = Vec::with_capacity(s.credit_rules.len());
-            for r in &s.credit_rules {
-                // The strings are interned already; the pair may be new.
-                table.push(
-                    crate::intern::intern_rule(r.rules_version, r.rule_id).ok_or_else(|| {
-                        de::Error::custom(format_args!(
-                            "rule identity {r:?}: the process already holds {} distinct ones",
-                            crate::intern::MAX_INTERNED
-                        ))
-                    })?,
-                );
-            }
             let NotesIn {
                 mut notes,
                 first,
                 rest,
             } = s.recent_credits;
             for (n, &i) in notes.iter_mut().zip(first.iter().chain(&rest)) {
-                n.rule = table.get(usize::from(i)).copied();
+                n.rule = s.credit_rules.get(usize::from(i));
             }
             Ok(UserState {
                 user_id: s.user_id,
@@ -1019,7 +1053,7 @@ impl UserState {
     /// Keeps `note` as the newest credit explanation, dropping the oldest past
     /// [`RECENT_CREDITS`].
     fn push_note(&mut self, note: CreditNote) {
-        // More than one only in a projection not written by the fold.
+        // More than one note to drop only in a projection not written by the fold.
         while self.recent_credits.len() >= RECENT_CREDITS {
             self.recent_credits.pop_front();
         }
@@ -1170,8 +1204,9 @@ impl UserState {
     /// Starts loading the cold parts of the projection that applying an event (of `rule`, id
     /// hash `hash`) will touch late: the oldest remembered id (pruned or evicted by most
     /// accepted events), the id index's slot for `hash`, the counters of the rule's caps, the
-    /// credit ring's slot the new note goes to and the day's quantity. The misses then overlap instead of following one another. Reads only
-    /// fields the fold reads anyway, and changes nothing.
+    /// credit ring's slot the new note goes to and the day's quantity. The misses then overlap
+    /// instead of following one another. Reads only fields the fold reads anyway, and changes
+    /// nothing.
     #[inline]
     fn prefetch(&self, rule: Option<&Rule>, hash: u64) {
         if let Some(front) = self.recent_ids.front() {
@@ -1209,9 +1244,10 @@ impl UserState {
     }
 
     /// Starts loading the first cache line of each heap part a stored encoding reads (the
-    /// user id if too long to be inline, counters, ids, credits and day quantities), changing nothing. For a writer that serialises many projections in a row,
-    /// or a fold that knows its next users: with their misses started a few projections
-    /// ahead, they overlap instead of following one another.
+    /// user id if too long to be inline, counters, ids, credits and day quantities), changing
+    /// nothing. For a writer that serialises many projections in a row, or a fold that knows
+    /// its next users: with their misses started a few projections ahead, they overlap instead
+    /// of following one another.
     #[inline]
     pub fn prefetch_stored_parts(&self) {
         if self.user_id.is_heap_allocated() {
@@ -2274,7 +2310,7 @@ mod tests {
     }
 
     #[test]
-    fn the_credit_rule_table_stays_small_and_consistent() {
+    fn credit_notes_stay_few_and_name_their_rules_through_stored_round_trips() {
         // Many behaviours in turn, through stored round trips: every note still names its own
         // rule, and no more than RECENT_CREDITS notes are kept.
         let r = RuleSet::default();
@@ -2384,10 +2420,73 @@ mod tests {
         let back: UserState = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(back.recent_credits.len(), 1);
         assert_eq!(back.note_rule(&back.recent_credits[0]), None);
-        // And is written back with an index no table holds.
-        let again: UserState =
-            postcard::from_bytes(&postcard::to_allocvec(&back).unwrap()).unwrap();
+        // And is written back with the index 255, which no table holds, and the empty table.
+        // The note's index is followed by its raw and credited grams (80: a byte each) and
+        // its `limited_by` (none: a byte), then comes the table.
+        let written = postcard::to_allocvec(&back).unwrap();
+        let rule_at = table_at - 4;
+        assert_eq!(bytes[rule_at], 0, "the note's stored index");
+        let mut expected = bytes.clone();
+        expected[rule_at] = u8::MAX;
+        assert_eq!(written, expected);
+        let again: UserState = postcard::from_bytes(&written).unwrap();
         assert_eq!(again, back);
+    }
+
+    #[test]
+    fn notes_naming_no_rule_are_not_counted_in_the_stored_table() {
+        // Notes naming [bus, none, e-invoice, bus] are stored with the indices [0, 255, 1, 0]
+        // and the table [bus, e-invoice].
+        let r = RuleSet::default();
+        let mut s = UserState::new("u");
+        let behaviours = [
+            Behaviour::BusRide,
+            Behaviour::BusRide,
+            Behaviour::EInvoice,
+            Behaviour::BusRide,
+        ];
+        for (i, b) in behaviours.into_iter().enumerate() {
+            r.apply(&mut s, &credit(&format!("e{i}"), NOON + i as i64, b, 3_000))
+                .unwrap();
+        }
+        s.recent_credits[1].rule = None;
+        /// The stored layout, read field by field.
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct Note {
+            event_ms: i64,
+            behaviour: Behaviour,
+            rule: u8,
+            raw_g: u64,
+            credited_g: u64,
+            limited_by: Option<NoteLimit>,
+        }
+        #[derive(Deserialize)]
+        #[allow(dead_code)]
+        struct Stored {
+            user_id: CompactString,
+            balance_g: u64,
+            lifetime_g: u64,
+            spent_g: u64,
+            trees_matured: u64,
+            species: Option<String>,
+            timezone: Option<Tz>,
+            newest_event_ms: Option<i64>,
+            dedupe_floor_ms: Option<i64>,
+            counters: Vec<Counter>,
+            #[serde(with = "super::ids_codec")]
+            recent_ids: VecDeque<(i64, u64)>,
+            recent_credits: Vec<Note>,
+            credit_rules: Vec<NoteRule>,
+            day_quantities: Vec<DayQuantity>,
+        }
+        let bytes = postcard::to_allocvec(&s).unwrap();
+        let stored: Stored = postcard::from_bytes(&bytes).unwrap();
+        let indices: Vec<u8> = stored.recent_credits.iter().map(|n| n.rule).collect();
+        assert_eq!(indices, [0, 255, 1, 0]);
+        let ids: Vec<&str> = stored.credit_rules.iter().map(|r| r.rule_id).collect();
+        assert_eq!(ids, ["bus_ride.v1", "e_invoice.v1"]);
+        assert_eq!(postcard::from_bytes::<UserState>(&bytes).unwrap(), s);
     }
 
     #[test]
@@ -2719,7 +2818,7 @@ mod tests {
         assert_eq!(r.rule(Behaviour::EBikeRide).unwrap().id, "e_bike_ride.v1");
     }
 
-    /// A serde round trip through TOML, to test `#[serde(skip)]` of the derived fields.
+    /// A serde round trip through TOML, to test that the derived fields are not stored.
     fn serde_json_like(s: &UserState) -> UserState {
         let text = toml::to_string(s).unwrap();
         toml::from_str(&text).unwrap()

@@ -400,7 +400,7 @@ impl Core {
             // (`Rec::prefetch`); 3/2 LOOK_AHEAD on, reading its key, the user's map bucket
             // (`ProjectionCache::prefetch_entry`); LOOK_AHEAD on, finding the user there, its
             // cache slot (`ProjectionCache::prefetch`); half LOOK_AHEAD on, with the slot
-            // loaded, its heap parts (counters, ids, credits, rule table, day quantities:
+            // loaded, its heap parts (counters, ids, credits, day quantities:
             // `ProjectionCache::prefetch_parts`). Session 14: the slot lookup waiting for its
             // bucket was the largest item of a 1 M-user profile.
             // Each stage finds the user by the hash the record computed when it was fetched
