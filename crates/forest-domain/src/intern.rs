@@ -51,27 +51,35 @@ fn remember<T: Copy>(recent: &RefCell<Vec<T>>, x: T) {
     r.push(x);
 }
 
+/// `wanted`'s copy in `table`, made by `leak` on first use; `None` if it is new and the
+/// table already holds [`MAX_INTERNED`] values.
+fn find_or_leak<T: Eq + std::hash::Hash + ?Sized>(
+    table: &'static OnceLock<Mutex<HashSet<&'static T>>>,
+    wanted: &T,
+    leak: impl FnOnce() -> &'static T,
+) -> Option<&'static T> {
+    let table = table.get_or_init(Mutex::default);
+    // A panic while the lock was held cannot leave the set half-changed: `insert` of a leaked
+    // value is the only write.
+    let mut set = table.lock().unwrap_or_else(PoisonError::into_inner);
+    match set.get(wanted) {
+        Some(&interned) => Some(interned),
+        None if set.len() >= MAX_INTERNED => None,
+        None => {
+            let interned = leak();
+            set.insert(interned);
+            Some(interned)
+        }
+    }
+}
+
 /// The process's one copy of `s`, made on first use; `None` if `s` is new and the table
 /// already holds [`MAX_INTERNED`] strings.
 pub(crate) fn intern(s: &str) -> Option<&'static str> {
     if let Some(hit) = RECENTLY.with(|r| r.borrow().iter().copied().find(|&x| x == s)) {
         return Some(hit);
     }
-    let interned = {
-        let table = TABLE.get_or_init(Mutex::default);
-        // A panic while the lock was held cannot leave the set half-changed: `insert` of a
-        // leaked string is the only write.
-        let mut set = table.lock().unwrap_or_else(PoisonError::into_inner);
-        match set.get(s) {
-            Some(&interned) => interned,
-            None if set.len() >= MAX_INTERNED => return None,
-            None => {
-                let interned: &'static str = Box::leak(Box::from(s));
-                set.insert(interned);
-                interned
-            }
-        }
-    };
+    let interned = find_or_leak(&TABLE, s, || Box::leak(Box::from(s)))?;
     RECENTLY.with(|r| remember(r, interned));
     Some(interned)
 }
@@ -92,20 +100,7 @@ pub(crate) fn intern_rule(rules_version: &str, rule_id: &str) -> Option<&'static
         rules_version: intern(rules_version)?,
         rule_id: intern(rule_id)?,
     };
-    let interned = {
-        let table = RULES.get_or_init(Mutex::default);
-        // As above: inserting a leaked pair is the only write.
-        let mut set = table.lock().unwrap_or_else(PoisonError::into_inner);
-        match set.get(&wanted) {
-            Some(&interned) => interned,
-            None if set.len() >= MAX_INTERNED => return None,
-            None => {
-                let interned: &'static NoteRule = Box::leak(Box::new(wanted));
-                set.insert(interned);
-                interned
-            }
-        }
-    };
+    let interned = find_or_leak(&RULES, &wanted, || Box::leak(Box::new(wanted)))?;
     RECENT_RULES.with(|r| remember(r, interned));
     Some(interned)
 }
