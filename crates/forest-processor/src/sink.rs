@@ -166,11 +166,11 @@ impl Sink {
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!(m::BATCH_SIZE).record(meta.records as f64);
         let now_ms = now_ms();
-        for &ts in &meta.batch_ts {
-            self.stats
-                .latency_durable
-                .record_ms(now_ms.saturating_sub(ts).max(0) as u64);
-        }
+        self.stats.latency_durable.record_all_ms(
+            meta.batch_ts
+                .iter()
+                .map(|&ts| now_ms.saturating_sub(ts).max(0) as u64),
+        );
         self.show_outbox_depth();
     }
 
@@ -180,12 +180,12 @@ impl Sink {
         metrics::histogram!(m::BATCH_DURATION).record(meta.closed.elapsed().as_secs_f64());
         let now_ms = now_ms();
         let mut oldest = now_ms;
-        for ts in meta.batch_ts.drain(..) {
-            oldest = oldest.min(ts);
-            self.stats
-                .latency
-                .record_ms(now_ms.saturating_sub(ts).max(0) as u64);
-        }
+        self.stats
+            .latency
+            .record_all_ms(meta.batch_ts.drain(..).map(|ts| {
+                oldest = oldest.min(ts);
+                now_ms.saturating_sub(ts).max(0) as u64
+            }));
         metrics::histogram!(m::EVENT_LATENCY).record((now_ms - oldest).max(0) as f64 / 1000.0);
     }
 
