@@ -28,13 +28,15 @@ use std::path::PathBuf;
 /// the kernel still gives huge pages unasked: set `MIMALLOC_ALLOW_THP=0` there (it disables
 /// them for the process) or THP to `madvise`.
 ///
-/// It also replaces `malloc` and `free` for the C and C++ code linked in (the `override`
-/// feature): librdkafka and RocksDB. librdkafka allocates each fetched message on its broker
-/// thread and the consumer frees it on another; through glibc those were 10 % of the broker
-/// thread's samples (`calloc`) and 12-15 % of a consuming thread's (`_int_free`,
-/// `_int_malloc`). With mimalloc under them the plain consumer (a) read 3.19-3.24 M events/s
-/// instead of 1.92-2.00 M, the processor (b) 4-11 % more, and its peak RSS fell by a quarter
-/// (BENCHMARKS.md, session 28).
+/// Built with the `malloc-override` feature (off by default), it is also `malloc` and `free`
+/// for the C and C++ code linked in: librdkafka and RocksDB. Through glibc, librdkafka's
+/// messages (allocated on its broker thread, freed on the consumer's) were 13 % of its broker
+/// thread's samples and 15 % of the thread running the bench's plain consumer. In 6 alternated
+/// pairs with the feature, the processor's peak RSS was 25-31 % lower and the plain consumer
+/// (a) 45-66 % faster, but the processor was not: its throughput (b) was lower in 4 of the 6
+/// pairs (-13 % to +11 %), and its ceiling phase (f), the processor's batched consumption with
+/// decoding and the fold, used more CPU per event in all 6 (BENCHMARKS.md, session 28). So it
+/// is a choice of memory over throughput, left to the deployment.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
