@@ -578,9 +578,9 @@ impl Default for LatencyHistogram {
 impl LatencyHistogram {
     const BUCKETS: usize = 100;
 
-    /// In integers: `floor(4 * log2(ms))` is the position of the highest set bit of `ms^4`.
-    /// The float `log2` and `floor` it replaced were a tenth of a committer thread's samples,
-    /// since every record is recorded twice (BENCHMARKS.md, session 28).
+    /// In integers: `floor(4 * log2(ms))` is `log2(ms^4)` rounded down, the position of its
+    /// highest set bit. The float `log2` and `floor` it replaced were a tenth of a committer
+    /// thread's samples, which record every record twice (BENCHMARKS.md, session 28).
     fn index(ms: u64) -> usize {
         if ms == 0 {
             return 0;
@@ -590,8 +590,7 @@ impl LatencyHistogram {
         if ms >= 1 << 25 {
             return Self::BUCKETS - 1;
         }
-        let m = u128::from(ms);
-        let i = (127 - (m * m * m * m).leading_zeros()) as usize + 1;
+        let i = u128::from(ms).pow(4).ilog2() as usize + 1;
         i.min(Self::BUCKETS - 1)
     }
 
@@ -773,6 +772,36 @@ mod tests {
             } else {
                 assert_eq!(i, last, "{ms} ms");
             }
+        }
+    }
+
+    /// Each bucket's exact lower edge: the smallest `ms` with `ms^4 >= 2^k` is in bucket
+    /// `k + 1` or later (later where no whole number of ms falls in that bucket, as for the
+    /// first few), and the value below it in bucket `k` or earlier. Most edges lie far from
+    /// any power of two, where the other test's values do not reach.
+    #[test]
+    fn every_bucket_edge_is_exact() {
+        let last = LatencyHistogram::BUCKETS - 1;
+        for k in 0..LatencyHistogram::BUCKETS as u32 {
+            let reaches = |m: u64| u128::from(m).pow(4) >= 1u128 << k;
+            let mut m = 2f64.powf(f64::from(k) / 4.0) as u64;
+            while !reaches(m) {
+                m += 1;
+            }
+            while m > 0 && reaches(m - 1) {
+                m -= 1;
+            }
+            let k = k as usize;
+            let (at, below) = (LatencyHistogram::index(m), LatencyHistogram::index(m - 1));
+            assert!(
+                at >= (k + 1).min(last),
+                "{m} ms in bucket {at}, below edge {k}"
+            );
+            assert!(
+                below <= k.min(last),
+                "{} ms in bucket {below}, past edge {k}",
+                m - 1
+            );
         }
     }
 

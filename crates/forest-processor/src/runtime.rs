@@ -1215,11 +1215,12 @@ fn consume_loop(
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64);
-            for ts in polled.iter().filter_map(|r| r.timestamp) {
-                ctx.stats
-                    .stage_polled
-                    .record_ms(now_ms.saturating_sub(ts).max(0) as u64);
-            }
+            ctx.stats.stage_polled.record_all_ms(
+                polled
+                    .iter()
+                    .filter_map(|r| r.timestamp)
+                    .map(|ts| now_ms.saturating_sub(ts).max(0) as u64),
+            );
         }
         let mut c = lock(core);
         for rec in polled.drain(..) {

@@ -179,13 +179,12 @@ impl Sink {
     pub fn finish(&self, meta: &mut Meta) {
         metrics::histogram!(m::BATCH_DURATION).record(meta.closed.elapsed().as_secs_f64());
         let now_ms = now_ms();
-        let mut oldest = now_ms;
-        self.stats
-            .latency
-            .record_all_ms(meta.batch_ts.drain(..).map(|ts| {
-                oldest = oldest.min(ts);
-                now_ms.saturating_sub(ts).max(0) as u64
-            }));
+        let oldest = meta.batch_ts.iter().copied().fold(now_ms, i64::min);
+        self.stats.latency.record_all_ms(
+            meta.batch_ts
+                .drain(..)
+                .map(|ts| now_ms.saturating_sub(ts).max(0) as u64),
+        );
         metrics::histogram!(m::EVENT_LATENCY).record((now_ms - oldest).max(0) as f64 / 1000.0);
     }
 
