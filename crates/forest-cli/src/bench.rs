@@ -1,7 +1,8 @@
 //! `forest bench`: the end-to-end benchmark harness. In one run, on one preloaded topic set:
 //! (a) the raw consume-only throughput of a plain rdkafka consumer (and (a'), the same reading
 //! in batches as the processor does), (f) the processor's ceiling (that reading, decoded and
-//! folded in memory, nothing durable), (b) the processor's end-to-end throughput (decode,
+//! folded in memory, nothing durable), (g) the durable floor ((f) plus the processor's
+//! projection and offset writes to RocksDB), (b) the processor's end-to-end throughput (decode,
 //! fold, RocksDB, outputs), (c) produce-to-projection latency at fixed rates; then one table.
 //! Works on the embedded broker and on `--brokers`.
 
@@ -220,6 +221,8 @@ fn thread_group(main: bool, comm: &str) -> &'static str {
         "load generator"
     } else if comm.starts_with("forest-fold") {
         "fold ceiling threads"
+    } else if comm.starts_with("forest-floor") {
+        "durable floor writers"
     } else if comm.starts_with("rocksdb:") {
         "RocksDB background"
     } else {
@@ -560,10 +563,48 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 ends: &ends,
                 lows: &lows,
             };
-            fold_ceiling(ceiling, lanes, args.workers, workload.users)
+            fold_ceiling(ceiling, lanes, args.workers, workload.users, None)
         },
     )?;
     run.window(&mut ceiling);
+
+    // (g) The durable floor: (f) plus the processor's projection and offset writes to
+    // RocksDB, once per projection interval (see `Floor`).
+    let floor =
+        {
+            let dir = data_dir.join("floor");
+            let cfg = processor_config(&args, &brokers, &topics, &dir, false);
+            Floor {
+                store: Arc::new(forest_store::Store::open(&dir, &cfg.store).with_context(
+                    || format!("opening the durable floor's store in {}", dir.display()),
+                )?),
+                interval,
+                writes: Arc::new(AtomicU64::new(0)),
+            }
+        };
+    let (mut durable_floor, run) = measure(
+        "(g) durable floor: (f) plus projection and offset writes to RocksDB; from its first record",
+        args.broker_pid,
+        |r: &RawRun| r.records,
+        || {
+            let ceiling = Ceiling {
+                brokers: &brokers,
+                kafka,
+                kinds: &kinds,
+                rules: &rules,
+            };
+            let lanes = Lanes {
+                ends: &ends,
+                lows: &lows,
+            };
+            fold_ceiling(ceiling, lanes, args.workers, workload.users, Some(&floor))
+        },
+    )?;
+    run.window(&mut durable_floor);
+    durable_floor.writes =
+        Some(floor.writes.load(Ordering::Relaxed) as f64 / durable_floor.events.max(1) as f64);
+    // Closed before (b): its background work is not (b)'s.
+    drop(floor);
 
     // (b) and (b').
     let ((mut proc, started), (alo, alo_started)) = if args.baseline_first {
@@ -786,7 +827,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "projection interval of (b), (b') and (c): {} ms; {} workers; batches of up to {} records",
+        "projection interval of (g), (b), (b') and (c): {} ms; {} workers; batches of up to {} records",
         interval.as_millis(),
         args.workers,
         args.batch_size
@@ -799,7 +840,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     for p in [&preload]
         .into_iter()
         .chain(warm_up.as_ref().map(|(_, steady)| steady))
-        .chain([&raw, &raw_batched, &ceiling, &proc, &steady])
+        .chain([&raw, &raw_batched, &ceiling, &durable_floor, &proc, &steady])
         .chain(settled.as_ref())
         .chain([&alo_steady])
     {
@@ -827,6 +868,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         ceiling.rate() / raw.rate(),
         steady.rate() / ceiling.rate(),
     );
+    println!(
+        "(g)/(a) = {:.2}: with the projection and offset writes added (the durable floor); (b)/(g) = {:.2}: the rest of the processor",
+        durable_floor.rate() / raw.rate(),
+        steady.rate() / durable_floor.rate(),
+    );
     match &settled {
         Some(s) => println!(
             "once the group settled: (b)/(a) = {:.2}, (b)/(a') = {:.2}",
@@ -843,7 +889,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let phases: Vec<&Phase> = [&preload]
         .into_iter()
         .chain(warm_up.as_ref().map(|(whole, _)| whole))
-        .chain([&raw, &raw_batched, &ceiling, &proc, &alo])
+        .chain([&raw, &raw_batched, &ceiling, &durable_floor, &proc, &alo])
         .collect();
     let names: std::collections::BTreeSet<&str> = phases
         .iter()
@@ -1496,6 +1542,7 @@ fn fold_ceiling(
     lanes: Lanes<'_>,
     workers: usize,
     users: u64,
+    floor: Option<&Floor>,
 ) -> anyhow::Result<RawRun> {
     let workers = workers.max(1);
     // A share of the users per thread, bounded so that a huge --users reserves no more than
@@ -1524,7 +1571,10 @@ fn fold_ceiling(
                             ends: &share,
                             lows: &share_lows,
                         };
-                        let consumer = fold_share(ceiling, lanes, &mut states, counted, first);
+                        let writer = floor.map(|f| FloorWriter::start(f, i)).transpose();
+                        let consumer = writer.and_then(|w| {
+                            fold_share(ceiling, lanes, &mut states, w, counted, first)
+                        });
                         // The clock stops when the last thread is done; dropping the
                         // states (returned, so that no thread drops them while another
                         // still folds) and closing the consumers are not throughput.
@@ -1597,6 +1647,7 @@ fn fold_share(
     ceiling: Ceiling<'_>,
     lanes: Lanes<'_>,
     states: &mut States,
+    mut writer: Option<FloorWriter>,
     counted: &AtomicU64,
     first: &std::sync::Mutex<Option<(Instant, f64, u64)>>,
 ) -> anyhow::Result<BaseConsumer> {
@@ -1634,6 +1685,8 @@ fn fold_share(
         // processor reuses its one event.
         let mut batch: Vec<forest_domain::Event> = Vec::with_capacity(10_000);
         let mut used = 0;
+        // Each folded event's slot in the slab, for the durable floor's bookkeeping.
+        let mut ix = Vec::with_capacity(10_000);
         while todo.iter().any(|(_, _, _, next, end)| next < end) {
             ensure!(Instant::now() < deadline, "the fold ceiling timed out");
             if let Some(m) = consumer.poll(Duration::ZERO) {
@@ -1668,8 +1721,20 @@ fn fold_share(
                 }
             });
             let folded = batch.get(..used).unwrap_or_default();
-            std::hint::black_box(forest_domain::batch::fold_ahead(rules, states, folded));
+            std::hint::black_box(forest_domain::batch::fold_ahead_into(
+                rules, states, folded, &mut ix,
+            ));
             used = 0;
+            if let Some(w) = writer.as_mut() {
+                w.touch(states, &ix);
+                if Instant::now() >= w.due {
+                    let offsets = share
+                        .iter()
+                        .zip(&todo)
+                        .map(|((t, p, _), l)| (t.as_str(), *p, l.3));
+                    w.write(states, offsets)?;
+                }
+            }
             if let Some((code, text)) = failed {
                 anyhow::bail!("fold ceiling: {code}: {text}");
             }
@@ -1686,8 +1751,128 @@ fn fold_share(
                 }
             }
         }
+        // The durable floor's last write, and every write landed, before the clock stops.
+        if let Some(mut w) = writer.take() {
+            let offsets = share
+                .iter()
+                .zip(&todo)
+                .map(|((t, p, _), l)| (t.as_str(), *p, l.3));
+            w.write(states, offsets)?;
+            w.finish()?;
+        }
     }
     Ok(consumer)
+}
+
+/// Phase (g), the durable floor: (f) plus what the processor's design must write, and nothing
+/// else. Each fold thread keeps track of the projections it changed and, once per projection
+/// interval, serialises them (in key order, as the processor does) with its partitions' next
+/// offsets into one RocksDB write batch, which a writer thread of its own (`forest-floor-N`)
+/// writes while the fold goes on: the processor's store, options and encoding, with its
+/// committers' overlap. No cache bounds (every projection stays in memory, so none is
+/// reloaded), no merge across topics, no outputs or outbox, no replay records, no consumer
+/// group. (b)/(g) is then what the rest of the processor costs, and (g)/(a) what is left of
+/// the goal's 0.7 once the durable writes are paid for.
+struct Floor {
+    store: Arc<forest_store::Store>,
+    interval: Duration,
+    /// Key writes in the batches written so far.
+    writes: Arc<AtomicU64>,
+}
+
+/// One fold thread's side of [`Floor`].
+struct FloorWriter {
+    store: Arc<forest_store::Store>,
+    interval: Duration,
+    /// When the next write is due.
+    due: Instant,
+    /// Slots of the projections changed since the last write, and a flag per slot.
+    touched: Vec<u32>,
+    is_touched: Vec<bool>,
+    /// To the writer thread: one batch may wait while another is written.
+    tx: Option<std::sync::mpsc::SyncSender<forest_store::PreparedBatch>>,
+    thread: Option<std::thread::JoinHandle<Result<(), forest_store::StoreError>>>,
+}
+
+impl FloorWriter {
+    fn start(floor: &Floor, index: usize) -> anyhow::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<forest_store::PreparedBatch>(1);
+        let (store, writes) = (floor.store.clone(), floor.writes.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("forest-floor-{index}"))
+            .spawn(move || {
+                for batch in rx {
+                    let n = batch.writes();
+                    store.write_prepared(batch)?;
+                    writes.fetch_add(n, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+            .context("starting a durable floor writer thread")?;
+        Ok(Self {
+            store: floor.store.clone(),
+            interval: floor.interval,
+            due: Instant::now() + floor.interval,
+            touched: Vec::new(),
+            is_touched: Vec::new(),
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Notes the slots a batch folded into (`ix`, from `fold_ahead_into`).
+    fn touch(&mut self, states: &States, ix: &[u32]) {
+        self.is_touched.resize(states.states.len(), false);
+        for &j in ix {
+            if let Some(t) = self.is_touched.get_mut(j as usize) {
+                if !*t {
+                    *t = true;
+                    self.touched.push(j);
+                }
+            }
+        }
+    }
+
+    /// Serialises the changed projections and `offsets` into one batch and hands it to the
+    /// writer thread (waiting while it still writes the one before last).
+    fn write<'o>(
+        &mut self,
+        states: &States,
+        offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
+    ) -> anyhow::Result<()> {
+        let all = &states.states;
+        let id = |j: u32| all.get(j as usize).map(|s| s.user_id.as_str());
+        self.touched.sort_unstable_by(|&a, &b| id(a).cmp(&id(b)));
+        let changed = self
+            .touched
+            .iter()
+            .filter_map(|&j| all.get(j as usize))
+            .map(|s| (s, forest_store::NO_POSITION));
+        let batch = self.store.prepare(changed, offsets, &[])?;
+        for j in self.touched.drain(..) {
+            if let Some(t) = self.is_touched.get_mut(j as usize) {
+                *t = false;
+            }
+        }
+        self.due = Instant::now() + self.interval;
+        if let Some(tx) = &self.tx {
+            if tx.send(batch).is_err() {
+                // The writer stopped on an error: finish() reports it.
+                return self.finish();
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every batch handed over to be written.
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.tx = None;
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(Ok(()))) | None => Ok(()),
+            Some(Ok(Err(e))) => Err(anyhow::Error::from(e).context("the durable floor's write")),
+            Some(Err(_)) => anyhow::bail!("a durable floor writer thread panicked"),
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1986,6 +2171,10 @@ mod tests {
         assert_eq!(thread_group(false, "forest-worker-1"), "processor workers");
         assert_eq!(thread_group(false, "forest-commit"), "processor committers");
         assert_eq!(thread_group(false, "forest-fold-1"), "fold ceiling threads");
+        assert_eq!(
+            thread_group(false, "forest-floor-0"),
+            "durable floor writers"
+        );
         assert_eq!(thread_group(false, "forest-load"), "load generator");
         assert_eq!(thread_group(false, "rocksdb:low"), "RocksDB background");
         assert_eq!(thread_group(false, "rdk:mock"), "embedded broker");

@@ -33,19 +33,33 @@ impl Slab {
 /// overlaps. Then each event's projection is prefetched 8 events ahead, and the parts its
 /// rules touch ([`RuleSet::prefetch`]) 3 events ahead.
 pub fn fold_ahead(rules: &RuleSet, slab: &mut Slab, events: &[Event]) -> usize {
-    let ix: Vec<u32> = events
-        .iter()
-        .map(|e| match slab.index.get(e.user_id.as_str()) {
-            Some(&i) => i,
-            None => {
-                // A slab past u32::MAX users would not fit in memory anyway.
-                let i = u32::try_from(slab.states.len()).unwrap_or(u32::MAX);
-                slab.states.push(UserState::new(&e.user_id));
-                slab.index.insert(CompactString::new(&e.user_id), i);
-                i
-            }
-        })
-        .collect();
+    fold_ahead_into(rules, slab, events, &mut Vec::with_capacity(events.len()))
+}
+
+/// [`fold_ahead`], leaving in `ix` (cleared first) each event's slot in `slab.states`: for a
+/// caller that keeps track of which projections changed (`forest bench`'s durable floor
+/// writes them), and reuses the buffer from batch to batch.
+pub fn fold_ahead_into(
+    rules: &RuleSet,
+    slab: &mut Slab,
+    events: &[Event],
+    ix: &mut Vec<u32>,
+) -> usize {
+    ix.clear();
+    ix.extend(
+        events
+            .iter()
+            .map(|e| match slab.index.get(e.user_id.as_str()) {
+                Some(&i) => i,
+                None => {
+                    // A slab past u32::MAX users would not fit in memory anyway.
+                    let i = u32::try_from(slab.states.len()).unwrap_or(u32::MAX);
+                    slab.states.push(UserState::new(&e.user_id));
+                    slab.index.insert(CompactString::new(&e.user_id), i);
+                    i
+                }
+            }),
+    );
     const FAR: usize = 8;
     const NEAR: usize = 3;
     let mut applied = 0;
@@ -65,4 +79,70 @@ pub fn fold_ahead(rules: &RuleSet, slab: &mut Slab, events: &[Event]) -> usize {
         }
     }
     applied
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Action, Behaviour, Tally};
+    use std::collections::HashMap;
+
+    // 2026-11-25 12:00 Asia/Shanghai = 04:00 UTC.
+    const NOON: i64 = 1_764_043_200_000;
+
+    /// Rides of three users, the last a repeat of an earlier one (a duplicate the rules
+    /// reject).
+    fn events() -> Vec<Event> {
+        let mut evs: Vec<Event> = (0..39)
+            .map(|i: i64| Event {
+                event_id: format!("e{i}"),
+                user_id: format!("u{}", i % 3),
+                occurred_at_ms: NOON + i * 60_000,
+                received_at_ms: NOON + i * 60_000,
+                action: Action::Credit {
+                    behaviour: Behaviour::SubwayRide,
+                    quantity: 1,
+                    tally: Tally::Add,
+                },
+            })
+            .collect();
+        evs.push(evs[36].clone());
+        evs
+    }
+
+    /// The batch fold with look-ahead gives what applying each event in turn gives, and
+    /// `fold_ahead_into` leaves each event's slot, with stale contents of the buffer gone.
+    #[test]
+    fn fold_ahead_into_matches_applying_in_turn_and_reports_each_events_slot() {
+        let rules = RuleSet::default();
+        let evs = events();
+        let mut plain: HashMap<String, UserState> = HashMap::new();
+        let mut accepted = 0;
+        for e in &evs {
+            let s = plain
+                .entry(e.user_id.clone())
+                .or_insert_with(|| UserState::new(&e.user_id));
+            accepted += usize::from(rules.apply(s, e).is_ok());
+        }
+        assert!(
+            accepted > 0 && accepted < evs.len(),
+            "a duplicate is rejected"
+        );
+
+        let mut slab = Slab::with_capacity(4);
+        let mut ix = vec![u32::MAX; 100];
+        let (first, rest) = evs.split_at(25);
+        let applied = fold_ahead_into(&rules, &mut slab, first, &mut ix)
+            + fold_ahead_into(&rules, &mut slab, rest, &mut ix);
+        assert_eq!(applied, accepted);
+        assert_eq!(ix.len(), rest.len());
+        for (e, &j) in rest.iter().zip(&ix) {
+            assert_eq!(slab.states[j as usize].user_id.as_str(), e.user_id);
+        }
+        assert_eq!(slab.states.len(), plain.len());
+        for s in &slab.states {
+            assert_eq!(Some(s), plain.get(s.user_id.as_str()));
+        }
+        assert_eq!(fold_ahead(&rules, &mut Slab::default(), &evs), accepted);
+    }
 }
