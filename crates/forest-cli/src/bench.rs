@@ -570,18 +570,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // (g) The durable floor: (f) plus the processor's projection and offset writes to
     // RocksDB, once per projection interval (see `Floor`).
-    let floor =
-        {
-            let dir = data_dir.join("floor");
-            let cfg = processor_config(&args, &brokers, &topics, &dir, false);
-            Floor {
-                store: Arc::new(forest_store::Store::open(&dir, &cfg.store).with_context(
-                    || format!("opening the durable floor's store in {}", dir.display()),
-                )?),
-                interval,
-                writes: Arc::new(AtomicU64::new(0)),
-            }
-        };
+    let floor_dir = data_dir.join("floor");
+    let floor_cfg = processor_config(&args, &brokers, &topics, &floor_dir, false);
+    let floor_store =
+        forest_store::Store::open(&floor_dir, &floor_cfg.store).with_context(|| {
+            format!(
+                "opening the durable floor's store in {}",
+                floor_dir.display()
+            )
+        })?;
+    let floor = Floor {
+        store: Arc::new(floor_store),
+        interval,
+    };
     let (mut durable_floor, run) = measure(
         "(g) durable floor: (f) plus projection and offset writes to RocksDB; from its first record",
         args.broker_pid,
@@ -601,8 +602,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         },
     )?;
     run.window(&mut durable_floor);
-    durable_floor.writes =
-        Some(floor.writes.load(Ordering::Relaxed) as f64 / durable_floor.events.max(1) as f64);
+    let floor_writes = floor.store.stats.writes.load(Ordering::Relaxed);
+    durable_floor.writes = Some(floor_writes as f64 / durable_floor.events.max(1) as f64);
     // Closed before (b): its background work is not (b)'s.
     drop(floor);
 
@@ -1537,6 +1538,9 @@ impl RawRun {
 /// the processor has, so it was not an upper bound for (b) in principle. The batch fold is
 /// meant to wait for memory no more than the processor's fold does (not measured apart: in
 /// every run since, (f) ran at more than twice (b)).
+///
+/// With `floor` this is phase (g) instead (see [`Floor`]): each thread also writes the
+/// projections it changed, and the clock stops when the last thread's last write has landed.
 fn fold_ceiling(
     ceiling: Ceiling<'_>,
     lanes: Lanes<'_>,
@@ -1640,7 +1644,9 @@ struct Lanes<'a> {
 }
 
 /// One [`fold_ceiling`] thread: reads its lanes from their low watermarks to their end
-/// offsets, folding each poll's records into `states`. `counted` is every thread's records so far;
+/// offsets, folding each poll's records into `states` (and, with a `writer`, writing the
+/// changed projections once per interval and at the end, before returning). `counted` is
+/// every thread's records so far;
 /// `first` is set, by the first thread to get records, to (when, process CPU, records
 /// counted by then).
 fn fold_share(
@@ -1685,8 +1691,6 @@ fn fold_share(
         // processor reuses its one event.
         let mut batch: Vec<forest_domain::Event> = Vec::with_capacity(10_000);
         let mut used = 0;
-        // Each folded event's slot in the slab, for the durable floor's bookkeeping.
-        let mut ix = Vec::with_capacity(10_000);
         while todo.iter().any(|(_, _, _, next, end)| next < end) {
             ensure!(Instant::now() < deadline, "the fold ceiling timed out");
             if let Some(m) = consumer.poll(Duration::ZERO) {
@@ -1721,20 +1725,14 @@ fn fold_share(
                 }
             });
             let folded = batch.get(..used).unwrap_or_default();
-            std::hint::black_box(forest_domain::batch::fold_ahead_into(
-                rules, states, folded, &mut ix,
-            ));
+            let applied = match writer.as_mut() {
+                Some(w) => forest_domain::batch::fold_ahead_with(rules, states, folded, |j, s| {
+                    w.touch(j, s);
+                }),
+                None => forest_domain::batch::fold_ahead(rules, states, folded),
+            };
+            std::hint::black_box(applied);
             used = 0;
-            if let Some(w) = writer.as_mut() {
-                w.touch(states, &ix);
-                if Instant::now() >= w.due {
-                    let offsets = share
-                        .iter()
-                        .zip(&todo)
-                        .map(|((t, p, _), l)| (t.as_str(), *p, l.3));
-                    w.write(states, offsets)?;
-                }
-            }
             if let Some((code, text)) = failed {
                 anyhow::bail!("fold ceiling: {code}: {text}");
             }
@@ -1742,6 +1740,15 @@ fn fold_share(
                 anyhow::bail!(
                     "fold ceiling: a record from partition {p} (offset {o}) outside this thread's share"
                 );
+            }
+            if let Some(w) = writer.as_mut() {
+                if Instant::now() >= w.due {
+                    let offsets = share
+                        .iter()
+                        .zip(&todo)
+                        .map(|((t, p, _), l)| (t.as_str(), *p, l.3));
+                    w.write(states, offsets)?;
+                }
             }
             if n > 0 {
                 let so_far = counted.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
@@ -1764,24 +1771,25 @@ fn fold_share(
     Ok(consumer)
 }
 
-/// Phase (g), the durable floor: (f) plus what the processor's design must write, and nothing
-/// else. Each fold thread keeps track of the projections it changed and, once per projection
-/// interval, serialises them with its partitions' next offsets into one RocksDB write batch,
-/// which a writer thread of its own (`forest-floor-N`) writes while the fold goes on: the
-/// processor's store, options and encoding, with its committers' overlap. The write is
-/// prepared as the processor's `ProjectionCache::prepare_flush` prepares it: sorted by the
-/// user ids copied when each user was first changed (inline, so the sort reads no
-/// projection), and serialised loading each projection 16 users ahead and its heap parts 8
-/// ahead. (Without those, serialising and sorting took twice the CPU: each projection, last
-/// touched up to an interval ago, is out of the CPU's caches.) No cache bounds (every projection stays in memory, so none is
-/// reloaded), no merge across topics, no outputs or outbox, no replay records, no consumer
-/// group. (b)/(g) is then what the rest of the processor costs, and (g)/(a) what is left of
-/// the goal's 0.7 once the durable writes are paid for.
+/// Phase (g), the durable floor: (f) plus what any design that writes projections once per
+/// interval must write, and nothing else: each projection changed in the interval, and the
+/// next offsets of the thread's partitions (all of them, advanced or not), in one RocksDB
+/// write batch per fold thread and interval. A writer thread per fold thread
+/// (`forest-floor-N`) writes it while the fold goes on, as the processor's committers do
+/// (whatever `--overlap-commits` says); the processor's store, options and encoding. The
+/// write is prepared as the processor's `ProjectionCache::prepare_flush` prepares it: sorted
+/// by the user ids copied when each user was first changed (inline, so the sort reads no
+/// projection), and serialised loading each projection `WRITE_AHEAD` users ahead and its
+/// heap parts half as far.
+///
+/// Left out, so counted in (b)/(g) as the rest of the processor: the offsets, replay
+/// records and outputs the processor writes with every batch (every 20,000 records or 5 ms)
+/// between its projection writes; its dirty queue and the lookups that check it; the cache's
+/// bounds (every projection stays in memory, so none is reloaded); the merge across topics;
+/// outputs to Kafka; the consumer group.
 struct Floor {
     store: Arc<forest_store::Store>,
     interval: Duration,
-    /// Key writes in the batches written so far.
-    writes: Arc<AtomicU64>,
 }
 
 /// One fold thread's side of [`Floor`].
@@ -1801,14 +1809,12 @@ struct FloorWriter {
 impl FloorWriter {
     fn start(floor: &Floor, index: usize) -> anyhow::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<forest_store::PreparedBatch>(1);
-        let (store, writes) = (floor.store.clone(), floor.writes.clone());
+        let store = floor.store.clone();
         let thread = std::thread::Builder::new()
             .name(format!("forest-floor-{index}"))
             .spawn(move || {
                 for batch in rx {
-                    let n = batch.writes();
                     store.write_prepared(batch)?;
-                    writes.fetch_add(n, Ordering::Relaxed);
                 }
                 Ok(())
             })
@@ -1824,37 +1830,36 @@ impl FloorWriter {
         })
     }
 
-    /// Notes the slots a batch folded into (`ix`, from `fold_ahead_into`).
-    fn touch(&mut self, states: &States, ix: &[u32]) {
-        self.is_touched.resize(states.states.len(), false);
-        for &j in ix {
-            if let (Some(t), Some(s)) = (
-                self.is_touched.get_mut(j as usize),
-                states.states.get(j as usize),
-            ) {
-                if !*t {
-                    *t = true;
-                    self.touched.push((s.user_id.clone(), j));
-                }
+    /// Notes that the projection in slot `j` changed (`s`, just folded, so in the CPU's
+    /// caches: its id is copied now, not when the write is prepared).
+    fn touch(&mut self, j: u32, s: &forest_domain::UserState) {
+        let j = j as usize;
+        if self.is_touched.len() <= j {
+            self.is_touched.resize(j + 1, false);
+        }
+        if let Some(t) = self.is_touched.get_mut(j) {
+            if !*t {
+                *t = true;
+                self.touched.push((s.user_id.clone(), j as u32));
             }
         }
     }
 
     /// Serialises the changed projections and `offsets` into one batch and hands it to the
-    /// writer thread (waiting while it still writes the one before last).
+    /// writer thread (waiting while it still writes the one before last). As
+    /// `ProjectionCache::prepare_flush` does: in key order, loading ahead.
     fn write<'o>(
         &mut self,
         states: &States,
         offsets: impl IntoIterator<Item = (&'o str, i32, i64)>,
     ) -> anyhow::Result<()> {
-        const AHEAD: usize = 16;
+        const AHEAD: usize = forest_store::WRITE_AHEAD;
         let all = &states.states;
         self.touched.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let slot = |i: usize| self.touched.get(i).and_then(|&(_, j)| all.get(j as usize));
         let changed = (0..self.touched.len()).filter_map(|i| {
             if let Some(s) = slot(i + AHEAD) {
-                let size = std::mem::size_of::<forest_domain::UserState>();
-                forest_domain::prefetch_lines(std::ptr::from_ref(s).cast(), size);
+                s.prefetch_own_lines();
             }
             if let Some(s) = slot(i + AHEAD / 2) {
                 s.prefetch_stored_parts();
@@ -1870,8 +1875,9 @@ impl FloorWriter {
         self.due = Instant::now() + self.interval;
         if let Some(tx) = &self.tx {
             if tx.send(batch).is_err() {
-                // The writer stopped on an error: finish() reports it.
-                return self.finish();
+                // The writer thread stopped, which it does only on an error.
+                self.finish()?;
+                anyhow::bail!("the durable floor's writer thread stopped");
             }
         }
         Ok(())
@@ -1885,6 +1891,13 @@ impl FloorWriter {
             Some(Ok(Err(e))) => Err(anyhow::Error::from(e).context("the durable floor's write")),
             Some(Err(_)) => anyhow::bail!("a durable floor writer thread panicked"),
         }
+    }
+}
+
+impl Drop for FloorWriter {
+    /// On an early exit, the writer thread is not left running with the store.
+    fn drop(&mut self) {
+        let _ = self.finish();
     }
 }
 

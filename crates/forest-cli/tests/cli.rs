@@ -471,3 +471,55 @@ fn rebuild_replays_the_log_and_user_explains_a_projection() {
     let o = run(&["user", "nobody-at-all", "--store", a_s]);
     assert!(!o.status.success() && stderr(&o).contains("no user \"nobody-at-all\""));
 }
+
+/// `forest bench` on the embedded broker, small: every throughput phase runs and gets its row
+/// (the raw phases count from their first poll, so up to one poll's records fewer), and the
+/// durable floor (g) and the processor (b) both write to RocksDB. (How fast is the
+/// benchmarks' business, not a test's.)
+#[test]
+fn the_bench_runs_every_phase_on_the_embedded_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(&[
+        "bench",
+        "--events",
+        "20000",
+        "--users",
+        "2000",
+        "--latency-secs",
+        "0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "bench failed:\n{out}\n{}", stderr(&o));
+    // | phase | events | seconds | events/s | CPU-s per M events | writes per event | peak RSS |
+    let row = |phase: &str| -> Vec<String> {
+        out.lines()
+            .find(|l| l.starts_with(&format!("| {phase}")))
+            .unwrap_or_else(|| panic!("no row for {phase:?} in:\n{out}"))
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+            .collect()
+    };
+    let events = |phase: &str| -> u64 { row(phase)[1].parse().unwrap() };
+    let writes = |phase: &str| -> f64 { row(phase)[5].parse().unwrap() };
+    assert_eq!(events("preload (produce)"), 20_000);
+    for phase in [
+        "(a) raw consume",
+        "(a') raw consume",
+        "(f) ceiling",
+        "(g) durable floor",
+    ] {
+        let n = events(phase);
+        assert!(n > 0 && n <= 20_000, "{phase}: {n} in:\n{out}");
+    }
+    assert_eq!(events("(b) processor, from its first record"), 20_000);
+    assert!(writes("(g) durable floor") > 0.0, "{out}");
+    assert!(
+        writes("(b) processor, from its first record") > 0.0,
+        "{out}"
+    );
+    assert!(out.contains("(g)/(a) = "), "{out}");
+    assert!(out.contains("(b)/(g) = "), "{out}");
+}

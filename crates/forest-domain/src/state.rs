@@ -1243,6 +1243,14 @@ impl UserState {
         }
     }
 
+    /// Starts loading every cache line of the projection itself (not its heap parts: see
+    /// [`UserState::prefetch_stored_parts`]), changing nothing: for a caller that will read
+    /// it a few projections from now.
+    #[inline]
+    pub fn prefetch_own_lines(&self) {
+        prefetch_lines(std::ptr::from_ref(self).cast(), std::mem::size_of::<Self>());
+    }
+
     /// Starts loading the first cache line of each heap part a stored encoding reads (the
     /// user id if too long to be inline, counters, ids, credits and day quantities), changing
     /// nothing. For a writer that serialises many projections in a row, or a fold that knows
@@ -1595,7 +1603,7 @@ pub fn tree_id(user_id: &str, seq: u64) -> String {
 mod tests {
     use super::*;
 
-    // 2026-11-25 12:00 Asia/Shanghai = 04:00 UTC.
+    // 2025-11-25 12:00 Asia/Shanghai = 04:00 UTC.
     const NOON: i64 = 1_764_043_200_000;
     const H: i64 = 3_600_000;
 

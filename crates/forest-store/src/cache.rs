@@ -53,8 +53,9 @@ fn queued_slot<'a>(slots: &'a SlotMap<Slot>, user_id: &Key, since: u64) -> Optio
 
 /// How many users ahead [`ProjectionCache::prepare_flush`] starts loading a queued user's
 /// map bucket as it scans the dirty queue, and a written user's slot as it serialises them
-/// (and half as far ahead, its heap parts).
-const WRITE_AHEAD: usize = 16;
+/// (and half as far ahead, its heap parts). Public for `forest bench`'s durable floor, which
+/// prepares its writes the same way.
+pub const WRITE_AHEAD: usize = 16;
 
 /// Estimated memory of a cached projection: the slot (with its key), the map's bucket, the
 /// ring's and dirty queue's copies of the key, the projection's own id if too long to be

@@ -28,7 +28,7 @@ mod cache;
 mod slot_map;
 mod store;
 
-pub use cache::{Flush, ProjectionCache, TRIM_SLACK, estimate_bytes};
+pub use cache::{Flush, ProjectionCache, TRIM_SLACK, WRITE_AHEAD, estimate_bytes};
 pub use store::{
     DEFAULT_L0_COMPACTION_FILES, NO_POSITION, OutboxEntry, Position, PreparedBatch, Store,
     StoreConfig, StoreError, StoreStats, decode_state, encode_state, metrics,
