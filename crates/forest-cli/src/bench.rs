@@ -548,25 +548,31 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         (topics.commands.as_str(), forest_domain::InputKind::Command),
     ];
     let rules = forest_domain::RuleSet::default();
-    let (mut ceiling, run) = measure(
+    let fold_cfg = Ceiling {
+        brokers: &brokers,
+        kafka,
+        kinds: &kinds,
+        rules: &rules,
+    };
+    let lanes = Lanes {
+        ends: &ends,
+        lows: &lows,
+    };
+    // (f), and (g) below: the same reading and fold, (g) with its writes.
+    let fold_phase = |name: &str, floor: Option<&Floor>| -> anyhow::Result<Phase> {
+        let (mut phase, run) = measure(
+            name,
+            args.broker_pid,
+            |r: &RawRun| r.records,
+            || fold_ceiling(fold_cfg, lanes, args.workers, workload.users, floor),
+        )?;
+        run.window(&mut phase);
+        Ok(phase)
+    };
+    let ceiling = fold_phase(
         "(f) ceiling: consume batched, decode, fold in memory; from its first record",
-        args.broker_pid,
-        |r: &RawRun| r.records,
-        || {
-            let ceiling = Ceiling {
-                brokers: &brokers,
-                kafka,
-                kinds: &kinds,
-                rules: &rules,
-            };
-            let lanes = Lanes {
-                ends: &ends,
-                lows: &lows,
-            };
-            fold_ceiling(ceiling, lanes, args.workers, workload.users, None)
-        },
+        None,
     )?;
-    run.window(&mut ceiling);
 
     // (g) The durable floor: (f) plus the processor's projection and offset writes to
     // RocksDB, once per projection interval (see `Floor`).
@@ -583,25 +589,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         store: Arc::new(floor_store),
         interval,
     };
-    let (mut durable_floor, run) = measure(
+    let mut durable_floor = fold_phase(
         "(g) durable floor: (f) plus projection and offset writes to RocksDB; from its first record",
-        args.broker_pid,
-        |r: &RawRun| r.records,
-        || {
-            let ceiling = Ceiling {
-                brokers: &brokers,
-                kafka,
-                kinds: &kinds,
-                rules: &rules,
-            };
-            let lanes = Lanes {
-                ends: &ends,
-                lows: &lows,
-            };
-            fold_ceiling(ceiling, lanes, args.workers, workload.users, Some(&floor))
-        },
+        Some(&floor),
     )?;
-    run.window(&mut durable_floor);
     let floor_writes = floor.store.stats.writes.load(Ordering::Relaxed);
     durable_floor.writes = Some(floor_writes as f64 / durable_floor.events.max(1) as f64);
     // Closed before (b): its background work is not (b)'s.
