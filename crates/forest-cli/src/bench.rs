@@ -1734,11 +1734,7 @@ fn fold_share(
             }
             if let Some(w) = writer.as_mut() {
                 if Instant::now() >= w.due {
-                    let offsets = share
-                        .iter()
-                        .zip(&todo)
-                        .map(|((t, p, _), l)| (t.as_str(), *p, l.3));
-                    w.write(states, offsets)?;
+                    w.write(states, next_offsets(share, &todo))?;
                 }
             }
             if n > 0 {
@@ -1751,15 +1747,24 @@ fn fold_share(
         }
         // The durable floor's last write, and every write landed, before the clock stops.
         if let Some(mut w) = writer.take() {
-            let offsets = share
-                .iter()
-                .zip(&todo)
-                .map(|((t, p, _), l)| (t.as_str(), *p, l.3));
-            w.write(states, offsets)?;
+            w.write(states, next_offsets(share, &todo))?;
             w.finish()?;
         }
     }
     Ok(consumer)
+}
+
+/// A [`fold_share`] thread's partitions with their next offsets to read, for the durable
+/// floor's writes: `todo` holds, per partition of `share` and in its order, (topic, partition,
+/// kind, next offset, end).
+fn next_offsets<'a>(
+    share: &'a [(String, i32, i64)],
+    todo: &'a [(Vec<u8>, i32, forest_domain::InputKind, i64, i64)],
+) -> impl Iterator<Item = (&'a str, i32, i64)> + 'a {
+    share
+        .iter()
+        .zip(todo)
+        .map(|((t, p, _), lane)| (t.as_str(), *p, lane.3))
 }
 
 /// Phase (g), the durable floor: (f) plus what any design that writes projections once per
