@@ -522,4 +522,14 @@ fn the_bench_runs_every_phase_on_the_embedded_broker() {
     );
     assert!(out.contains("(g)/(a) = "), "{out}");
     assert!(out.contains("(b)/(g) = "), "{out}");
+    // The fetch line of each processor phase (its figure may be 0 in a phase shorter than
+    // librdkafka's statistics interval, so only its presence is checked here; the e2e test
+    // checks the count).
+    for p in ["(b): ", "(b'): "] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(p) && l.contains("records fetched per record consumed")),
+            "{out}"
+        );
+    }
 }

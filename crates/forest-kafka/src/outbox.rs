@@ -205,7 +205,12 @@ pub struct DeliveryCtx {
     failed: Mutex<Vec<Failure>>,
 }
 
-impl ClientContext for DeliveryCtx {}
+impl ClientContext for DeliveryCtx {
+    /// Ignored: the processor reads librdkafka's statistics from its consumers, and a
+    /// `statistics.interval.ms` given for them (`--kafka-config` goes to every client) would
+    /// otherwise have rdkafka parse the producer's too and log them at info level.
+    fn stats_raw(&self, _statistics: &[u8]) {}
+}
 
 impl ProducerContext for DeliveryCtx {
     type DeliveryOpaque = Box<u64>;

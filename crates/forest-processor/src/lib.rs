@@ -498,6 +498,13 @@ pub struct ProcessorStats {
     /// Records the co-partition merge released out of the canonical order (a lane idle past
     /// `max_idle`, or the merge buffer over its bound): 0 in a healthy run.
     pub merge_early_releases: AtomicU64,
+    /// Input lanes paused because the merge buffer was near its bound (see the runtime's
+    /// `LanePauses`): each discards the lane's prefetched records, fetched again later.
+    pub lane_pauses: AtomicU64,
+    /// Input records the workers' consumers received from the brokers, from librdkafka's
+    /// statistics (so up to `statistics.interval.ms` late): what the consumed records cost in
+    /// fetching, counting refetches after pauses, seeks and rebalances.
+    pub fetched: AtomicU64,
     /// Time from each record's Kafka timestamp to its batch being durable in the store (the
     /// projection updated and readable): produce-to-projection latency when producers stamp
     /// records with the time they send them.

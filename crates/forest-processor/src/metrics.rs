@@ -21,6 +21,8 @@ pub const MERGE_BUFFERED: &str = "forest_merge_buffered_records";
 pub const EVENT_LATENCY: &str = "forest_event_latency_seconds";
 pub const OFFSET_GAPS: &str = "forest_input_offset_gaps_total";
 pub const MERGE_EARLY_RELEASES: &str = "forest_merge_early_releases_total";
+pub const MERGE_LANE_PAUSES: &str = "forest_merge_lane_pauses_total";
+pub const RECORDS_FETCHED: &str = "forest_consumer_fetched_records_total";
 pub const KAFKA_COMMIT: &str = "forest_kafka_commit_duration_seconds";
 pub const RESTORED_USERS: &str = "forest_restored_projections_total";
 pub const RESTORE_DURATION: &str = "forest_restore_duration_seconds";
@@ -132,6 +134,16 @@ pub fn describe() {
         REBALANCES,
         Unit::Count,
         "Consumer-group rebalances, by kind (assign, revoke; lost: a revoke of partitions the group had already given to another member)."
+    );
+    describe_counter!(
+        MERGE_LANE_PAUSES,
+        Unit::Count,
+        "Input lanes paused because the merge buffer was near its bound. Each pause discards what librdkafka had prefetched for the lane, which is fetched again on resume (compare forest_consumer_fetched_records_total with forest_events_consumed_total)."
+    );
+    describe_counter!(
+        RECORDS_FETCHED,
+        Unit::Count,
+        "Input records the consumers received from the brokers (librdkafka statistics, every statistics.interval.ms): above forest_events_consumed_total by what was fetched again after a lane pause, a seek or a rebalance."
     );
     describe_counter!(
         MERGE_EARLY_RELEASES,

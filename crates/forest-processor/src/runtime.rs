@@ -13,7 +13,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use rustc_hash::FxHashMap;
 use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,8 @@ struct Ctx {
     /// Routes assigned partitions to the consume loop's batch queue (`None` before the loop
     /// starts: records then come through the consumer queue).
     router: Mutex<Option<forest_kafka::Router>>,
+    /// librdkafka's count of records this consumer received, as of its last statistics.
+    rx_seen: AtomicU64,
 }
 
 impl Ctx {
@@ -119,6 +121,13 @@ impl ClientContext for Ctx {
     /// librdkafka statistics (every `statistics.interval.ms`): per-partition consumer lag.
     fn stats(&self, statistics: rdkafka::Statistics) {
         self.stats.health.record_lag(&statistics);
+        // Cumulative per client: the difference since the last statistics is new.
+        let rx = u64::try_from(statistics.rxmsgs).unwrap_or(0);
+        let new = rx.saturating_sub(self.rx_seen.swap(rx, Ordering::Relaxed));
+        if new > 0 {
+            self.stats.fetched.fetch_add(new, Ordering::Relaxed);
+            metrics::counter!(m::RECORDS_FETCHED).increment(new);
+        }
     }
 }
 
@@ -563,6 +572,12 @@ impl LanePauses {
             tpl
         };
         if !pause.is_empty() {
+            consumer
+                .context()
+                .stats
+                .lane_pauses
+                .fetch_add(pause.len() as u64, Ordering::Relaxed);
+            metrics::counter!(m::MERGE_LANE_PAUSES).increment(pause.len() as u64);
             if let Err(e) = consumer.pause(&tpl(&pause)) {
                 tracing::warn!(error = %e, lanes = pause.len(), "pausing full merge lanes failed");
             }
@@ -959,6 +974,7 @@ fn run_worker(
         assigned: std::sync::atomic::AtomicI64::new(0),
         joined: AtomicBool::new(false),
         router: Mutex::new(None),
+        rx_seen: AtomicU64::new(0),
     };
 
     let consumer: BaseConsumer<Ctx> = client_config(&cfg.brokers, &[])
@@ -972,7 +988,13 @@ fn run_worker(
         // merge needs all of a user's topics in one place.
         .set("partition.assignment.strategy", "range")
         .set("queued.min.messages", "100000")
-        .set("max.partition.fetch.bytes", "10485760")
+        // librdkafka's default, said out loud because a larger one was costly: a partition's
+        // fetch of 10 MiB of compressed records (about 280,000 of the benchmark's) overfilled
+        // the merge buffer (200,000) by itself, so lanes were paused and rewound, and what
+        // librdkafka had prefetched for them was fetched again: 1.26 records fetched per record
+        // consumed and 127 pauses in a 16 M-event run, against 1.017 and 20 at 1 MiB
+        // (BENCHMARKS.md, session 30; `forest_consumer_fetched_records_total`).
+        .set("max.partition.fetch.bytes", "1048576")
         // Consumer lag per partition for metrics and /readyz.
         .set("statistics.interval.ms", "5000")
         .set_all(&cfg.kafka)
