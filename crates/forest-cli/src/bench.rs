@@ -867,9 +867,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     for (name, st, events) in [("(b)", &pstats, proc.events), ("(b')", &astats, alo.events)] {
         println!(
-            "{name}: {:.3} records fetched per record consumed (librdkafka statistics, every second, so up to a second short); {} lane pauses; {} trees matured, {} dead letters",
+            "{name}: {:.3} records fetched per record consumed (librdkafka statistics, every second, so up to a second short); {} lane pauses; {} Kafka offset commits; {} trees matured, {} dead letters",
             ProcessorStats::get(&st.fetched) as f64 / events.max(1) as f64,
             ProcessorStats::get(&st.lane_pauses),
+            ProcessorStats::get(&st.kafka_commits),
             ProcessorStats::get(&st.trees),
             ProcessorStats::get(&st.dead_lettered),
         );

@@ -505,6 +505,10 @@ pub struct ProcessorStats {
     /// statistics (so up to `statistics.interval.ms` late): what the consumed records cost in
     /// fetching, counting refetches after pauses, seeks and rebalances.
     pub fetched: AtomicU64,
+    /// Offset commits sent to Kafka (for lag tools; the store holds the offsets a restart
+    /// uses): at most one per worker per second while running, plus one at each revocation
+    /// and shutdown.
+    pub kafka_commits: AtomicU64,
     /// Time from each record's Kafka timestamp to its batch being durable in the store (the
     /// projection updated and readable): produce-to-projection latency when producers stamp
     /// records with the time they send them.

@@ -496,10 +496,25 @@ fn commit_kafka(consumer: &BaseConsumer<Ctx>, core: &Core, mode: CommitMode) {
         let _ = tpl.add_partition_offset(&core.inputs[t as usize].0, p, Offset::Offset(o));
     }
     lock(&consumer.context().commit_started).get_or_insert_with(std::time::Instant::now);
-    if let Err(e) = consumer.commit(&tpl, mode) {
-        tracing::debug!(error = %e, "kafka offset commit failed");
+    match consumer.commit(&tpl, mode) {
+        Ok(()) => {
+            consumer
+                .context()
+                .stats
+                .kafka_commits
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => tracing::debug!(error = %e, "kafka offset commit failed"),
     }
 }
+
+/// At most one Kafka offset commit per this long per worker while it runs (revocation and
+/// shutdown commit at once, synchronously). Why: the store holds the offsets a restart
+/// resumes from; Kafka's copy is only for lag tools, which read it every few seconds at most.
+/// Committed after every durable batch, that was about 50 commits a second per process at
+/// 1 M events/s, and each cost the test broker 3.2-3.5 ms of CPU (BENCHMARKS.md, session 30):
+/// about 0.16 CPU-s per M events, on the cores the processor shares with it.
+const KAFKA_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long one drain may fold and commit full batches before the loop polls again and
 /// commits the durable offsets to Kafka (see `Core::drain`).
@@ -1078,6 +1093,9 @@ fn consume_loop(
     *lock(&ctx.router) = Some(fetch.router());
     let mut polled: Vec<Rec> = Vec::with_capacity(cfg.batch_max_records);
     let mut pauses = LanePauses::default();
+    // Durable offsets not yet committed to Kafka, and when they last were (see
+    // KAFKA_COMMIT_INTERVAL).
+    let (mut kafka_commit_owed, mut last_kafka_commit) = (false, Instant::now());
     // Records the next poll round may take: unlimited below the pause mark; above it, only the
     // buffer's remaining room (but a few hundred at least, so the lanes the merge waits for
     // still arrive). Pausing alone does not bound the buffer: a lane resumed because it ran
@@ -1291,8 +1309,11 @@ fn consume_loop(
         }
         t_commit += t2.elapsed();
         progress |= c.poll_durable()?;
-        if progress {
+        kafka_commit_owed |= progress;
+        if kafka_commit_owed && last_kafka_commit.elapsed() >= KAFKA_COMMIT_INTERVAL {
             commit_kafka(consumer, &c, CommitMode::Async);
+            last_kafka_commit = Instant::now();
+            kafka_commit_owed = false;
         }
         pauses.update(consumer, &c.merger, cfg.max_buffered, &topics, generation);
         let buffered = c.merger.buffered();
