@@ -32,6 +32,7 @@ fn projections_trees_and_dead_letters_match_the_pure_fold() {
     // librdkafka's statistics often enough to check the fetched-records count below.
     cfg.kafka
         .push(("statistics.interval.ms".into(), "200".into()));
+    let group = cfg.group_id.clone();
     let p = start(cfg);
     let ends = end_offsets(&b, &records);
     // Records consumed but not yet durably committed, at its largest (for the backpressure
@@ -50,6 +51,13 @@ fn projections_trees_and_dead_letters_match_the_pure_fold() {
         "the statistics to count every record fetched",
         Duration::from_secs(10),
         || forest_processor::ProcessorStats::get(&p.stats.fetched) >= records.len() as u64,
+    );
+    // Kafka's copy of the offsets (spaced commits) reaches the end too while the processor
+    // idles, without waiting for its shutdown commit.
+    wait_until(
+        "the offsets committed to Kafka to reach the end",
+        Duration::from_secs(10),
+        || kafka_committed_offsets(&b, &group, &ends) == ends,
     );
     let stats = p.stats.clone();
     p.stop().expect("graceful stop");
@@ -168,8 +176,9 @@ fn the_spaced_at_least_once_baseline_commits_offsets_only_with_its_projections()
         get(&p.stats.batches)
     );
     assert_eq!(get(&p.stats.projections_written), 0, "projections written");
-    // Kafka commits are asynchronous: time for a wrong one to land.
-    std::thread::sleep(Duration::from_secs(1));
+    // Kafka commits are asynchronous and spaced (at most one a second per worker): time for
+    // a wrong one to land.
+    std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(
         kafka_committed_offsets(&b, &group, &ends),
         std::collections::BTreeMap::new(),

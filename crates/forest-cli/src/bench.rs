@@ -1412,8 +1412,11 @@ fn raw_reader(
         kafka,
         role,
         &[
-            ("queued.min.messages", "100000"),
-            ("max.partition.fetch.bytes", "10485760"),
+            ("queued.min.messages", forest_processor::INPUT_PREFETCH.0),
+            (
+                "max.partition.fetch.bytes",
+                forest_processor::INPUT_PREFETCH.1,
+            ),
         ],
     )?;
     let mut tpl = TopicPartitionList::new();

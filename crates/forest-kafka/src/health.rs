@@ -23,7 +23,7 @@ pub fn describe() {
     describe_gauge!(
         CONSUMER_LAG,
         Unit::Count,
-        "Records between the consumer's position and the partition's high watermark, by topic and partition (librdkafka statistics, every 5 s)."
+        "Records between the partition's high watermark and the consumer's durable offset (stored locally with every durable batch, or committed to Kafka if later), by topic and partition (librdkafka statistics, every 5 s)."
     );
     describe_gauge!(
         ASSIGNED_PARTITIONS,
@@ -81,10 +81,17 @@ impl Health {
                 if p < 0 || !part.desired {
                     continue;
                 }
-                if part.consumer_lag >= 0 {
-                    lag.insert((name.clone(), p), part.consumer_lag);
+                // The lag from the offsets stored locally (with every durable batch) or, if
+                // smaller, from those committed to Kafka (spaced, and the only ones a consumer
+                // that stores none has); -1 where unknown.
+                let known = [part.consumer_lag_stored, part.consumer_lag]
+                    .into_iter()
+                    .filter(|&l| l >= 0)
+                    .min();
+                if let Some(l) = known {
+                    lag.insert((name.clone(), p), l);
                     metrics::gauge!(CONSUMER_LAG, "topic" => name.clone(), "partition" => p.to_string())
-                        .set(part.consumer_lag as f64);
+                        .set(l as f64);
                 }
             }
         }

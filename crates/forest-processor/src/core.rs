@@ -359,7 +359,7 @@ impl Core {
     /// batch never exceeds the configured size, however much the merge has ready). Between
     /// full batches it returns early once `stop` says so (shutdown) or `budget` has passed: a
     /// backlog in the merge buffer can be minutes of work, and until drain returns the loop
-    /// neither polls (rebalances, `max.poll.interval.ms`) nor commits the durable offsets to
+    /// neither polls (rebalances, `max.poll.interval.ms`) nor passes the durable offsets on to
     /// Kafka (lag tools saw no progress through a whole backlog). Returns whether records may
     /// still be ready (the caller then polls without waiting and drains again).
     pub fn drain(

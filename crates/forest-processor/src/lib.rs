@@ -6,8 +6,8 @@
 //! - Projections, each partition's next offset, and the outputs a batch produced are written in
 //!   one RocksDB batch. On start and on every assignment the consumer seeks to the offsets in
 //!   RocksDB, not Kafka's committed offsets, so after any crash the store and the input position
-//!   agree and no event is lost or counted twice. (Kafka's committed offsets are still updated
-//!   after each written batch, for lag tools.)
+//!   agree and no event is lost or counted twice. (Kafka's committed offsets still follow the
+//!   written batches, at most a second behind, for lag tools.)
 //! - The store runs without RocksDB's write-ahead log by default: the input topics are the
 //!   log. A crash reopens the store at its last memtable flush, which is whole (every column
 //!   family flushed together), and the processor reads the input again from the offsets
@@ -285,6 +285,18 @@ pub struct ProcessorConfig {
     pub pace_projection_writes: bool,
 }
 
+/// The input consumers' prefetch: `queued.min.messages` and `max.partition.fetch.bytes`
+/// (before the `kafka` settings, which may override them). Public so that `forest bench`'s
+/// plain consumers fetch as the processor does.
+///
+/// The fetch size is librdkafka's default, said out loud because a larger one was costly: a
+/// partition's fetch of 10 MiB of compressed records (about 280,000 of the benchmark's)
+/// overfilled the merge buffer (200,000) by itself, so lanes were paused and rewound, and
+/// what librdkafka had prefetched for them was fetched again: 1.26-1.31 records fetched per
+/// record consumed and 127-137 pauses in 16 M-event runs, against 1.006-1.026 and 12-34 at
+/// 1 MiB (BENCHMARKS.md, session 30; `forest_consumer_fetched_records_total`).
+pub const INPUT_PREFETCH: (&str, &str) = ("100000", "1048576");
+
 /// The projection interval `forest processor` and `forest bench` use where spaced writes
 /// work (the outbox mode without the changelog) and none is given. A user is then written at
 /// most about once in 5 s instead of after every batch. Why 5 s and not 1 s (session 13): with
@@ -505,9 +517,8 @@ pub struct ProcessorStats {
     /// statistics (so up to `statistics.interval.ms` late): what the consumed records cost in
     /// fetching, counting refetches after pauses, seeks and rebalances.
     pub fetched: AtomicU64,
-    /// Offset commits sent to Kafka (for lag tools; the store holds the offsets a restart
-    /// uses): at most one per worker per second while running, plus one at each revocation
-    /// and shutdown.
+    /// Offset commits sent to Kafka: at most one per worker per second while running, plus
+    /// one at each revocation and shutdown (see the runtime's `KAFKA_COMMIT_INTERVAL`).
     pub kafka_commits: AtomicU64,
     /// Time from each record's Kafka timestamp to its batch being durable in the store (the
     /// projection updated and readable): produce-to-projection latency when producers stamp

@@ -118,11 +118,16 @@ impl Ctx {
 }
 
 impl ClientContext for Ctx {
-    /// librdkafka statistics (every `statistics.interval.ms`): per-partition consumer lag.
+    /// librdkafka statistics (every `statistics.interval.ms`): per-partition consumer lag,
+    /// and the records fetched (`ProcessorStats::fetched`).
     fn stats(&self, statistics: rdkafka::Statistics) {
         self.stats.health.record_lag(&statistics);
         // Cumulative per client: the difference since the last statistics is new.
-        let rx = u64::try_from(statistics.rxmsgs).unwrap_or(0);
+        // A negative count (none in librdkafka) is skipped; a count that fell (none either:
+        // the client lives as long as the worker) adds nothing until it passes the old one.
+        let Ok(rx) = u64::try_from(statistics.rxmsgs) else {
+            return;
+        };
         let new = rx.saturating_sub(self.rx_seen.swap(rx, Ordering::Relaxed));
         if new > 0 {
             self.stats.fetched.fetch_add(new, Ordering::Relaxed);
@@ -485,16 +490,36 @@ fn forget_unowned(
     Ok(())
 }
 
-/// Commits the store's offsets to Kafka too, so lag tools see progress.
-fn commit_kafka(consumer: &BaseConsumer<Ctx>, core: &Core, mode: CommitMode) {
-    // In transactions mode the offsets were committed inside each batch's transaction.
+/// The durable offsets as a partition list for Kafka; `None` in transactions mode (each
+/// batch's transaction committed them) or before any.
+fn durable_offsets(core: &Core) -> Option<TopicPartitionList> {
     if core.committed.is_empty() || core.transactions {
-        return;
+        return None;
     }
     let mut tpl = TopicPartitionList::with_capacity(core.committed.len());
     for (&(t, p), &o) in &core.committed {
         let _ = tpl.add_partition_offset(&core.inputs[t as usize].0, p, Offset::Offset(o));
     }
+    Some(tpl)
+}
+
+/// Stores the durable offsets in the consumer, locally (no request): librdkafka's statistics
+/// then report each partition's lag from them (`consumer_lag_stored`), up to date with every
+/// durable batch while the commits to Kafka are spaced (see [`KAFKA_COMMIT_INTERVAL`]).
+fn store_durable_offsets(consumer: &BaseConsumer<Ctx>, core: &Core) {
+    if let Some(tpl) = durable_offsets(core) {
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            tracing::debug!(error = %e, "storing offsets in the consumer failed");
+        }
+    }
+}
+
+/// Commits the store's offsets to Kafka too: for lag tools and the group's view in the
+/// effectively-once modes, and as the restart point of the at-least-once baseline.
+fn commit_kafka(consumer: &BaseConsumer<Ctx>, core: &Core, mode: CommitMode) {
+    let Some(tpl) = durable_offsets(core) else {
+        return;
+    };
     lock(&consumer.context().commit_started).get_or_insert_with(std::time::Instant::now);
     match consumer.commit(&tpl, mode) {
         Ok(()) => {
@@ -509,15 +534,19 @@ fn commit_kafka(consumer: &BaseConsumer<Ctx>, core: &Core, mode: CommitMode) {
 }
 
 /// At most one Kafka offset commit per this long per worker while it runs (revocation and
-/// shutdown commit at once, synchronously). Why: the store holds the offsets a restart
-/// resumes from; Kafka's copy is only for lag tools, which read it every few seconds at most.
-/// Committed after every durable batch, that was about 50 commits a second per process at
-/// 1 M events/s, and each cost the test broker 3.2-3.5 ms of CPU (BENCHMARKS.md, session 30):
-/// about 0.16 CPU-s per M events, on the cores the processor shares with it.
+/// shutdown commit at once, synchronously). Why: in the effectively-once modes the store
+/// holds the offsets a restart resumes from, and Kafka's copy is for lag tools, which read it
+/// every few seconds at most (the processor's own lag metric and `/readyz` follow every
+/// durable batch through the locally stored offsets instead). Committed after every durable
+/// batch, that was about 650-690 commits per 16 M events, and each cost the test broker
+/// 3.2-3.5 ms of CPU (BENCHMARKS.md, session 30): about 0.14 CPU-s per M events, on the cores
+/// the processor shares with it. The at-least-once baseline restarts from Kafka's offsets, so
+/// after a crash it re-applies up to this much more input than before: still at least once.
+/// A worker that stops on an error does not commit what it owes (the store has it).
 const KAFKA_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long one drain may fold and commit full batches before the loop polls again and
-/// commits the durable offsets to Kafka (see `Core::drain`).
+/// passes the durable offsets on to Kafka (see `Core::drain` and [`KAFKA_COMMIT_INTERVAL`]).
 const DRAIN_BUDGET: Duration = Duration::from_millis(100);
 
 /// Poll timeout while a due batch waits for the committer thread to finish the one before.
@@ -1002,14 +1031,8 @@ fn run_worker(
         // Range assigns partition N of every input topic to the same member: the co-partition
         // merge needs all of a user's topics in one place.
         .set("partition.assignment.strategy", "range")
-        .set("queued.min.messages", "100000")
-        // librdkafka's default, said out loud because a larger one was costly: a partition's
-        // fetch of 10 MiB of compressed records (about 280,000 of the benchmark's) overfilled
-        // the merge buffer (200,000) by itself, so lanes were paused and rewound, and what
-        // librdkafka had prefetched for them was fetched again: 1.26 records fetched per record
-        // consumed and 127 pauses in a 16 M-event run, against 1.017 and 20 at 1 MiB
-        // (BENCHMARKS.md, session 30; `forest_consumer_fetched_records_total`).
-        .set("max.partition.fetch.bytes", "1048576")
+        .set("queued.min.messages", crate::INPUT_PREFETCH.0)
+        .set("max.partition.fetch.bytes", crate::INPUT_PREFETCH.1)
         // Consumer lag per partition for metrics and /readyz.
         .set("statistics.interval.ms", "5000")
         .set_all(&cfg.kafka)
@@ -1309,6 +1332,9 @@ fn consume_loop(
         }
         t_commit += t2.elapsed();
         progress |= c.poll_durable()?;
+        if progress {
+            store_durable_offsets(consumer, &c);
+        }
         kafka_commit_owed |= progress;
         if kafka_commit_owed && last_kafka_commit.elapsed() >= KAFKA_COMMIT_INTERVAL {
             commit_kafka(consumer, &c, CommitMode::Async);
