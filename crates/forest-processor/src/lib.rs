@@ -286,8 +286,8 @@ pub struct ProcessorConfig {
 }
 
 /// The input consumers' prefetch: `queued.min.messages` and `max.partition.fetch.bytes`
-/// (before the `kafka` settings, which may override them). Public so that `forest bench`'s
-/// plain consumers fetch as the processor does.
+/// (before the `kafka` settings, which may override them). Public for `forest bench`'s plain
+/// consumers, which share the first.
 ///
 /// The fetch size is librdkafka's default, said out loud because a larger one was costly: a
 /// partition's fetch of 10 MiB of compressed records (about 280,000 of the benchmark's)
