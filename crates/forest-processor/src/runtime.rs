@@ -503,25 +503,18 @@ fn durable_offsets(core: &Core) -> Option<TopicPartitionList> {
     Some(tpl)
 }
 
-/// Stores the durable offsets in the consumer, locally (no request): librdkafka's statistics
-/// then report each partition's lag from them (`consumer_lag_stored`), up to date with every
-/// durable batch while the commits to Kafka are spaced (see [`KAFKA_COMMIT_INTERVAL`]).
-fn store_durable_offsets(consumer: &BaseConsumer<Ctx>, core: &Core) {
-    if let Some(tpl) = durable_offsets(core) {
-        if let Err(e) = consumer.store_offsets(&tpl) {
-            tracing::debug!(error = %e, "storing offsets in the consumer failed");
-        }
-    }
-}
-
 /// Commits the store's offsets to Kafka too: for lag tools and the group's view in the
 /// effectively-once modes, and as the restart point of the at-least-once baseline.
 fn commit_kafka(consumer: &BaseConsumer<Ctx>, core: &Core, mode: CommitMode) {
-    let Some(tpl) = durable_offsets(core) else {
-        return;
-    };
+    if let Some(tpl) = durable_offsets(core) {
+        commit_offsets(consumer, &tpl, mode);
+    }
+}
+
+/// [`commit_kafka`] with the list already built.
+fn commit_offsets(consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList, mode: CommitMode) {
     lock(&consumer.context().commit_started).get_or_insert_with(std::time::Instant::now);
-    match consumer.commit(&tpl, mode) {
+    match consumer.commit(tpl, mode) {
         Ok(()) => {
             consumer
                 .context()
@@ -1332,12 +1325,24 @@ fn consume_loop(
         }
         t_commit += t2.elapsed();
         progress |= c.poll_durable()?;
-        if progress {
-            store_durable_offsets(consumer, &c);
-        }
         kafka_commit_owed |= progress;
-        if kafka_commit_owed && last_kafka_commit.elapsed() >= KAFKA_COMMIT_INTERVAL {
-            commit_kafka(consumer, &c, CommitMode::Async);
+        let commit_due = kafka_commit_owed && last_kafka_commit.elapsed() >= KAFKA_COMMIT_INTERVAL;
+        if progress || commit_due {
+            if let Some(tpl) = durable_offsets(&c) {
+                // Stored in the consumer, locally (no request), with every durable batch:
+                // librdkafka's statistics then report each partition's lag from them
+                // (`consumer_lag_stored`) while the commits to Kafka are spaced.
+                if progress {
+                    if let Err(e) = consumer.store_offsets(&tpl) {
+                        tracing::debug!(error = %e, "storing offsets in the consumer failed");
+                    }
+                }
+                if commit_due {
+                    commit_offsets(consumer, &tpl, CommitMode::Async);
+                }
+            }
+        }
+        if commit_due {
             last_kafka_commit = Instant::now();
             kafka_commit_owed = false;
         }
