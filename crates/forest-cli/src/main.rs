@@ -19,14 +19,16 @@ use std::path::PathBuf;
 /// blocks per record (the record's bytes, the decoded event's strings, outbox entries), and
 /// glibc's allocator was 14 % of its profile (BENCHMARKS.md, session 9).
 ///
-/// Built without asking for transparent huge pages (the `no_thp` feature: no
-/// `madvise(MADV_HUGEPAGE)` on its arenas), as RocksDB's and Redis's operators advise. Why: a
-/// processor that meets many new users grows its cache by a gigabyte, and with huge pages each
-/// first touch of a 2 MiB region zeroed all of it in the fault; at 1 M users huge pages cost
-/// 11.6 % more CPU per event over 4 alternated pairs, and at 100 K users (mostly cached) they
-/// gained nothing over 6 (BENCHMARKS.md, session 12). On a host whose THP setting is `always`
-/// the kernel still gives huge pages unasked: set `MIMALLOC_ALLOW_THP=0` there (it disables
-/// them for the process) or THP to `madvise`.
+/// With transparent huge pages (mimalloc's default: `madvise(MADV_HUGEPAGE)` on its arenas), and
+/// freed memory kept rather than returned to the system (see [`keep_freed_memory`]). Why: at
+/// 1 M users the projection cache's slots and their parts lie at random over gigabytes, and
+/// with 4 KiB pages nearly every look-ahead prefetch waited for an address translation (the
+/// workers' largest look-ahead stage sat on its `prefetcht0`, BENCHMARKS.md, session 30).
+/// With huge pages and no purging the processor's workers spent 1.59-1.75 CPU-s per M events
+/// against 1.83-2.50 without, over 3 alternated pairs (session 31). Sessions 12-30 built
+/// without them (`no_thp`): then, before the look-ahead prefetching, each 2 MiB first touch
+/// zeroing in the fault cost more than the translations saved (11.6 % more CPU per event at
+/// 1 M users, session 12). `MIMALLOC_ALLOW_THP=0` turns huge pages off for the process.
 ///
 /// Built with the `malloc-override` feature (off by default), it is also `malloc` and `free`
 /// for the C and C++ code linked in: librdkafka and RocksDB. Through glibc, librdkafka's
@@ -88,7 +90,34 @@ enum Command {
     Rules,
 }
 
+/// Tells mimalloc to keep the memory the process frees instead of returning it to the system
+/// (`purge_delay` -1), unless `MIMALLOC_PURGE_DELAY` says otherwise. Why: a purge returns
+/// parts of a 2 MiB huge page, which splits it into 4 KiB pages for good, and a processor
+/// frees and reuses memory all the time (batches, evicted users). With purging on, huge pages
+/// helped the processor's first run in a process and not its next (the bench's (b'): better in
+/// 2 of 4 pairs); without it, both (session 31). The cost: the resident size stays at its
+/// peak, which for a processor bounded by `--cache-mb` is where it runs anyway.
+fn keep_freed_memory() {
+    /// `mi_option_purge_delay` in mimalloc v3's `mi_option_t` (libmimalloc-sys 0.1.49 names
+    /// no constant for it).
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    /// Its default in mimalloc v3: what the option at that index reads when no environment
+    /// variable set it. Anything else means the index names another option (a mimalloc
+    /// update): then nothing is set.
+    const V3_DEFAULT_MS: std::ffi::c_long = 1000;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // SAFETY: reads and sets one option; mimalloc reads it when it next considers a purge.
+    unsafe {
+        if libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == V3_DEFAULT_MS {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
+    keep_freed_memory();
     let args = match config::args_with_file(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {
