@@ -19,16 +19,17 @@ use std::path::PathBuf;
 /// blocks per record (the record's bytes, the decoded event's strings, outbox entries), and
 /// glibc's allocator was 14 % of its profile (BENCHMARKS.md, session 9).
 ///
-/// With transparent huge pages (mimalloc's default: `madvise(MADV_HUGEPAGE)` on its arenas), and
-/// freed memory kept rather than returned to the system (see [`keep_freed_memory`]). Why: at
-/// 1 M users the projection cache's slots and their parts lie at random over gigabytes, and
-/// with 4 KiB pages nearly every look-ahead prefetch waited for an address translation (the
-/// workers' largest look-ahead stage sat on its `prefetcht0`, BENCHMARKS.md, session 30).
-/// With huge pages and no purging the processor's workers spent 1.59-1.75 CPU-s per M events
-/// against 1.83-2.50 without, over 3 alternated pairs (session 31). Sessions 12-30 built
-/// without them (`no_thp`): then, before the look-ahead prefetching, each 2 MiB first touch
-/// zeroing in the fault cost more than the translations saved (11.6 % more CPU per event at
-/// 1 M users, session 12). `MIMALLOC_ALLOW_THP=0` turns huge pages off for the process.
+/// With transparent huge pages (mimalloc's default: `madvise(MADV_HUGEPAGE)` on its arenas),
+/// and freed memory kept rather than returned to the system (see [`keep_freed_memory`]). Why:
+/// at 1 M users the projection cache's slots and their parts lie at random over gigabytes,
+/// and with 4 KiB pages most look-ahead prefetches likely waited for an address translation
+/// (the workers' largest look-ahead stage sat on its `prefetcht0`, BENCHMARKS.md, session
+/// 30). Over 7 alternated pairs with huge pages and no purging, the processor's workers spent
+/// less CPU per event in 11 of 14 phases, 1.84 CPU-s per M on average against 2.07 (session
+/// 31). Sessions 12-30 built without them (`no_thp`): then, before the look-ahead
+/// prefetching, zeroing each 2 MiB page whole at its first touch cost more than the
+/// translations saved (11.6 % more CPU per event at 1 M users, session 12).
+/// `MIMALLOC_ALLOW_THP=0` turns huge pages off for the process.
 ///
 /// Built with the `malloc-override` feature (off by default), it is also `malloc` and `free`
 /// for the C and C++ code linked in: librdkafka and RocksDB. Through glibc, librdkafka's
@@ -94,9 +95,10 @@ enum Command {
 /// (`purge_delay` -1), unless `MIMALLOC_PURGE_DELAY` says otherwise. Why: a purge returns
 /// parts of a 2 MiB huge page, which splits it into 4 KiB pages for good, and a processor
 /// frees and reuses memory all the time (batches, evicted users). With purging on, huge pages
-/// helped the processor's first run in a process and not its next (the bench's (b'): better in
-/// 2 of 4 pairs); without it, both (session 31). The cost: the resident size stays at its
-/// peak, which for a processor bounded by `--cache-mb` is where it runs anyway.
+/// helped the bench's second processor run in a process (less CPU in 4 of 5 pairs) and not
+/// its third (2 of 5); without purging, both (6 of 6 over 3 pairs, session 31). The cost: the
+/// resident size stays at its peak, which for a processor bounded by `--cache-mb` is where it
+/// runs anyway.
 fn keep_freed_memory() {
     /// `mi_option_purge_delay` in mimalloc v3's `mi_option_t` (libmimalloc-sys 0.1.49 names
     /// no constant for it).
