@@ -26,10 +26,10 @@ use std::path::PathBuf;
 /// (the workers' largest look-ahead stage sat on its `prefetcht0`, BENCHMARKS.md, session
 /// 30). Over 7 alternated pairs with huge pages and no purging, the processor's workers spent
 /// less CPU per event in 11 of 14 phases, 1.84 CPU-s per M on average against 2.07 (session
-/// 31). Sessions 12-30 built without them (`no_thp`): then, before the look-ahead
+/// 31). Sessions 12-30 built without them (`no_thp`): then, before most of the look-ahead
 /// prefetching, zeroing each 2 MiB page whole at its first touch cost more than the
 /// translations saved (11.6 % more CPU per event at 1 M users, session 12).
-/// `MIMALLOC_ALLOW_THP=0` turns huge pages off for the process.
+/// `MIMALLOC_ALLOW_THP=0` turns huge pages off for the whole process.
 ///
 /// Built with the `malloc-override` feature (off by default), it is also `malloc` and `free`
 /// for the C and C++ code linked in: librdkafka and RocksDB. Through glibc, librdkafka's
@@ -92,13 +92,14 @@ enum Command {
 }
 
 /// Tells mimalloc to keep the memory the process frees instead of returning it to the system
-/// (`purge_delay` -1), unless `MIMALLOC_PURGE_DELAY` says otherwise. Why: a purge returns
-/// parts of a 2 MiB huge page, which splits it into 4 KiB pages for good, and a processor
-/// frees and reuses memory all the time (batches, evicted users). With purging on, huge pages
-/// helped the bench's second processor run in a process (less CPU in 4 of 5 pairs) and not
-/// its third (2 of 5); without purging, both (6 of 6 over 3 pairs, session 31). The cost: the
-/// resident size stays at its peak, which for a processor bounded by `--cache-mb` is where it
-/// runs anyway.
+/// (`purge_delay` -1), unless the environment sets mimalloc's purge delay
+/// (`MIMALLOC_PURGE_DELAY`, or its older name `MIMALLOC_RESET_DELAY`, in any case). Why: a
+/// purge returns parts of a 2 MiB huge page, which splits it into 4 KiB pages (until
+/// khugepaged, slowly, collapses it again), and a processor frees and reuses memory all the
+/// time (batches, evicted users). With purging on, huge pages helped the bench's second
+/// processor run in a process (less CPU in 4 of 5 pairs) and not its third (2 of 5); without
+/// purging, 11 of 14 over 7 pairs (session 31). The cost: the resident size stays at its peak,
+/// which for a processor bounded by `--cache-mb` is where it runs anyway.
 fn keep_freed_memory() {
     /// `mi_option_purge_delay` in mimalloc v3's `mi_option_t` (libmimalloc-sys 0.1.49 names
     /// no constant for it).
@@ -107,15 +108,27 @@ fn keep_freed_memory() {
     /// variable set it. Anything else means the index names another option (a mimalloc
     /// update): then nothing is set.
     const V3_DEFAULT_MS: std::ffi::c_long = 1000;
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+    if purge_delay_in_environment() {
         return;
     }
-    // SAFETY: reads and sets one option; mimalloc reads it when it next considers a purge.
+    // SAFETY: reads and sets one option, first thing in `main`, before any thread is started
+    // (the set is a plain write); mimalloc reads it whenever it considers a purge.
     unsafe {
         if libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == V3_DEFAULT_MS {
             libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
         }
     }
+}
+
+/// Whether the environment sets mimalloc's purge delay: mimalloc reads its variables in any
+/// case, and the delay under its older name too.
+fn purge_delay_in_environment() -> bool {
+    std::env::vars_os().any(|(k, _)| {
+        k.to_str().is_some_and(|k| {
+            k.eq_ignore_ascii_case("MIMALLOC_PURGE_DELAY")
+                || k.eq_ignore_ascii_case("MIMALLOC_RESET_DELAY")
+        })
+    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -173,5 +186,31 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keep_freed_memory;
+
+    /// `keep_freed_memory` finds the option by its index in mimalloc v3's enum; a mimalloc
+    /// update that moves it would make it set nothing, silently (the guard in it). This test
+    /// binary has the same global allocator, so the update fails here instead.
+    #[test]
+    fn freed_memory_is_kept_through_mimallocs_purge_delay() {
+        if super::purge_delay_in_environment() {
+            // The environment decides, as `keep_freed_memory` lets it.
+            return;
+        }
+        let option = 15;
+        // SAFETY: reads one option (the test sets it only below, on this thread).
+        let before = unsafe { libmimalloc_sys::mi_option_get(option) };
+        assert_eq!(
+            before, 1000,
+            "option 15 no longer reads mimalloc v3's purge_delay default"
+        );
+        keep_freed_memory();
+        // SAFETY: reads one option.
+        assert_eq!(unsafe { libmimalloc_sys::mi_option_get(option) }, -1);
     }
 }
