@@ -91,6 +91,10 @@ enum Command {
     Rules,
 }
 
+/// `mi_option_purge_delay` in mimalloc v3's `mi_option_t` (libmimalloc-sys 0.1.49 names no
+/// constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 /// Tells mimalloc to keep the memory the process frees instead of returning it to the system
 /// (`purge_delay` -1), unless the environment sets mimalloc's purge delay
 /// (`MIMALLOC_PURGE_DELAY`, or its older name `MIMALLOC_RESET_DELAY`, in any case). Why: a
@@ -101,9 +105,6 @@ enum Command {
 /// purging, 11 of 14 over 7 pairs (session 31). The cost: the resident size stays at its peak,
 /// which for a processor bounded by `--cache-mb` is where it runs anyway.
 fn keep_freed_memory() {
-    /// `mi_option_purge_delay` in mimalloc v3's `mi_option_t` (libmimalloc-sys 0.1.49 names
-    /// no constant for it).
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     /// Its default in mimalloc v3: what the option at that index reads when no environment
     /// variable set it. Anything else means the index names another option (a mimalloc
     /// update): then nothing is set.
@@ -191,7 +192,7 @@ fn main() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::keep_freed_memory;
+    use super::{MI_OPTION_PURGE_DELAY, keep_freed_memory};
 
     /// `keep_freed_memory` finds the option by its index in mimalloc v3's enum; a mimalloc
     /// update that moves it would make it set nothing, silently (the guard in it). This test
@@ -202,15 +203,17 @@ mod tests {
             // The environment decides, as `keep_freed_memory` lets it.
             return;
         }
-        let option = 15;
         // SAFETY: reads one option (the test sets it only below, on this thread).
-        let before = unsafe { libmimalloc_sys::mi_option_get(option) };
+        let before = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
         assert_eq!(
             before, 1000,
             "option 15 no longer reads mimalloc v3's purge_delay default"
         );
         keep_freed_memory();
         // SAFETY: reads one option.
-        assert_eq!(unsafe { libmimalloc_sys::mi_option_get(option) }, -1);
+        assert_eq!(
+            unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) },
+            -1
+        );
     }
 }
